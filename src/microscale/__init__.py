@@ -1,0 +1,13 @@
+"""microscale: exact, fast, packed Microscaling (MX) and block number formats for PyTorch.
+
+    import microscale as ms
+    q = ms.quantize(x, "mxfp4")          # packed MXTensor (4.25 bits/element)
+    y = ms.fake_quantize(x, "mxfp6_e2m3")
+"""
+
+from .formats import (BlockFormat, ElementFormat, ScaleFormat, get_format, list_formats,  # noqa: F401
+                      register_format)
+from .quantize import dequantize, fake_quantize, quantize  # noqa: F401
+from .tensor import MXTensor  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,388 @@
+"""Number formats as data: element formats, scale formats and block formats (BDR specs).
+
+This module is the one source of truth for format parameters. Everything else (the reference
+quantizer, kernels, packing, the BDR cost model) reads the facts it needs from these objects.
+
+Sources:
+- OCP Microscaling Formats (MX) Specification v1.0 (2023), §5 (element and scale data types),
+  Table 1 (concrete MX formats), §5.3 (FP8/FP6/FP4 element encodings), §5.4 (INT8), §6.3 (conversion).
+- Rouhani et al., "With Shared Microexponents, A Little Shifting Goes a Long Way", ISCA 2023 (BDR,
+  MX9/MX6/MX4): a format is (element, k1 elements sharing a d1-bit scale, k2-element sub-blocks sharing
+  a d2-bit microexponent).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "ElementFormat",
+    "ScaleFormat",
+    "BlockFormat",
+    "E4M3",
+    "E5M2",
+    "E3M2",
+    "E2M3",
+    "E2M1",
+    "INT8",
+    "E8M0",
+    "FP32_SCALE",
+    "get_format",
+    "list_formats",
+    "register_format",
+    "ROUNDINGS",
+    "SCALE_MODES",
+]
+
+#: Element rounding modes accepted everywhere (see reference.py for their definitions).
+ROUNDINGS = ("even", "away", "zero", "stochastic")
+#: Shared-scale selection rules (see reference.py for their definitions and sources).
+SCALE_MODES = ("floor", "ceil", "even", "rceil")
+
+
+@dataclass(frozen=True)
+class ElementFormat:
+    """A scalar element type.
+
+    kind="fp": sign, ``ebits`` exponent bits (bias 2^(ebits-1)-1), ``mbits`` mantissa bits, subnormals.
+      ``specials`` says which codes are not finite numbers:
+        - "ieee":  top exponent is Inf (mantissa 0) / NaN (otherwise), like FP8 E5M2 (OCP MX §5.3.1).
+        - "nan_only": only S.1111.111 is NaN, no Inf, the rest of the top binade is finite (E4M3 "fn").
+        - "finite": every code is a number (FP6 E3M2/E2M3, FP4 E2M1; OCP MX §5.3.2-3).
+    kind="int": ``bits``-bit integers scaled by 2^-frac_bits (fixed point).
+      ``encoding`` "twos" (two's complement; MXINT8, OCP MX §5.4: value = code·2^-6) or
+      "sign_magnitude" (BDR MX9/MX6/MX4 and MSFP: sign bit + (bits-1)-bit magnitude).
+      Values are symmetric: the two's-complement code -2^(bits-1) (0x80 for INT8) decodes to -2^(bits-1-frac)
+      as the spec's encoding says but is never produced by quantization (OCP MX §5.4 allows implementations
+      to keep the range symmetric).
+    """
+
+    name: str
+    kind: Literal["fp", "int"]
+    ebits: int = 0
+    mbits: int = 0
+    specials: Literal["ieee", "nan_only", "finite"] = "finite"
+    int_bits: int = 0
+    frac_bits: int = 0
+    encoding: Literal["twos", "sign_magnitude"] = "twos"
+
+    def __post_init__(self):
+        if self.kind == "fp":
+            if self.ebits < 1 or self.mbits < 0:
+                raise ValueError(f"fp element {self.name!r} needs ebits >= 1 and mbits >= 0, got "
+                                 f"ebits={self.ebits}, mbits={self.mbits}")
+            if 1 + self.ebits + self.mbits > 16:
+                raise ValueError(f"fp element {self.name!r} wider than 16 bits is not supported")
+        elif self.kind == "int":
+            if not 2 <= self.int_bits <= 16:
+                raise ValueError(f"int element {self.name!r} needs 2 <= int_bits <= 16, got {self.int_bits}")
+        else:
+            raise ValueError(f"element kind must be 'fp' or 'int', got {self.kind!r}")
+
+    # ---- derived facts -------------------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        """Storage width of one element code in bits."""
+        return 1 + self.ebits + self.mbits if self.kind == "fp" else self.int_bits
+
+    @property
+    def bias(self) -> int:
+        """Exponent bias (fp only): 2^(ebits-1) - 1."""
+        return (1 << (self.ebits - 1)) - 1 if self.kind == "fp" else 0
+
+    @property
+    def emin(self) -> int:
+        """Exponent of the smallest normal number (fp); 0 - frac_bits + ... is not used for ints."""
+        return 1 - self.bias if self.kind == "fp" else -self.frac_bits
+
+    @property
+    def emax(self) -> int:
+        """Exponent of the largest normal number: floor(log2(max_normal)) (OCP MX Table 1: emax_elem)."""
+        return math.floor(math.log2(self.max_normal))
+
+    @property
+    def max_normal(self) -> float:
+        """Largest finite magnitude."""
+        if self.kind == "int":
+            return float(((1 << (self.int_bits - 1)) - 1) * 2.0 ** -self.frac_bits)
+        top = (1 << self.ebits) - 1 - self.bias  # exponent of the top binade
+        if self.specials == "ieee":  # top binade is Inf/NaN
+            return float((2 - 2.0 ** -self.mbits) * 2.0 ** (top - 1))
+        if self.specials == "nan_only":  # only all-ones mantissa is NaN
+            return float((2 - 2.0 ** (1 - self.mbits)) * 2.0 ** top)
+        return float((2 - 2.0 ** -self.mbits) * 2.0 ** top)
+
+    @property
+    def min_normal(self) -> float:
+        """Smallest positive normal magnitude (for ints: the step 2^-frac_bits)."""
+        return float(2.0 ** self.emin) if self.kind == "fp" else float(2.0 ** -self.frac_bits)
+
+    @property
+    def min_subnormal(self) -> float:
+        """Smallest positive magnitude."""
+        return float(2.0 ** (self.emin - self.mbits)) if self.kind == "fp" else float(2.0 ** -self.frac_bits)
+
+    @property
+    def n_codes(self) -> int:
+        return 1 << self.bits
+
+    @cached_property
+    def code_values(self) -> np.ndarray:
+        """float64 value of every code 0 .. 2^bits - 1 (NaN / ±Inf where the format has them)."""
+        codes = np.arange(self.n_codes, dtype=np.int64)
+        if self.kind == "int":
+            if self.encoding == "twos":
+                signed = np.where(codes >= (1 << (self.int_bits - 1)), codes - (1 << self.int_bits), codes)
+            else:
+                mag = codes & ((1 << (self.int_bits - 1)) - 1)
+                signed = np.where(codes >> (self.int_bits - 1), -mag, mag)
+            return signed.astype(np.float64) * 2.0 ** -self.frac_bits
+        sign = np.where(codes >> (self.ebits + self.mbits), -1.0, 1.0)
+        exp_field = (codes >> self.mbits) & ((1 << self.ebits) - 1)
+        man = (codes & ((1 << self.mbits) - 1)).astype(np.float64)
+        normal = exp_field > 0
+        mag = np.where(
+            normal,
+            (1.0 + man * 2.0 ** -self.mbits) * np.exp2(exp_field.astype(np.float64) - self.bias),
+            man * 2.0 ** (self.emin - self.mbits),
+        )
+        vals = sign * mag
+        top = exp_field == (1 << self.ebits) - 1
+        if self.specials == "ieee":
+            vals = np.where(top & (man == 0), sign * np.inf, vals)
+            vals = np.where(top & (man != 0), np.nan, vals)
+        elif self.specials == "nan_only":
+            vals = np.where(top & (man == (1 << self.mbits) - 1), np.nan, vals)
+        vals.setflags(write=False)
+        return vals
+
+    @property
+    def has_nan(self) -> bool:
+        return self.kind == "fp" and self.specials != "finite"
+
+    @property
+    def has_inf(self) -> bool:
+        return self.kind == "fp" and self.specials == "ieee"
+
+    @property
+    def nan_code(self) -> int | None:
+        """Canonical NaN code (positive sign, all-ones exponent and mantissa), or None."""
+        return (1 << (self.bits - 1)) - 1 if self.has_nan else None
+
+    def describe(self) -> str:
+        if self.kind == "fp":
+            return f"FP{self.bits} E{self.ebits}M{self.mbits} ({self.specials})"
+        enc = "2's compl." if self.encoding == "twos" else "sign-mag."
+        return f"INT{self.bits} {enc} x2^-{self.frac_bits}"
+
+
+@dataclass(frozen=True)
+class ScaleFormat:
+    """Type of a shared scale.
+
+    kind="e8m0": unsigned 8-bit exponent, value 2^(code-127), code 0xFF = NaN, no zero or Inf
+      (OCP MX §5.2). ``bits`` may be set below 8 for BDR sweeps (a d1-bit exponent, bias 2^(d1-1)-1,
+      all-ones = NaN).
+    kind="fp": a scale stored in a small float format (``element``), e.g. E4M3 for NVFP4.
+    kind="fp32": a full-precision scale (per-tensor or per-channel formats).
+    """
+
+    name: str
+    kind: Literal["e8m0", "fp", "fp32"]
+    bits: int = 8
+    element: ElementFormat | None = None
+
+    def __post_init__(self):
+        if self.kind == "e8m0" and not 2 <= self.bits <= 8:
+            raise ValueError(f"exponent scale needs 2..8 bits, got {self.bits}")
+        if self.kind == "fp" and self.element is None:
+            raise ValueError("an 'fp' scale format needs an element format")
+
+    @property
+    def bias(self) -> int:
+        """Exponent bias of a power-of-two scale: 127 for E8M0."""
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def emin(self) -> int:
+        """Smallest representable scale exponent (E8M0: -127, code 0)."""
+        return -self.bias
+
+    @property
+    def emax(self) -> int:
+        """Largest representable scale exponent (E8M0: 127, code 0xFE)."""
+        return (1 << self.bits) - 2 - self.bias
+
+    @property
+    def nan_code(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def storage_bytes(self) -> int:
+        return (self.bits + 7) // 8
+
+    @cached_property
+    def code_values(self) -> np.ndarray:
+        """float64 value of every code (E8M0 only)."""
+        if self.kind != "e8m0":
+            raise ValueError(f"code_values is defined for exponent scales, not {self.kind!r}")
+        codes = np.arange(1 << self.bits, dtype=np.float64)
+        vals = np.exp2(codes - self.bias)
+        vals[-1] = np.nan
+        vals.setflags(write=False)
+        return vals
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    """A block data representation (BDR): elements sharing scales in one or two levels.
+
+    - ``element``: element type (``None`` means no quantization: the "none" format).
+    - ``block_size`` (k1): elements sharing one ``scale``. ``None`` means one scale for the whole axis
+      (per-channel / per-vector); 0 means one scale for the whole tensor.
+    - ``subblock_size`` (k2) and ``micro_bits`` (d2): an optional second level where each k2-element
+      sub-block shares a d2-bit microexponent that shifts it down from the block exponent (BDR paper §3).
+    - ``tensor_scale``: an optional extra per-tensor FP32 scale (NVFP4's second level).
+    - ``scale_mode``: default shared-scale rule (OCP MX §6.3 is "floor").
+    """
+
+    name: str
+    element: ElementFormat | None
+    block_size: int | None = 32
+    scale: ScaleFormat | None = None
+    subblock_size: int | None = None
+    micro_bits: int = 0
+    tensor_scale: ScaleFormat | None = None
+    scale_mode: str = "floor"
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        if self.block_size is not None and self.block_size < 0:
+            raise ValueError(f"block_size must be >= 0 or None, got {self.block_size}")
+        if self.subblock_size is not None:
+            if not self.block_size or self.block_size % self.subblock_size:
+                raise ValueError(f"subblock_size {self.subblock_size} must divide block_size {self.block_size}")
+            if self.micro_bits < 1:
+                raise ValueError("a second level needs micro_bits >= 1")
+        if self.scale_mode not in SCALE_MODES:
+            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
+
+    @property
+    def is_mx(self) -> bool:
+        """True for single-level power-of-two (E8M0-style) block formats: the OCP MX family."""
+        return (self.element is not None and self.scale is not None and self.scale.kind == "e8m0"
+                and bool(self.block_size) and self.subblock_size is None and self.tensor_scale is None)
+
+    @property
+    def bits_per_element(self) -> float:
+        """Average storage bits per element for full blocks: element + scale/k1 + micro/k2 (BDR eq. 1)."""
+        if self.element is None:
+            return 32.0
+        b = float(self.element.bits)
+        if self.scale is not None and self.block_size:
+            b += self.scale.bits / self.block_size
+        if self.subblock_size:
+            b += self.micro_bits / self.subblock_size
+        return b
+
+    @property
+    def emax(self) -> int:
+        """emax of the element format (OCP MX Table 1: emax_elem)."""
+        return self.element.emax
+
+    @property
+    def max_value(self) -> float:
+        """Largest finite magnitude representable: max element times the largest scale."""
+        if self.element is None:
+            return float(np.finfo(np.float32).max)
+        if self.scale is None or self.scale.kind != "e8m0":
+            return float("inf")
+        return self.element.max_normal * 2.0 ** self.scale.emax
+
+    def describe(self) -> str:
+        if self.element is None:
+            return "no quantization"
+        parts = [self.element.describe()]
+        if self.scale is not None:
+            k = {None: "axis", 0: "tensor"}.get(self.block_size, self.block_size)
+            parts.append(f"k1={k} {self.scale.name}")
+        if self.subblock_size:
+            parts.append(f"k2={self.subblock_size} d2={self.micro_bits}")
+        if self.tensor_scale is not None:
+            parts.append(f"+{self.tensor_scale.name}/tensor")
+        return ", ".join(parts)
+
+
+# ---- concrete element and scale types (OCP MX v1.0 §5) -------------------------------------------
+E4M3 = ElementFormat("e4m3", "fp", ebits=4, mbits=3, specials="nan_only")
+E5M2 = ElementFormat("e5m2", "fp", ebits=5, mbits=2, specials="ieee")
+E3M2 = ElementFormat("e3m2", "fp", ebits=3, mbits=2, specials="finite")
+E2M3 = ElementFormat("e2m3", "fp", ebits=2, mbits=3, specials="finite")
+E2M1 = ElementFormat("e2m1", "fp", ebits=2, mbits=1, specials="finite")
+INT8 = ElementFormat("int8", "int", int_bits=8, frac_bits=6, encoding="twos")
+
+E8M0 = ScaleFormat("e8m0", "e8m0", bits=8)
+FP32_SCALE = ScaleFormat("fp32", "fp32", bits=32)
+
+# ---- registry ------------------------------------------------------------------------------------
+_REGISTRY: dict[str, BlockFormat] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_format(fmt: BlockFormat, *aliases: str, replace: bool = False) -> BlockFormat:
+    """Add a BlockFormat to the named registry (and optional aliases); returns it."""
+    for n in (fmt.name, *aliases):
+        key = n.lower()
+        if not replace and (key in _REGISTRY or key in _ALIASES):
+            raise ValueError(f"format name {n!r} is already registered")
+    _REGISTRY[fmt.name.lower()] = fmt
+    for a in aliases:
+        _ALIASES[a.lower()] = fmt.name.lower()
+    return fmt
+
+
+def list_formats(include_aliases: bool = False) -> list[str]:
+    """Names of every registered format (sorted), optionally with aliases."""
+    names = list(_REGISTRY)
+    if include_aliases:
+        names += list(_ALIASES)
+    return sorted(names)
+
+
+def get_format(fmt: str | BlockFormat) -> BlockFormat:
+    """Look up a format by name (case-insensitive) or pass a BlockFormat through.
+
+    Raises ValueError listing the known names for an unknown one, TypeError for other types.
+    """
+    if isinstance(fmt, BlockFormat):
+        return fmt
+    if not isinstance(fmt, str):
+        raise TypeError(f"format must be a name (str) or a BlockFormat, got {type(fmt).__name__}")
+    key = fmt.lower()
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(list_formats(True))}")
+    return _REGISTRY[key]
+
+
+def _mx(name: str, element: ElementFormat, *aliases: str) -> BlockFormat:
+    return register_format(
+        BlockFormat(name, element, block_size=32, scale=E8M0,
+                    description=f"OCP MX v1.0 Table 1: {element.describe()}, 32-element blocks, E8M0 scale"),
+        *aliases)
+
+
+# OCP MX v1.0 Table 1: the concrete MX-compliant formats.
+_mx("mxfp8_e4m3", E4M3, "mxfp8")
+_mx("mxfp8_e5m2", E5M2)
+_mx("mxfp6_e3m2", E3M2, "mxfp6")
+_mx("mxfp6_e2m3", E2M3)
+_mx("mxfp4_e2m1", E2M1, "mxfp4")
+_mx("mxint8", INT8)
+register_format(BlockFormat("none", None, block_size=None, description="no quantization (FP32 passthrough)"),
+                "fp32")

@@ -1,0 +1,108 @@
+"""Public verbs: quantize, dequantize, fake_quantize.
+
+They validate arguments, draw the stochastic-rounding seed once, and dispatch to a fast kernel when one
+covers the request (microscale.kernels), else to the reference quantizer (microscale.reference). Both
+paths give the same bits; tests hold them to that.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels
+from .formats import BlockFormat, get_format
+from .reference import (COMPAT_MODES, check_rounding, check_scale_mode, dequantize_blocks, draw_seed,
+                        quantize_reference)
+from .layout import from_blocks, make_layout
+from .tensor import MXTensor
+
+__all__ = ["quantize", "dequantize", "fake_quantize"]
+
+_IN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_args(x, fmt, axis, rounding, scale_mode, compat) -> tuple[BlockFormat, str]:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _IN_DTYPES:
+        raise TypeError(f"expected a float32, bfloat16, float16 or float64 tensor, got {x.dtype}")
+    fmt = get_format(fmt)
+    check_rounding(rounding)
+    scale_mode = check_scale_mode(scale_mode or fmt.scale_mode)
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+    if fmt.element is not None:
+        make_layout(x.shape, axis, fmt.block_size)  # validates axis and its length
+    return fmt, scale_mode
+
+
+def _seed(rounding: str, generator: torch.Generator | None, seed: int | None) -> int | None:
+    if rounding != "stochastic":
+        return None
+    return int(seed) & 0xFFFFFFFF if seed is not None else draw_seed(generator)
+
+
+def quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, rounding: str = "even",
+             scale_mode: str | None = None, generator: torch.Generator | None = None,
+             compat: str | None = None, seed: int | None = None) -> MXTensor:
+    """Quantize ``x`` to a packed :class:`MXTensor` in blocks of ``fmt.block_size`` along ``axis``.
+
+    OCP MX v1.0 §6.3 by default (floor scale, round half to even, saturating elements). ``rounding`` in
+    {"even", "away", "zero", "stochastic"}; ``scale_mode`` in {"floor", "ceil", "even", "rceil"}
+    (default: the format's); ``generator``/``seed`` make stochastic rounding reproducible;
+    ``compat="microxcaling"`` reproduces microsoft/microxcaling's numerics. Ragged axis lengths are zero
+    padded to whole blocks internally; the MXTensor keeps the original shape.
+    """
+    fmt, scale_mode = _check_args(x, fmt, axis, rounding, scale_mode, compat)
+    if fmt.element is None:
+        raise ValueError("format 'none' does not quantize: there is nothing to pack")
+    s = _seed(rounding, generator, seed)
+    x = x.detach()
+    fast = kernels.quantize(x, fmt, axis, rounding, scale_mode, s, compat)
+    if fast is not None:
+        return fast
+    q, layout = quantize_reference(x, fmt, axis, rounding, scale_mode, compat=compat, seed=s)
+    return MXTensor.from_blocks(q, layout, fmt)
+
+
+def dequantize(q: MXTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode an MXTensor to a dense tensor (same as ``q.dequantize(dtype)``)."""
+    if not isinstance(q, MXTensor):
+        raise TypeError(f"expected an MXTensor, got {type(q).__name__}")
+    return q.dequantize(dtype)
+
+
+def _fake_quantize_impl(x, fmt, axis, rounding, scale_mode, s, compat):
+    fast = kernels.fake_quantize(x, fmt, axis, rounding, scale_mode, s, compat)
+    if fast is not None:
+        return fast
+    q, layout = quantize_reference(x, fmt, axis, rounding, scale_mode, compat=compat, seed=s)
+    return from_blocks(dequantize_blocks(q, fmt), layout).to(x.dtype)
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """Straight-through estimator: forward quantizes, backward passes the gradient unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, fmt, axis, rounding, scale_mode, s, compat):
+        return _fake_quantize_impl(x, fmt, axis, rounding, scale_mode, s, compat)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None, None, None
+
+
+def fake_quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, rounding: str = "even",
+                  scale_mode: str | None = None, generator: torch.Generator | None = None,
+                  compat: str | None = None, seed: int | None = None) -> torch.Tensor:
+    """Quantize then dequantize: same shape and dtype as ``x``, equal bit for bit to
+    ``quantize(x, ...).dequantize(x.dtype)``. Differentiable with a straight-through gradient.
+    Format "none" returns ``x`` itself.
+    """
+    fmt, scale_mode = _check_args(x, fmt, axis, rounding, scale_mode, compat)
+    if fmt.element is None:
+        return x
+    s = _seed(rounding, generator, seed)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _FakeQuantizeSTE.apply(x, fmt, axis, rounding, scale_mode, s, compat)
+    return _fake_quantize_impl(x.detach(), fmt, axis, rounding, scale_mode, s, compat)

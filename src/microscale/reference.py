@@ -1,0 +1,344 @@
+"""The reference quantizer: readable, spec-cited, exact. Slow is fine; kernels are tested against it.
+
+All arithmetic is in float64, where every step used here (scaling by powers of two, rounding an fp32
+value to a few mantissa bits) is exact, so the result does not depend on evaluation order.
+
+OCP Microscaling Formats (MX) v1.0, §6.3 "Conversion from a vector of scalars to MX":
+    X   = 2^(floor(log2(max_i |V_i|)) - emax_elem)        (shared scale, an E8M0 power of two)
+    P_i = quantize_to_element_format(V_i / X)             (round, then saturate to ±max normal)
+with X clamped to the E8M0 range [2^-127, 2^127], and X = NaN (code 0xFF) when the block holds a NaN or
+an Inf. A NaN scale makes every element of the block NaN (§5.2). A block of zeros gets the smallest
+scale (code 0) and zero elements.
+
+Rounding modes (``rounding``):
+    "even"        round half to even (IEEE 754 roundTiesToEven; the spec's default, §6.3).
+    "away"        round half away from zero (microsoft/microxcaling's "nearest").
+    "zero"        truncate toward zero (microxcaling's "floor").
+    "stochastic"  floor(|t| + u) with u uniform on [0, 1) in steps of 2^-32, where t is the element in
+                  units of its quantum; unbiased. u comes from a counter-based hash of (seed, flat index
+                  of the element in the input tensor), so results are reproducible and independent of
+                  blocking or threading; the seed is drawn from ``generator`` (or torch's global RNG).
+
+Scale modes (``scale_mode``), all giving a power of two 2^X clamped to the scale format's range:
+    "floor"  X = floor(log2 amax) - emax_elem                                (OCP MX v1.0 §6.3)
+    "ceil"   X = ceil(log2 amax) - emax_elem: never saturates (amax/2^X <= 2^emax_elem)
+    "even"   amax first rounded to the element's mantissa width (ties away), then "floor": avoids the
+             saturation that "floor" incurs when amax rounds up into the next binade (torchao's EVEN)
+    "rceil"  X = ceil(log2(amax / max_normal)): the smallest power of two that maps amax within
+             ±max_normal (NVIDIA's RCEIL used for MXFP8 in cuBLAS/torchao)
+
+Subnormal fp32 inputs are exact in float64 and are treated like any other value: a block whose amax is
+subnormal gets the smallest scale 2^-127, and elements are rounded at that scale (usually to zero or to
+an element subnormal). No flush-to-zero happens anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .formats import ROUNDINGS, SCALE_MODES, BlockFormat, ElementFormat, ScaleFormat, get_format
+from .layout import BlockLayout, make_layout, to_blocks
+
+__all__ = [
+    "QuantizedBlocks",
+    "round_to_element",
+    "encode_element",
+    "decode_element",
+    "shared_exponent",
+    "quantize_blocks",
+    "dequantize_blocks",
+    "quantize_reference",
+    "fake_quantize_reference",
+    "stochastic_uniform",
+    "check_rounding",
+    "check_scale_mode",
+    "COMPAT_MODES",
+]
+
+#: Numerics compatibility modes: None (this library, OCP-exact) or "microxcaling".
+COMPAT_MODES = (None, "microxcaling")
+
+
+def check_rounding(rounding: str) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return rounding
+
+
+def check_scale_mode(scale_mode: str) -> str:
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+    return scale_mode
+
+
+@dataclass
+class QuantizedBlocks:
+    """Element codes and scale codes of a blocked tensor (unpacked, one code per element).
+
+    ``codes``: uint8 (int16 for elements wider than 8 bits) of shape [n_blocks, block_size].
+    ``scales``: scale codes of shape [n_blocks] (uint8 for E8M0 and small-float scales, float32 values
+    for FP32 scales).
+    ``micro``: two-level formats only: uint8 microexponents, [n_blocks, block_size // subblock_size].
+    ``tensor_scale``: formats with a per-tensor FP32 scale only: a 0-d float32 tensor.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    micro: torch.Tensor | None = None
+    tensor_scale: torch.Tensor | None = None
+
+
+# ---- random stream for stochastic rounding --------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def stochastic_uniform(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """32-bit hash h(seed, index) as int64 in [0, 2^32): u = h / 2^32 is the rounding offset.
+
+    h = lowbias32((index * 0x9E3779B9 + seed) mod 2^32) with lowbias32 (C. Wellons' 32-bit integer
+    hash: x ^= x>>16; x *= 0x7feb352d; x ^= x>>15; x *= 0x846ca68b; x ^= x>>16, all mod 2^32).
+    Kernels implement the same function on uint32.
+    """
+    h = (index.to(torch.int64) * 0x9E3779B9 + (seed & _M32)) & _M32
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _M32
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & _M32
+    return h ^ (h >> 16)
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """One 32-bit seed from ``generator`` (or torch's global RNG when None)."""
+    return int(torch.randint(0, 2**32, (1,), generator=generator, dtype=torch.int64).item())
+
+
+# ---- elements -------------------------------------------------------------------------------------
+def _floor_log2(a: torch.Tensor) -> torch.Tensor:
+    """Exact floor(log2(a)) for positive finite float64 a (via frexp, never via a rounded log)."""
+    _, e = torch.frexp(a)
+    return e.to(torch.int64) - 1
+
+
+def _round_units(t: torch.Tensor, rounding: str, u: torch.Tensor | None) -> torch.Tensor:
+    """Round non-negative float64 ``t`` (a magnitude in units of the quantum) to an integer."""
+    if rounding == "even":
+        return torch.round(t)
+    if rounding == "away":
+        return torch.floor(t + 0.5)
+    if rounding == "zero":
+        return torch.floor(t)
+    if rounding == "stochastic":
+        return torch.floor(t + u.to(torch.float64) * 2.0**-32)
+    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+
+
+def round_to_element(v: torch.Tensor, elem: ElementFormat, rounding: str = "even",
+                     u: torch.Tensor | None = None) -> torch.Tensor:
+    """Round float64 values to the nearest representable ``elem`` values, saturating to ±max_normal.
+
+    Finite inputs only (NaN/Inf are handled at block level). Keeps the sign of zero.
+    ``u``: int64 random 32-bit offsets (same shape as v) for rounding="stochastic".
+    """
+    v = v.to(torch.float64)
+    a = v.abs()
+    if elem.kind == "fp":
+        e = torch.where(a > 0, _floor_log2(torch.where(a > 0, a, 1.0)), elem.emin).clamp_min(elem.emin)
+        quantum = torch.exp2((e - elem.mbits).to(torch.float64))
+    else:
+        quantum = torch.full_like(a, 2.0 ** -elem.frac_bits)
+    r = _round_units(a / quantum, rounding, u) * quantum
+    r = torch.clamp(r, max=elem.max_normal)
+    return torch.copysign(r, v)
+
+
+def encode_element(v: torch.Tensor, elem: ElementFormat) -> torch.Tensor:
+    """Codes of exactly representable values (float64 in, int64 out). NaN -> canonical NaN code.
+
+    fp: sign | biased exponent | mantissa (subnormals when the exponent is below emin), -0.0 -> sign bit.
+    int: two's complement or sign-magnitude integer of v * 2^frac_bits. Raises ValueError when a value
+    is not representable (this function encodes, it does not round).
+    """
+    v = v.to(torch.float64)
+    nan = torch.isnan(v)
+    if nan.any() and not elem.has_nan:
+        raise ValueError(f"{elem.name} has no NaN encoding")
+    inf = torch.isinf(v)
+    if inf.any() and not elem.has_inf:
+        raise ValueError(f"{elem.name} has no Inf encoding")
+    v = torch.where(nan, 0.0, v)
+    if elem.kind == "int":
+        n = v * 2.0 ** elem.frac_bits
+        if (n != torch.round(n)).any() or (n.abs() > 2 ** (elem.int_bits - 1)).any():
+            raise ValueError(f"value not representable in {elem.name}")
+        n = n.to(torch.int64)
+        if elem.encoding == "twos":
+            code = n & ((1 << elem.int_bits) - 1)
+        else:
+            code = n.abs() | (torch.signbit(v).to(torch.int64) << (elem.int_bits - 1))
+        return code
+    sign = torch.signbit(v).to(torch.int64) << (elem.bits - 1)
+    a = v.abs()
+    safe = torch.where((a > 0) & ~inf, a, 1.0)
+    e = _floor_log2(safe)
+    normal = e >= elem.emin
+    man_n = safe / torch.exp2((e - elem.mbits).to(torch.float64)) - 2.0**elem.mbits
+    man_s = safe / 2.0 ** (elem.emin - elem.mbits)
+    man = torch.where(normal, man_n, man_s)
+    exp_field = torch.where(normal, e + elem.bias, 0)
+    ok = (man == torch.floor(man)) & (exp_field < (1 << elem.ebits))
+    finite_nonzero = (a > 0) & ~inf
+    if (finite_nonzero & ~ok).any():
+        raise ValueError(f"value not representable in {elem.name}")
+    code = (exp_field << elem.mbits) | man.to(torch.int64)
+    code = torch.where(finite_nonzero, code, 0)
+    if elem.has_inf:
+        code = torch.where(inf, ((1 << elem.ebits) - 1) << elem.mbits, code)
+    code = code | sign
+    if elem.has_nan:
+        code = torch.where(nan, elem.nan_code, code)
+    return code
+
+
+def decode_element(codes: torch.Tensor, elem: ElementFormat) -> torch.Tensor:
+    """float64 value of each code (table lookup in the format's code_values)."""
+    table = torch.tensor(elem.code_values)
+    return table[codes.to(torch.int64)]
+
+
+# ---- scales ---------------------------------------------------------------------------------------
+def shared_exponent(amax: torch.Tensor, elem: ElementFormat, scale: ScaleFormat,
+                    scale_mode: str = "floor") -> torch.Tensor:
+    """Unclamped-then-clamped shared exponent X (int64) of each block from its float64 amax > 0.
+
+    See the module docstring for the scale modes. The result is clamped to [scale.emin, scale.emax].
+    Blocks with amax == 0 get scale.emin. (NaN/Inf blocks are handled by the caller.)
+    """
+    check_scale_mode(scale_mode)
+    pos = amax > 0
+    a = torch.where(pos, amax, 1.0)
+    if scale_mode == "floor":
+        x = _floor_log2(a) - elem.emax
+    elif scale_mode == "ceil":
+        fl = _floor_log2(a)
+        x = torch.where(torch.exp2(fl.to(torch.float64)) == a, fl, fl + 1) - elem.emax
+    elif scale_mode == "even":
+        mbits = elem.mbits if elem.kind == "fp" else elem.frac_bits
+        fl = _floor_log2(a)
+        q = torch.exp2((fl - mbits).to(torch.float64))
+        rounded = torch.floor(a / q + 0.5) * q
+        x = _floor_log2(rounded) - elem.emax
+    else:  # rceil
+        ratio = a / elem.max_normal
+        fl = _floor_log2(ratio)
+        x = torch.where(torch.exp2(fl.to(torch.float64)) == ratio, fl, fl + 1)
+    x = torch.where(pos, x, scale.emin)
+    return x.clamp(scale.emin, scale.emax)
+
+
+# ---- blocks ---------------------------------------------------------------------------------------
+def quantize_blocks(blocks: torch.Tensor, fmt: BlockFormat, rounding: str = "even",
+                    scale_mode: str | None = None, u: torch.Tensor | None = None,
+                    compat: str | None = None) -> QuantizedBlocks:
+    """Quantize ``[n_blocks, k]`` values of a single-level power-of-two block format (OCP MX §6.3).
+
+    ``u``: int64 random offsets of the same shape for rounding="stochastic".
+    ``compat="microxcaling"`` reproduces that emulator's numerics (see ``_microxcaling_exponent``).
+    """
+    fmt = get_format(fmt)
+    if not fmt.is_mx:
+        raise ValueError(f"quantize_blocks handles single-level power-of-two block formats; "
+                         f"{fmt.name!r} is not one")
+    check_rounding(rounding)
+    scale_mode = check_scale_mode(scale_mode or fmt.scale_mode)
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+    elem, scale = fmt.element, fmt.scale
+    v = blocks.to(torch.float64)
+    special = (~torch.isfinite(v)).any(dim=1)
+    finite_v = torch.where(torch.isfinite(v), v, 0.0)
+    amax = finite_v.abs().amax(dim=1)
+    if compat == "microxcaling":
+        x = _microxcaling_exponent(amax, elem, scale)
+    else:
+        x = shared_exponent(amax, elem, scale, scale_mode)
+    scaled = finite_v / torch.exp2(x.to(torch.float64))[:, None]
+    if compat == "microxcaling":
+        scaled = _microxcaling_flush(scaled, elem)
+    r = round_to_element(scaled, elem, rounding, u)
+    codes = encode_element(r, elem)
+    codes = torch.where(special[:, None], 0, codes)
+    scale_codes = torch.where(special, scale.nan_code, x + scale.bias)
+    code_dtype = torch.uint8 if elem.bits <= 8 else torch.int16
+    return QuantizedBlocks(codes.to(code_dtype), scale_codes.to(torch.uint8))
+
+
+def dequantize_blocks(q: QuantizedBlocks, fmt: BlockFormat) -> torch.Tensor:
+    """float64 values of quantized blocks: element value x 2^(scale code - bias); NaN for scale 0xFF."""
+    fmt = get_format(fmt)
+    elem, scale = fmt.element, fmt.scale
+    vals = decode_element(q.codes, elem)
+    sc = torch.tensor(scale.code_values)[q.scales.to(torch.int64)]
+    return vals * sc[:, None]
+
+
+def _microxcaling_exponent(amax: torch.Tensor, elem: ElementFormat, scale: ScaleFormat) -> torch.Tensor:
+    """Shared exponent as microsoft/microxcaling computes it (shared_exp_method="max").
+
+    Its exponent is floor(log2(amax)) evaluated in float32 by torch.log2, so an amax just below a large
+    power of two (e.g. 2^100 * (1 - 2^-24)) has its log2 rounded up to the integer and gets a scale one
+    binade too large. Zero blocks use log2(amax + 2^-126). The exponent is then clamped below at -127.
+    """
+    a32 = amax.to(torch.float32)
+    a32 = torch.where(a32 == 0, torch.finfo(torch.float32).tiny, a32)
+    e = torch.floor(torch.log2(a32)).to(torch.int64) - elem.emax
+    return e.clamp(scale.emin, scale.emax)
+
+
+def _microxcaling_flush(scaled: torch.Tensor, elem: ElementFormat) -> torch.Tensor:
+    """microxcaling divides in float32: a scaled element is first rounded to float32 (its subnormals flush
+    nothing, but the division result is an fp32 value)."""
+    return scaled.to(torch.float32).to(torch.float64)
+
+
+# ---- whole tensors --------------------------------------------------------------------------------
+def _element_uniforms(x_shape, layout: BlockLayout, seed: int) -> torch.Tensor:
+    """Random offsets in blocked order, indexed by each element's flat position in the input tensor."""
+    import math
+    idx = torch.arange(math.prod(x_shape), dtype=torch.int64).reshape(x_shape)
+    return stochastic_uniform(seed, to_blocks(idx, layout))
+
+
+def quantize_reference(x: torch.Tensor, fmt, axis: int = -1, rounding: str = "even",
+                       scale_mode: str | None = None, generator: torch.Generator | None = None,
+                       compat: str | None = None, seed: int | None = None
+                       ) -> tuple[QuantizedBlocks, BlockLayout]:
+    """Quantize a tensor of any rank along ``axis`` with the reference algorithm.
+
+    Returns the codes in blocked order and the layout (see layout.py). ``seed`` overrides the seed drawn
+    from ``generator`` for stochastic rounding.
+    """
+    fmt = get_format(fmt)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point tensor (float32/bfloat16/float16), got {x.dtype}")
+    layout = make_layout(x.shape, axis, fmt.block_size)
+    u = None
+    if rounding == "stochastic":
+        if seed is None:
+            seed = draw_seed(generator)
+        u = _element_uniforms(x.shape, layout, seed)
+    blocks = to_blocks(x.detach().to(torch.float64), layout)
+    return quantize_blocks(blocks, fmt, rounding, scale_mode, u, compat), layout
+
+
+def fake_quantize_reference(x: torch.Tensor, fmt, axis: int = -1, rounding: str = "even",
+                            scale_mode: str | None = None, generator: torch.Generator | None = None,
+                            compat: str | None = None, seed: int | None = None) -> torch.Tensor:
+    """quantize_reference followed by dequantization, returned in x's dtype and shape."""
+    from .layout import from_blocks
+    q, layout = quantize_reference(x, fmt, axis, rounding, scale_mode, generator, compat, seed)
+    return from_blocks(dequantize_blocks(q, get_format(fmt)), layout).to(x.dtype)

@@ -1,0 +1,193 @@
+"""MXTensor: a block-quantized tensor stored packed (element codes + scales), with its shape and axis.
+
+Storage (see layout.py for the blocked order):
+- ``codes``: 1-D uint8, the element codes of all blocks in blocked order, bit-packed (packing.py):
+  ceil(n_blocks * block_size * element_bits / 8) bytes.
+- ``scales``: one scale per block, shape [n_blocks]: uint8 codes for E8M0 / small-float scale formats,
+  float32 for FP32 scales.
+- ``micro`` (two-level BDR formats only): 1-D uint8, the d2-bit microexponents of every sub-block,
+  bit-packed.
+- ``tensor_scale`` (formats with a per-tensor FP32 scale, e.g. NVFP4): a 0-d float32 tensor.
+
+For an OCP MX format ``nbytes`` is exactly (elements in whole blocks) * (element_bits + 8/32) / 8, i.e.
+4.25 / 6.25 / 8.25 bits per element for MXFP4 / MXFP6 / MXFP8, plus the zero padding of each vector's
+last block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .formats import BlockFormat, get_format
+from .layout import BlockLayout, from_blocks, make_layout
+from .packing import pack_codes, packed_nbytes, unpack_codes
+from .reference import QuantizedBlocks
+
+__all__ = ["MXTensor"]
+
+_OUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@dataclass(eq=False)
+class MXTensor:
+    """Packed block-quantized tensor. Build with :func:`microscale.quantize`; read with :meth:`dequantize`."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    shape: tuple[int, ...]
+    axis: int
+    format: BlockFormat
+    micro: torch.Tensor | None = None
+    tensor_scale: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.format = get_format(self.format)
+        self.shape = tuple(int(s) for s in self.shape)
+        self.validate()
+
+    # ---- structure ------------------------------------------------------------------------------
+    @property
+    def layout(self) -> BlockLayout:
+        return make_layout(self.shape, self.axis, self.format.block_size)
+
+    @property
+    def n_codes(self) -> int:
+        return self.layout.n_elements_padded
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def validate(self) -> None:
+        """Check that the stored arrays have exactly the sizes the shape and format imply."""
+        fmt = self.format
+        if fmt.element is None:
+            raise ValueError("an MXTensor needs a quantizing format, not 'none'")
+        if not isinstance(self.codes, torch.Tensor) or self.codes.dtype != torch.uint8 or self.codes.dim() != 1:
+            raise TypeError("MXTensor.codes must be a 1-D uint8 tensor")
+        lay = make_layout(self.shape, self.axis, fmt.block_size)
+        self.axis = lay.axis
+        need = packed_nbytes(lay.n_elements_padded, fmt.element.bits)
+        if self.codes.numel() != need:
+            raise ValueError(f"{fmt.name} tensor of shape {self.shape} along axis {self.axis} needs {need} "
+                             f"code bytes, got {self.codes.numel()}")
+        want_dtype = torch.float32 if fmt.scale is not None and fmt.scale.kind == "fp32" else torch.uint8
+        if self.scales.dtype != want_dtype or tuple(self.scales.shape) != (lay.n_blocks,):
+            raise ValueError(f"scales must be {want_dtype} of shape ({lay.n_blocks},), got "
+                             f"{self.scales.dtype} {tuple(self.scales.shape)}")
+        if fmt.subblock_size:
+            n_sub = lay.n_blocks * (lay.block_size // fmt.subblock_size)
+            need_m = packed_nbytes(n_sub, fmt.micro_bits)
+            if self.micro is None or self.micro.dtype != torch.uint8 or self.micro.numel() != need_m:
+                raise ValueError(f"{fmt.name} needs {need_m} bytes of packed microexponents")
+        elif self.micro is not None:
+            raise ValueError(f"{fmt.name} has no microexponents, but micro was given")
+        if (fmt.tensor_scale is not None) != (self.tensor_scale is not None):
+            raise ValueError(f"{fmt.name}: tensor_scale must be given exactly when the format has one")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of packed storage: codes + scales (+ microexponents + tensor scale)."""
+        n = self.codes.numel() + self.scales.numel() * self.scales.element_size()
+        if self.micro is not None:
+            n += self.micro.numel()
+        if self.tensor_scale is not None:
+            n += 4
+        return n
+
+    @property
+    def bits_per_element(self) -> float:
+        """Measured storage bits per (unpadded) element."""
+        return 8.0 * self.nbytes / max(self.numel(), 1)
+
+    # ---- conversion ---------------------------------------------------------------------------------
+    @classmethod
+    def from_blocks(cls, q: QuantizedBlocks, layout: BlockLayout, fmt: BlockFormat) -> "MXTensor":
+        """Pack unpacked blocks (from the reference quantizer) into an MXTensor."""
+        fmt = get_format(fmt)
+        micro = None if q.micro is None else pack_codes(q.micro, fmt.micro_bits)
+        return cls(pack_codes(q.codes, fmt.element.bits), q.scales.reshape(-1).contiguous(), layout.shape,
+                   layout.axis, fmt, micro, q.tensor_scale)
+
+    def to_blocks(self) -> QuantizedBlocks:
+        """Unpacked codes as QuantizedBlocks ([n_blocks, block_size] codes)."""
+        lay = self.layout
+        codes = unpack_codes(self.codes, self.format.element.bits, lay.n_elements_padded)
+        micro = None
+        if self.micro is not None:
+            per = lay.block_size // self.format.subblock_size
+            micro = unpack_codes(self.micro, self.format.micro_bits, lay.n_blocks * per).reshape(lay.n_blocks, per)
+        return QuantizedBlocks(codes.reshape(lay.n_blocks, lay.block_size), self.scales, micro, self.tensor_scale)
+
+    def element_codes(self) -> torch.Tensor:
+        """Unpacked element codes in the tensor's own shape (padding dropped)."""
+        return from_blocks(self.to_blocks().codes, self.layout)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Decode to a dense tensor of ``dtype`` (float32 by default) and the original shape."""
+        if dtype not in _OUT_DTYPES:
+            raise TypeError(f"dtype must be one of {_OUT_DTYPES}, got {dtype}")
+        from . import kernels
+        out = kernels.dequantize(self, dtype)
+        if out is not None:
+            return out
+        from .reference import dequantize_blocks
+        return from_blocks(dequantize_blocks(self.to_blocks(), self.format), self.layout).to(dtype)
+
+    # ---- interop ------------------------------------------------------------------------------------
+    def scales_as_e8m0(self) -> torch.Tensor:
+        """Scales as torch.float8_e8m0fnu (same bits), for E8M0-scaled formats."""
+        if self.format.scale is None or self.format.scale.kind != "e8m0" or self.format.scale.bits != 8:
+            raise ValueError(f"{self.format.name} does not use E8M0 scales")
+        return self.scales.view(torch.float8_e8m0fnu)
+
+    def codes_as_torch(self) -> torch.Tensor:
+        """Element codes as a torch low-precision dtype with the same bits.
+
+        E4M3 -> float8_e4m3fn, E5M2 -> float8_e5m2 (shape [n_blocks, block_size]);
+        E2M1 -> float4_e2m1fn_x2 (two codes per byte, first in the low nibble: [n_blocks, block_size/2]).
+        """
+        elem = self.format.element
+        lay = self.layout
+        if elem.name == "e2m1" and lay.block_size % 2 == 0:
+            return self.codes.view(torch.float4_e2m1fn_x2).reshape(lay.n_blocks, lay.block_size // 2)
+        dt = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}.get(elem.name)
+        if dt is None:
+            raise ValueError(f"torch has no dtype for {elem.name} elements")
+        return self.codes.view(dt).reshape(lay.n_blocks, lay.block_size)
+
+    def codes_as_ml_dtypes(self):
+        """Unpacked element codes as a numpy array of the matching ml_dtypes type, [n_blocks, block_size]."""
+        import ml_dtypes
+        name = {"e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2", "e3m2": "float6_e3m2fn",
+                "e2m3": "float6_e2m3fn", "e2m1": "float4_e2m1fn"}.get(self.format.element.name)
+        if name is None:
+            raise ValueError(f"ml_dtypes has no type for {self.format.element.name} elements")
+        return self.to_blocks().codes.numpy().view(getattr(ml_dtypes, name))
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, shape, axis: int, fmt) -> "MXTensor":
+        """Build from unpacked element codes in blocked order ([n_blocks, block_size] or flat) and scale
+        codes. Accepts uint8 or torch float8/float4/e8m0 dtypes (reinterpreted bit for bit)."""
+        fmt = get_format(fmt)
+        if codes.dtype == torch.float4_e2m1fn_x2:
+            packed = codes.contiguous().view(torch.uint8).reshape(-1)
+        else:
+            if codes.dtype != torch.uint8 and codes.element_size() == 1:
+                codes = codes.view(torch.uint8)
+            packed = pack_codes(codes, fmt.element.bits)
+        if scales.dtype == torch.float8_e8m0fnu:
+            scales = scales.view(torch.uint8)
+        return cls(packed, scales.reshape(-1).contiguous(), tuple(shape), axis, fmt)
+
+    def __repr__(self) -> str:
+        return (f"MXTensor(format={self.format.name}, shape={self.shape}, axis={self.axis}, "
+                f"nbytes={self.nbytes}, bits/elem={self.bits_per_element:.3f})")
