@@ -9,5 +9,6 @@ from .formats import (BlockFormat, ElementFormat, ScaleFormat, get_format, list_
                       register_format)
 from .quantize import dequantize, fake_quantize, quantize  # noqa: F401
 from .tensor import MXTensor  # noqa: F401
+from . import layout  # noqa: F401
 
 __version__ = "0.1.0"

@@ -66,7 +66,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: the first ``n_codes`` codes (uint8 for bits <= 8, else int16)."""
+    """Inverse of :func:`pack_codes`: the first ``n_codes`` codes (uint8 for bits <= 8, else int32)."""
     _check_bits(bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise TypeError(f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} with shape "
@@ -74,7 +74,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     need = packed_nbytes(n_codes, bits)
     if packed.numel() < need:
         raise ValueError(f"{n_codes} codes of {bits} bits need {need} bytes, got {packed.numel()}")
-    out_dtype = torch.uint8 if bits <= 8 else torch.int16
+    out_dtype = torch.uint8 if bits <= 8 else torch.int32
     if bits == 8:
         return packed[:n_codes].clone()
     group = 8 // math.gcd(bits, 8)

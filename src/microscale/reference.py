@@ -78,7 +78,7 @@ def check_scale_mode(scale_mode: str) -> str:
 class QuantizedBlocks:
     """Element codes and scale codes of a blocked tensor (unpacked, one code per element).
 
-    ``codes``: uint8 (int16 for elements wider than 8 bits) of shape [n_blocks, block_size].
+    ``codes``: uint8 (int32 for elements wider than 8 bits) of shape [n_blocks, block_size].
     ``scales``: scale codes of shape [n_blocks] (uint8 for E8M0 and small-float scales, float32 values
     for FP32 scales).
     ``micro``: two-level formats only: uint8 microexponents, [n_blocks, block_size // subblock_size].
@@ -271,7 +271,7 @@ def quantize_blocks(blocks: torch.Tensor, fmt: BlockFormat, rounding: str = "eve
     codes = encode_element(r, elem)
     codes = torch.where(special[:, None], 0, codes)
     scale_codes = torch.where(special, scale.nan_code, x + scale.bias)
-    code_dtype = torch.uint8 if elem.bits <= 8 else torch.int16
+    code_dtype = torch.uint8 if elem.bits <= 8 else torch.int32
     return QuantizedBlocks(codes.to(code_dtype), scale_codes.to(torch.uint8))
 
 
