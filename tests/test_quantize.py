@@ -8,7 +8,7 @@ import torch
 import microscale as ms
 from microscale.reference import fake_quantize_reference
 
-from conftest import same_bits
+from bitcheck import same_bits
 
 MX_FORMATS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8"]
 

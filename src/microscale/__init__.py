@@ -9,6 +9,8 @@ from .formats import (BlockFormat, ElementFormat, ScaleFormat, get_format, list_
                       register_format)
 from .quantize import dequantize, fake_quantize, quantize  # noqa: F401
 from .tensor import MXTensor  # noqa: F401
+from .io import load_file, save_file  # noqa: F401
 from . import layout  # noqa: F401
+from . import nn  # noqa: F401  (microscale.nn: quantized training/inference)
 
 __version__ = "0.1.0"

@@ -32,6 +32,12 @@ __all__ = [
     "INT8",
     "E8M0",
     "FP32_SCALE",
+    "E4M3_SCALE",
+    "INT8_SYM",
+    "INT4_SYM",
+    "sign_magnitude",
+    "bdr_format",
+    "bfp_format",
     "get_format",
     "list_formats",
     "register_format",
@@ -190,10 +196,12 @@ class ScaleFormat:
       all-ones = NaN).
     kind="fp": a scale stored in a small float format (``element``), e.g. E4M3 for NVFP4.
     kind="fp32": a full-precision scale (per-tensor or per-channel formats).
+    kind="uint": a ``bits``-bit unsigned integer multiplier (1 .. 2^bits - 1) of a second-level FP32 scale
+      (VS-Quant's per-vector integer scale factors, Dai et al., MLSys 2021); it has no NaN code.
     """
 
     name: str
-    kind: Literal["e8m0", "fp", "fp32"]
+    kind: Literal["e8m0", "fp", "fp32", "uint"]
     bits: int = 8
     element: ElementFormat | None = None
 
@@ -202,6 +210,8 @@ class ScaleFormat:
             raise ValueError(f"exponent scale needs 2..8 bits, got {self.bits}")
         if self.kind == "fp" and self.element is None:
             raise ValueError("an 'fp' scale format needs an element format")
+        if self.kind == "uint" and not 1 <= self.bits <= 8:
+            raise ValueError(f"an integer scale needs 1..8 bits, got {self.bits}")
 
     @property
     def bias(self) -> int:
@@ -247,8 +257,12 @@ class BlockFormat:
       (per-channel / per-vector); 0 means one scale for the whole tensor.
     - ``subblock_size`` (k2) and ``micro_bits`` (d2): an optional second level where each k2-element
       sub-block shares a d2-bit microexponent that shifts it down from the block exponent (BDR paper §3).
-    - ``tensor_scale``: an optional extra per-tensor FP32 scale (NVFP4's second level).
-    - ``scale_mode``: default shared-scale rule (OCP MX §6.3 is "floor").
+    - ``tensor_scale``: an optional extra FP32 scale above the block scales: one per tensor (NVFP4's
+      second level, and the only scale of per-tensor formats such as "int8_tensor", whose ``scale`` is
+      None) or, with ``tensor_scale_granularity="channel"``, one per vector along the block axis (VSQ's
+      per-channel scale). A format with ``scale=None`` and no ``tensor_scale`` is unscaled (a plain cast).
+    - ``scale_mode``: default shared-scale rule (OCP MX §6.3 is "floor"); it applies to power-of-two
+      (exponent) scales only; FP32 / small-float / integer scales are always amax-derived (reference.py).
     """
 
     name: str
@@ -260,6 +274,7 @@ class BlockFormat:
     tensor_scale: ScaleFormat | None = None
     scale_mode: str = "floor"
     description: str = field(default="", compare=False)
+    tensor_scale_granularity: Literal["tensor", "channel"] = "tensor"
 
     def __post_init__(self):
         if self.block_size is not None and self.block_size < 0:
@@ -271,6 +286,23 @@ class BlockFormat:
                 raise ValueError("a second level needs micro_bits >= 1")
         if self.scale_mode not in SCALE_MODES:
             raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
+        if self.tensor_scale_granularity not in ("tensor", "channel"):
+            raise ValueError(f"tensor_scale_granularity must be 'tensor' or 'channel', got "
+                             f"{self.tensor_scale_granularity!r}")
+        if self.element is not None:
+            if self.subblock_size is not None and (self.scale is None or self.scale.kind != "e8m0"):
+                raise ValueError("a second level (microexponents) needs a power-of-two (e8m0-kind) scale")
+            if self.tensor_scale is not None and self.tensor_scale.kind != "fp32":
+                raise ValueError("tensor_scale must be an 'fp32' scale format")
+            if self.scale is not None and self.scale.kind == "uint" and self.tensor_scale is None:
+                raise ValueError("integer ('uint') block scales multiply a tensor_scale; give one")
+            if self.scale is not None and self.scale.kind in ("e8m0", "fp32") and self.tensor_scale is not None:
+                raise ValueError(f"a {self.scale.kind} block scale with a tensor_scale is not supported")
+
+    @property
+    def is_two_level(self) -> bool:
+        """True for BDR formats with shared microexponents (k2-element sub-blocks, d2-bit shifts)."""
+        return self.subblock_size is not None
 
     @property
     def is_mx(self) -> bool:
@@ -280,7 +312,10 @@ class BlockFormat:
 
     @property
     def bits_per_element(self) -> float:
-        """Average storage bits per element for full blocks: element + scale/k1 + micro/k2 (BDR eq. 1)."""
+        """Average storage bits per element for full blocks: element + scale/k1 + micro/k2 (BDR eq. 1).
+
+        Per-axis, per-channel and per-tensor FP32 scales are amortized over an unknown length and not
+        counted (they are in ``MXTensor.nbytes``)."""
         if self.element is None:
             return 32.0
         b = float(self.element.bits)
@@ -300,6 +335,8 @@ class BlockFormat:
         """Largest finite magnitude representable: max element times the largest scale."""
         if self.element is None:
             return float(np.finfo(np.float32).max)
+        if self.scale is None and self.tensor_scale is None:  # unscaled: a plain cast
+            return self.element.max_normal
         if self.scale is None or self.scale.kind != "e8m0":
             return float("inf")
         return self.element.max_normal * 2.0 ** self.scale.emax
@@ -314,7 +351,7 @@ class BlockFormat:
         if self.subblock_size:
             parts.append(f"k2={self.subblock_size} d2={self.micro_bits}")
         if self.tensor_scale is not None:
-            parts.append(f"+{self.tensor_scale.name}/tensor")
+            parts.append(f"+{self.tensor_scale.name}/{self.tensor_scale_granularity}")
         return ", ".join(parts)
 
 
@@ -386,3 +423,83 @@ _mx("mxfp4_e2m1", E2M1, "mxfp4")
 _mx("mxint8", INT8)
 register_format(BlockFormat("none", None, block_size=None, description="no quantization (FP32 passthrough)"),
                 "fp32")
+
+
+# ---- block data representations beyond OCP MX (BDR paper; vendor formats) ------------------------
+def sign_magnitude(m: int) -> ElementFormat:
+    """BDR element "sign + m magnitude bits": value = ±mag · 2^(1-m), mag in 0 .. 2^m - 1.
+
+    The magnitude is a fixed-point mantissa with an explicit leading bit, aligned so that the element's
+    top binade is [1, 2) (emax 0, like MXINT8): a block with shared exponent E stores x as
+    sign · mag · 2^(E + 1 - m) (Rouhani et al., ISCA 2023, §3; MSFP, Darvish Rouhani et al., NeurIPS 2020).
+    m = 7 / 4 / 2 gives the elements of MX9 / MX6 / MX4 (and m = 7 / 3 those of MSFP16 / MSFP12).
+    """
+    if not 1 <= m <= 15:
+        raise ValueError(f"sign-magnitude elements need 1 <= m <= 15 magnitude bits, got {m}")
+    return ElementFormat(f"sm{m + 1}", "int", int_bits=m + 1, frac_bits=m - 1, encoding="sign_magnitude")
+
+
+#: Symmetric integers for per-tensor / per-channel / per-vector scaled formats (value = code, |code| <= 2^(b-1)-1).
+INT8_SYM = ElementFormat("int8_sym", "int", int_bits=8, frac_bits=0, encoding="twos")
+INT4_SYM = ElementFormat("int4_sym", "int", int_bits=4, frac_bits=0, encoding="twos")
+#: NVFP4's block scale: an (unsigned) E4M3 value.
+E4M3_SCALE = ScaleFormat("e4m3", "fp", bits=8, element=E4M3)
+
+
+def _scale_name(d1: int) -> str:
+    return "e8m0" if d1 == 8 else f"e{d1}m0"
+
+
+def _exp_scale(d1: int) -> ScaleFormat:
+    return E8M0 if d1 == 8 else ScaleFormat(_scale_name(d1), "e8m0", bits=d1)
+
+
+def bdr_format(element: ElementFormat | int, k1: int, d1: int = 8, k2: int | None = None, d2: int = 0,
+               name: str | None = None, description: str = "") -> BlockFormat:
+    """A BDR format (Rouhani et al., ISCA 2023): ``element`` (an ElementFormat, or m for sign + m
+    magnitude bits), k1-element blocks sharing a d1-bit power-of-two scale, and optionally k2-element
+    sub-blocks sharing a d2-bit microexponent. Not registered; pass it anywhere a format is accepted."""
+    elem = sign_magnitude(element) if isinstance(element, int) else element
+    if k2 is None:
+        d2 = 0
+    if name is None:
+        name = f"bdr_{elem.name}_k{k1}_d{d1}" + (f"_k2{k2}_d2{d2}" if k2 else "")
+    return BlockFormat(name, elem, block_size=k1, scale=_exp_scale(d1),
+                       subblock_size=k2, micro_bits=d2 if k2 else 0, description=description)
+
+
+def bfp_format(m: int, k: int, d1: int = 8, name: str | None = None) -> BlockFormat:
+    """Block floating point with k-element blocks, a d1-bit shared exponent and sign + m mantissa bits
+    (mantissa with explicit leading bit, aligned to the block's largest exponent; = MSFP for k = 16)."""
+    return bdr_format(m, k, d1, name=name or f"bfp{m + 1}_k{k}" + ("" if d1 == 8 else f"_d{d1}"),
+                      description=f"block floating point: sign + {m}-bit mantissa, k={k}, {d1}-bit exponent")
+
+
+# BDR paper (ISCA 2023) Table 2: MX9 / MX6 / MX4 = sign + m magnitude bits, k1 = 16 with an 8-bit shared
+# exponent, k2 = 2 with a 1-bit microexponent: 8 + 8/16 + 1/2 = 9, 6, 4 bits per element (element + overhead).
+for _m, _n in ((7, "mx9"), (4, "mx6"), (2, "mx4")):
+    register_format(bdr_format(_m, 16, 8, 2, 1, name=_n, description=(
+        f"BDR {_n.upper()}: sign + {_m}-bit magnitude, k1=16 E8M0 scale, k2=2 1-bit microexponent "
+        f"(Rouhani et al., ISCA 2023)")))
+# MSFP (Darvish Rouhani et al., NeurIPS 2020): bounding box of 16, 8-bit shared exponent.
+register_format(bfp_format(3, 16, name="msfp12"))
+register_format(bfp_format(7, 16, name="msfp16"))
+register_format(BlockFormat("int8_tensor", INT8_SYM, block_size=None, scale=None, tensor_scale=FP32_SCALE,
+                            description="INT8 (±127) with one FP32 scale amax/127 per tensor"))
+register_format(BlockFormat("int8_channel", INT8_SYM, block_size=None, scale=FP32_SCALE,
+                            description="INT8 (±127) with one FP32 scale amax/127 per vector along the axis "
+                                        "(per output channel for a weight quantized along its input axis)"))
+register_format(BlockFormat("fp8_e4m3_tensor", E4M3, block_size=None, scale=None, tensor_scale=FP32_SCALE,
+                            description="FP8 E4M3 with one FP32 scale amax/448 per tensor"))
+register_format(BlockFormat("fp8_e5m2_tensor", E5M2, block_size=None, scale=None, tensor_scale=FP32_SCALE,
+                            description="FP8 E5M2 with one FP32 scale amax/57344 per tensor"))
+register_format(BlockFormat("fp8_e4m3", E4M3, block_size=None, scale=None,
+                            description="FP8 E4M3, unscaled (a saturating cast)"))
+register_format(BlockFormat("fp8_e5m2", E5M2, block_size=None, scale=None,
+                            description="FP8 E5M2, unscaled (a saturating cast)"))
+register_format(BlockFormat("nvfp4", E2M1, block_size=16, scale=E4M3_SCALE, tensor_scale=FP32_SCALE,
+                            description="NVIDIA NVFP4: E2M1, 16-element blocks with an E4M3 scale, FP32 tensor scale"))
+register_format(BlockFormat("vsq_int4", INT4_SYM, block_size=16, scale=ScaleFormat("uint6", "uint", bits=6),
+                            tensor_scale=FP32_SCALE, tensor_scale_granularity="channel",
+                            description="VS-Quant: INT4 (±7), 16-element vectors with a 6-bit unsigned integer "
+                                        "scale times an FP32 per-channel scale"))

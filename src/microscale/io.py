@@ -33,6 +33,7 @@ temporary file is removed and ``path`` is untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -44,8 +45,8 @@ from typing import Iterator, Mapping
 
 import torch
 
-from .formats import BlockFormat, ElementFormat, ScaleFormat, get_format
-from .layout import make_layout
+from .formats import BlockFormat, get_format
+from .layout import make_layout, normalize_axis
 from .packing import packed_nbytes
 from .tensor import MXTensor
 
@@ -54,11 +55,16 @@ __all__ = [
     "load_file",
     "iter_file",
     "read_header",
+    "SafetensorsReader",
     "FileHeader",
     "TensorEntry",
     "MXEntry",
     "SafetensorsWriter",
+    "MXSpec",
+    "PlainSpec",
+    "spec_of",
     "mx_components",
+    "format_spec",
     "FORMAT_VERSION",
 ]
 
@@ -67,7 +73,7 @@ FORMAT_VERSION = "1"
 VERSION_KEY = "microscale.version"
 MX_KEY = "microscale.mx"
 _RESERVED_PREFIX = "microscale."
-#: MXTensor component name suffixes, in storage order (``name + "." + suffix``).
+#: MXTensor components; ``w``'s are stored as ``w.codes``, ``w.scales``, ...
 COMPONENTS = ("codes", "scales", "micro", "tensor_scale")
 #: Largest header accepted (the safetensors library's own limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -150,28 +156,60 @@ class _Problem:
 
 
 # ---- format spec (decoding-relevant part of a BlockFormat) ----------------------------------------
-def _element_spec(e: ElementFormat | None) -> dict | None:
-    if e is None:
-        return None
-    return {"name": e.name, "kind": e.kind, "ebits": e.ebits, "mbits": e.mbits, "specials": e.specials,
-            "int_bits": e.int_bits, "frac_bits": e.frac_bits, "encoding": e.encoding}
+#: BlockFormat fields that say how a tensor is quantized, not how its stored codes decode.
+_NOT_DECODING = ("name", "scale_mode")
 
 
-def _scale_spec(s: ScaleFormat | None) -> dict | None:
-    if s is None:
-        return None
-    return {"name": s.name, "kind": s.kind, "bits": s.bits, "element": _element_spec(s.element)}
+def _spec(obj):
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _spec(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.compare}
+    return obj
 
 
 def format_spec(fmt: BlockFormat) -> dict:
-    """The facts needed to decode stored codes of ``fmt`` (scale_mode and description are left out:
-    they affect how a tensor is quantized, not how its codes decode)."""
-    return {"element": _element_spec(fmt.element), "block_size": fmt.block_size,
-            "scale": _scale_spec(fmt.scale), "subblock_size": fmt.subblock_size,
-            "micro_bits": fmt.micro_bits, "tensor_scale": _scale_spec(fmt.tensor_scale)}
+    """The facts needed to decode stored codes of ``fmt``: every compared field of the BlockFormat
+    (element and scale formats in full) except its name and scale_mode."""
+    return {k: v for k, v in _spec(fmt).items() if k not in _NOT_DECODING}
 
 
-# ---- component plan -------------------------------------------------------------------------------
+# ---- what will be stored --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlainSpec:
+    """A plain tensor to be written: its dtype and shape."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MXSpec:
+    """An MXTensor to be written: format, shape and (non-negative) block axis."""
+
+    format: BlockFormat
+    shape: tuple[int, ...]
+    axis: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "format", get_format(self.format))
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "axis", normalize_axis(self.axis, len(self.shape)))
+
+    def components(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return mx_components(self.shape, self.axis, self.format)
+
+    def record(self) -> dict:
+        """The JSON record stored in the ``microscale.mx`` metadata."""
+        return {"format": self.format.name, "shape": list(self.shape), "axis": self.axis,
+                "spec": json.loads(json.dumps(format_spec(self.format), default=str))}
+
+
+def spec_of(value: MXTensor | torch.Tensor) -> MXSpec | PlainSpec:
+    """The spec of a tensor about to be saved."""
+    if isinstance(value, MXTensor):
+        return MXSpec(value.format, value.shape, value.axis)
+    return PlainSpec(value.dtype, tuple(value.shape))
+
+
 def mx_components(shape, axis: int, fmt: str | BlockFormat) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """dtype and shape of each stored component of an MXTensor of ``shape`` quantized along ``axis``.
 
@@ -183,13 +221,15 @@ def mx_components(shape, axis: int, fmt: str | BlockFormat) -> dict[str, tuple[t
         raise ValueError("format 'none' does not quantize: it has no stored components")
     lay = make_layout(shape, axis, fmt.block_size)
     fp32_scale = fmt.scale is not None and fmt.scale.kind == "fp32"
+    n_scales = lay.n_blocks if fmt.scale is not None else 0  # unscaled / per-tensor only: no block scales
     out = {"codes": (torch.uint8, (packed_nbytes(lay.n_elements_padded, fmt.element.bits),)),
-           "scales": (torch.float32 if fp32_scale else torch.uint8, (lay.n_blocks,))}
+           "scales": (torch.float32 if fp32_scale else torch.uint8, (n_scales,))}
     if fmt.subblock_size:
         n_sub = lay.n_blocks * (lay.block_size // fmt.subblock_size)
         out["micro"] = (torch.uint8, (packed_nbytes(n_sub, fmt.micro_bits),))
     if fmt.tensor_scale is not None:
-        out["tensor_scale"] = (torch.float32, ())
+        per_vector = getattr(fmt, "tensor_scale_granularity", "tensor") != "tensor"
+        out["tensor_scale"] = (torch.float32, (lay.n_vectors,) if per_vector else ())
     return out
 
 
@@ -198,12 +238,8 @@ def _mx_parts(q: MXTensor) -> dict[str, torch.Tensor]:
     if q.micro is not None:
         parts["micro"] = q.micro
     if q.tensor_scale is not None:
-        parts["tensor_scale"] = q.tensor_scale.reshape(())
+        parts["tensor_scale"] = q.tensor_scale
     return parts
-
-
-def _mx_record(q: MXTensor) -> dict:
-    return {"format": q.format.name, "shape": list(q.shape), "axis": q.axis, "spec": format_spec(q.format)}
 
 
 # ---- writing --------------------------------------------------------------------------------------
@@ -236,47 +272,67 @@ def _dtype_name(dtype: torch.dtype, name: str) -> str:
 
 
 class SafetensorsWriter:
-    """Streaming, atomic safetensors writer.
+    """Streaming, atomic writer of MXTensors and plain tensors.
 
-    Give every tensor's name, dtype and shape up front (``plan``, in the header order wanted) plus the
-    ``__metadata__`` map; the header is written first, then :meth:`write` each tensor in
-    :attr:`order` (data is laid out largest itemsize first, so every tensor is aligned to its
-    itemsize, as the safetensors library does). Use as a context manager: leaving the block normally
-    after all tensors were written fsyncs and moves the file into place; an exception (or a missing
-    tensor) removes the temporary file and leaves ``path`` untouched.
+    Give every tensor's spec up front (name -> :class:`MXSpec` or :class:`PlainSpec`, in the order the
+    header should list them); the header, with each stored tensor's byte range, is computed from them.
+    Then :meth:`write` each tensor, in any order, one at a time: only that tensor is ever in memory.
+    Use as a context manager: leaving the block normally after every tensor was written fsyncs the
+    temporary file and moves it onto ``path`` (os.replace); an exception, or a tensor never written,
+    removes the temporary file and leaves ``path`` untouched.
+
+    Data is laid out largest itemsize first, as the safetensors library does, so each tensor starts
+    aligned to its itemsize (the library's torch loader needs that).
     """
 
-    def __init__(self, path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+    def __init__(self, path, specs: Mapping[str, MXSpec | PlainSpec], metadata: Mapping[str, str] | None = None):
         self.path = os.fspath(path)
-        self._plan = {}
-        for name, dtype, shape in plan:
+        if not isinstance(specs, Mapping):
+            raise TypeError(f"specs must be a dict of name -> MXSpec | PlainSpec, got {type(specs).__name__}")
+        meta = _check_metadata(metadata)
+        self.specs = dict(specs)
+        stored: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        source: dict[str, str] = {}
+        mx_records = {}
+        for name, spec in self.specs.items():
             _check_name(name)
-            if name in self._plan:
-                raise ValueError(f"tensor name {name!r} is used twice")
-            self._plan[name] = (dtype, tuple(int(s) for s in shape))
-        itemsize = {n: torch.empty((), dtype=d).element_size() for n, (d, _) in self._plan.items()}
-        #: the order in which :meth:`write` expects tensors (stable: ties keep plan order)
-        self.order = sorted(self._plan, key=lambda n: -itemsize[n])
+            if isinstance(spec, MXSpec):
+                parts = {f"{name}.{sfx}": c for sfx, c in spec.components().items()}
+                mx_records[name] = spec.record()
+            elif isinstance(spec, PlainSpec):
+                _dtype_name(spec.dtype, name)
+                parts = {name: (spec.dtype, tuple(int(s) for s in spec.shape))}
+            else:
+                raise TypeError(f"tensor {name!r}: expected an MXSpec or PlainSpec, got {type(spec).__name__}")
+            for sname, c in parts.items():
+                if sname in stored:
+                    raise ValueError(f"tensor {name!r} would be stored as {sname!r}, which clashes with "
+                                     f"tensor {source[sname]!r}; rename one of them")
+                stored[sname] = c
+                source[sname] = name
+        meta[VERSION_KEY] = FORMAT_VERSION
+        if mx_records:
+            meta[MX_KEY] = json.dumps(mx_records, separators=(",", ":"))
+
+        itemsize = {n: torch.empty((), dtype=d).element_size() for n, (d, _) in stored.items()}
         offsets, pos = {}, 0
-        for n in self.order:
-            dtype, shape = self._plan[n]
-            size = math.prod(shape) * itemsize[n]
+        for n in sorted(stored, key=lambda n: -itemsize[n]):  # stable: ties keep header order
+            size = math.prod(stored[n][1]) * itemsize[n]
             offsets[n] = (pos, pos + size)
             pos += size
-        header: dict = {}
-        if metadata:
-            header["__metadata__"] = dict(metadata)
-        for n, (dtype, shape) in self._plan.items():
-            header[n] = {"dtype": _dtype_name(dtype, n), "shape": list(shape), "data_offsets": list(offsets[n])}
+        header: dict = {"__metadata__": meta}
+        for n, (dtype, shape) in stored.items():
+            header[n] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": list(offsets[n])}
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         raw += b" " * (-(8 + len(raw)) % 8)  # pad so the data section starts 8-byte aligned
         self._header = struct.pack("<Q", len(raw)) + raw
+        self._stored = stored
         self._offsets = offsets
-        self._next = 0
+        self._pending = set(self.specs)
         self._file = None
         self._tmp = None
-        self.nbytes = pos
+        #: bytes of tensor data the file will hold (header excluded)
+        self.data_nbytes = pos
 
     def __enter__(self) -> "SafetensorsWriter":
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -290,26 +346,44 @@ class SafetensorsWriter:
             raise
         return self
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next tensor's data; it must be the next name in :attr:`order`, of the planned
-        dtype and shape."""
+    def write(self, name: str, value: MXTensor | torch.Tensor) -> None:
+        """Write tensor ``name``; it must match its spec (MX: same format, shape and axis)."""
         if self._file is None:
             raise RuntimeError("SafetensorsWriter.write outside its `with` block")
-        if self._next >= len(self.order) or self.order[self._next] != name:
-            want = self.order[self._next] if self._next < len(self.order) else "nothing (all written)"
-            raise ValueError(f"{self.path}: expected tensor {want!r} next, got {name!r}")
-        dtype, shape = self._plan[name]
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"tensor {name!r}: planned {dtype} {list(shape)}, got {tensor.dtype} "
-                             f"{list(tensor.shape)}")
-        if tensor.numel():
-            t = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            if sys.byteorder != "little" and tensor.element_size() > 1:
+        if name not in self.specs:
+            raise ValueError(f"{self.path}: tensor {name!r} is not in the planned header")
+        if name not in self._pending:
+            raise ValueError(f"{self.path}: tensor {name!r} was already written")
+        spec = self.specs[name]
+        if isinstance(spec, MXSpec):
+            if not isinstance(value, MXTensor):
+                raise TypeError(f"tensor {name!r}: planned as an MXTensor, got {type(value).__name__}")
+            value.validate()
+            got = spec_of(value)
+            if got != spec:
+                raise ValueError(f"tensor {name!r}: planned {spec.format.name} {list(spec.shape)} axis "
+                                 f"{spec.axis}, got {got.format.name} {list(got.shape)} axis {got.axis}")
+            parts = {f"{name}.{sfx}": t for sfx, t in _mx_parts(value).items()}
+        else:
+            if not isinstance(value, torch.Tensor) or isinstance(value, MXTensor):
+                raise TypeError(f"tensor {name!r}: planned as a plain tensor, got {type(value).__name__}")
+            parts = {name: value}
+        for sname, t in parts.items():
+            dtype, shape = self._stored[sname]
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                raise ValueError(f"tensor {sname!r}: planned {dtype} {list(shape)}, got {t.dtype} "
+                                 f"{list(t.shape)}")
+            if t.layout != torch.strided:
+                raise TypeError(f"tensor {sname!r}: only dense tensors can be saved, got {t.layout}")
+        for sname, t in parts.items():
+            if not t.numel():
+                continue
+            if sys.byteorder != "little" and t.element_size() > 1:
                 raise NotImplementedError("writing safetensors files on a big-endian machine")
-            self._file.write(memoryview(t.numpy()))
-        self._next += 1
+            flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._file.seek(len(self._header) + self._offsets[sname][0])
+            self._file.write(memoryview(flat.numpy()))
+        self._pending.discard(name)
 
     def _abort(self) -> None:
         if self._file is not None:
@@ -327,8 +401,10 @@ class SafetensorsWriter:
             self._abort()
             return
         try:
-            if self._next != len(self.order):
-                raise ValueError(f"{self.path}: tensor {self.order[self._next]!r} was never written")
+            if self._pending:
+                missing = [n for n in self.specs if n in self._pending]
+                raise ValueError(f"{self.path}: tensors never written: {', '.join(map(repr, missing))}")
+            self._file.truncate(len(self._header) + self.data_nbytes)  # exact size even if the last is empty
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
@@ -355,35 +431,6 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _flatten(tensors) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Stored tensors (name -> tensor, in user order) and microscale records of a save_file argument."""
-    if not isinstance(tensors, Mapping):
-        raise TypeError(f"tensors must be a dict of name -> MXTensor or torch.Tensor, got {type(tensors).__name__}")
-    stored: dict[str, torch.Tensor] = {}
-    source: dict[str, str] = {}
-    mx: dict[str, dict] = {}
-    for name, value in tensors.items():
-        _check_name(name)
-        if isinstance(value, MXTensor):
-            value.validate()
-            parts = {f"{name}.{suffix}": t for suffix, t in _mx_parts(value).items()}
-            mx[name] = _mx_record(value)
-        elif isinstance(value, torch.Tensor):
-            if value.layout != torch.strided:
-                raise TypeError(f"tensor {name!r}: only dense tensors can be saved, got layout {value.layout}")
-            _dtype_name(value.dtype, name)
-            parts = {name: value}
-        else:
-            raise TypeError(f"tensor {name!r}: expected an MXTensor or a torch.Tensor, got {type(value).__name__}")
-        for stored_name, t in parts.items():
-            if stored_name in stored:
-                raise ValueError(f"tensor {name!r} would be stored as {stored_name!r}, which clashes with "
-                                 f"tensor {source[stored_name]!r}; rename one of them")
-            stored[stored_name] = t
-            source[stored_name] = name
-    return stored, mx
-
-
 def save_file(tensors: Mapping[str, MXTensor | torch.Tensor], path, metadata: Mapping[str, str] | None = None
               ) -> None:
     """Save MXTensors and plain tensors to a safetensors file at ``path``, atomically.
@@ -391,15 +438,22 @@ def save_file(tensors: Mapping[str, MXTensor | torch.Tensor], path, metadata: Ma
     ``metadata``: extra str -> str entries for the header's ``__metadata__`` (keys starting with
     "microscale." are reserved). Raises TypeError/ValueError for bad input before touching the disk.
     """
-    stored, mx = _flatten(tensors)
-    meta = _check_metadata(metadata)
-    meta[VERSION_KEY] = FORMAT_VERSION
-    if mx:
-        meta[MX_KEY] = json.dumps(mx, separators=(",", ":"))
-    plan = [(n, t.dtype, tuple(t.shape)) for n, t in stored.items()]
-    with SafetensorsWriter(path, plan, meta) as w:
-        for n in w.order:
-            w.write(n, stored[n])
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a dict of name -> MXTensor or torch.Tensor, "
+                        f"got {type(tensors).__name__}")
+    specs = {}
+    for name, value in tensors.items():
+        _check_name(name)
+        if not isinstance(value, (MXTensor, torch.Tensor)):
+            raise TypeError(f"tensor {name!r}: expected an MXTensor or a torch.Tensor, got {type(value).__name__}")
+        if isinstance(value, MXTensor):
+            value.validate()
+        elif value.layout != torch.strided:
+            raise TypeError(f"tensor {name!r}: only dense tensors can be saved, got layout {value.layout}")
+        specs[name] = spec_of(value)
+    with SafetensorsWriter(path, specs, metadata) as w:
+        for name, value in tensors.items():
+            w.write(name, value)
 
 
 # ---- reading --------------------------------------------------------------------------------------
@@ -432,11 +486,12 @@ def _parse_entry(name: str, info, problem: _Problem) -> TensorEntry:
 
 def _check_layout(entries: dict[str, TensorEntry], data_size: int, problem: _Problem) -> None:
     """Tensor byte ranges must tile the data section exactly: no gap, no overlap, nothing past the end."""
-    pos, prev = 0, None
-    for e in sorted(entries.values(), key=lambda e: (e.start, e.end)):
+    for e in entries.values():
         if e.end > data_size:
             raise problem(f"data_offsets [{e.start}, {e.end}] run past the end of the data section "
                           f"({data_size} bytes): the file is truncated or the header lies", e.name)
+    pos, prev = 0, None
+    for e in sorted(entries.values(), key=lambda e: (e.start, e.end)):
         if e.start < pos:
             raise problem(f"data_offsets [{e.start}, {e.end}] overlap tensor {prev!r}", e.name)
         if e.start > pos:
@@ -448,15 +503,20 @@ def _check_layout(entries: dict[str, TensorEntry], data_size: int, problem: _Pro
                       f"(trailing bytes)")
 
 
-def _spec_diff(a, b, prefix=""):
-    """First path at which two spec dicts differ (for error messages)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = _spec_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+def _spec_diff(file_spec, registry_spec, prefix=""):
+    """First field at which a stored format spec differs from the registry's (for error messages).
+
+    Only fields the file records are compared: a field added to BlockFormat after the file was written
+    took its default then."""
+    if isinstance(file_spec, dict) and isinstance(registry_spec, dict):
+        for k in file_spec:
+            d = _spec_diff(file_spec[k], registry_spec.get(k), f"{prefix}{k}.")
             if d:
                 return d
         return None
-    return None if a == b else f"{prefix[:-1]}: file has {a!r}, registry has {b!r}"
+    if file_spec == registry_spec:
+        return None
+    return f"{prefix[:-1]}: file has {file_spec!r}, registry has {registry_spec!r}"
 
 
 def _parse_mx(metadata: dict[str, str], entries: dict[str, TensorEntry], problem: _Problem) -> dict[str, MXEntry]:
@@ -477,6 +537,8 @@ def _parse_mx(metadata: dict[str, str], entries: dict[str, TensorEntry], problem
     for name, rec in records.items():
         if not isinstance(rec, dict) or not {"format", "shape", "axis"} <= set(rec):
             raise problem("microscale metadata must give format, shape and axis", name)
+        if name in entries:
+            raise problem("a stored tensor has the same name as this MX tensor", name)
         if not isinstance(rec["format"], str):
             raise problem(f"format must be a name, got {rec['format']!r}", name)
         try:
@@ -488,7 +550,8 @@ def _parse_mx(metadata: dict[str, str], entries: dict[str, TensorEntry], problem
             raise problem(f"format {fmt.name!r} does not quantize", name)
         spec = rec.get("spec")
         if spec is not None:
-            diff = _spec_diff(spec, format_spec(fmt))
+            registered = json.loads(json.dumps(format_spec(fmt), default=str))  # as it would be stored
+            diff = _spec_diff(spec, registered)
             if diff:
                 raise problem(f"format {fmt.name!r} in the file differs from the registered one ({diff})",
                               name)
@@ -565,38 +628,66 @@ def read_header(path) -> FileHeader:
     return FileHeader(os.fspath(path), entries, metadata, mx, 8 + n)
 
 
-def _read_tensor(f, header: FileHeader, entry: TensorEntry) -> torch.Tensor:
-    if entry.nbytes == 0:
-        return torch.empty(entry.shape, dtype=entry.dtype)
-    f.seek(header.data_start + entry.start)
-    buf = bytearray(entry.nbytes)
-    got = f.readinto(buf)
-    if got != entry.nbytes:  # the file shrank after its header was checked
-        raise _Problem(header.path)(f"truncated: expected {entry.nbytes} bytes of data, read {got}", entry.name)
-    if sys.byteorder != "little" and entry.dtype.itemsize > 1:
-        raise NotImplementedError("reading safetensors files on a big-endian machine")
-    return torch.frombuffer(buf, dtype=entry.dtype).reshape(entry.shape)
+class SafetensorsReader:
+    """Random access to the tensors of a validated safetensors file, one tensor at a time.
+
+    ``with SafetensorsReader(path) as r: r.get("w")`` reads only the bytes of ``w`` (all components of
+    an MXTensor). The header is validated on opening (see :func:`read_header`).
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.header = read_header(path)
+        self._file = open(path, "rb")
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def names(self) -> list[str]:
+        """Logical tensor names in header order (an MXTensor once, by its own name)."""
+        return self.header.names()
+
+    def get_stored(self, name: str) -> torch.Tensor:
+        """One stored tensor as saved (for an MXTensor ``w``: ``w.codes``, ``w.scales``, ...)."""
+        entry = self.header.entries.get(name)
+        if entry is None:
+            raise KeyError(f"{self.path}: no stored tensor {name!r}")
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        self._file.seek(self.header.data_start + entry.start)
+        buf = bytearray(entry.nbytes)
+        got = self._file.readinto(buf)
+        if got != entry.nbytes:  # the file shrank after its header was checked
+            raise _Problem(self.path)(f"truncated: expected {entry.nbytes} bytes of data, read {got}", name)
+        if sys.byteorder != "little" and entry.dtype.itemsize > 1:
+            raise NotImplementedError("reading safetensors files on a big-endian machine")
+        return torch.frombuffer(buf, dtype=entry.dtype).reshape(entry.shape)
+
+    def get(self, name: str) -> MXTensor | torch.Tensor:
+        """The tensor called ``name``: an MXTensor when the metadata says so, else a plain tensor."""
+        mx = self.header.mx.get(name)
+        if mx is None:
+            return self.get_stored(name)
+        parts = {suffix: self.get_stored(stored) for suffix, stored in mx.components.items()}
+        try:
+            return MXTensor(parts["codes"], parts["scales"], mx.shape, mx.axis, mx.format,
+                            parts.get("micro"), parts.get("tensor_scale"))
+        except (TypeError, ValueError) as e:
+            raise _Problem(self.path)(f"inconsistent MX tensor: {e}", name) from None
 
 
-def _build_mx(f, header: FileHeader, mx: MXEntry) -> MXTensor:
-    parts = {s: _read_tensor(f, header, header.entries[n]) for s, n in mx.components.items()}
-    try:
-        return MXTensor(parts["codes"], parts["scales"], mx.shape, mx.axis, mx.format,
-                        parts.get("micro"), parts.get("tensor_scale"))
-    except (TypeError, ValueError) as e:
-        raise _Problem(header.path)(f"inconsistent MX tensor: {e}", mx.name) from None
-
-
-def iter_file(path, header: FileHeader | None = None) -> Iterator[tuple[str, MXTensor | torch.Tensor]]:
-    """Yield ``(name, tensor)`` one at a time (MXTensors assembled from their components), reading only
-    that tensor's bytes: memory stays at one tensor. The header is validated first (see :func:`load_file`)."""
-    header = header or read_header(path)
-    with open(path, "rb") as f:
-        for name in header.names():
-            if name in header.mx:
-                yield name, _build_mx(f, header, header.mx[name])
-            else:
-                yield name, _read_tensor(f, header, header.entries[name])
+def iter_file(path) -> Iterator[tuple[str, MXTensor | torch.Tensor]]:
+    """Yield ``(name, tensor)`` one at a time in file order, reading only that tensor's bytes, so memory
+    stays at about one tensor. The header is validated first (see :func:`load_file`)."""
+    with SafetensorsReader(path) as r:
+        for name in r.names():
+            yield name, r.get(name)
 
 
 def load_file(path) -> dict[str, MXTensor | torch.Tensor]:

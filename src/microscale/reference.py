@@ -50,6 +50,8 @@ __all__ = [
     "shared_exponent",
     "quantize_blocks",
     "dequantize_blocks",
+    "quantize_blocks_bdr",
+    "dequantize_blocks_bdr",
     "quantize_reference",
     "fake_quantize_reference",
     "stochastic_uniform",
@@ -248,16 +250,21 @@ def shared_exponent(amax: torch.Tensor, elem: ElementFormat, scale: ScaleFormat,
 # ---- blocks ---------------------------------------------------------------------------------------
 def quantize_blocks(blocks: torch.Tensor, fmt: BlockFormat, rounding: str = "even",
                     scale_mode: str | None = None, u: torch.Tensor | None = None,
-                    compat: str | None = None) -> QuantizedBlocks:
-    """Quantize ``[n_blocks, k]`` values of a single-level power-of-two block format (OCP MX §6.3).
+                    compat: str | None = None, group_size: int | None = None) -> QuantizedBlocks:
+    """Quantize ``[n_blocks, k]`` values of any block format.
 
+    Single-level power-of-two block formats (``fmt.is_mx``) follow OCP MX §6.3 (below); the others go to
+    :func:`quantize_blocks_bdr` (two-level microexponent formats, FP32 / E4M3 / integer scales, tensor
+    scales, unscaled casts). ``group_size``: consecutive blocks sharing one ``tensor_scale`` (default:
+    all blocks); ignored by formats without one.
     ``u``: int64 random offsets of the same shape for rounding="stochastic".
     ``compat="microxcaling"`` reproduces that emulator's numerics (see ``_microxcaling_exponent``).
     """
     fmt = get_format(fmt)
     if not fmt.is_mx:
-        raise ValueError(f"quantize_blocks handles single-level power-of-two block formats; "
-                         f"{fmt.name!r} is not one")
+        if compat is not None:
+            raise ValueError(f"compat={compat!r} applies to single-level MX formats only, not {fmt.name!r}")
+        return quantize_blocks_bdr(blocks, fmt, rounding, scale_mode, u, group_size)
     check_rounding(rounding)
     scale_mode = check_scale_mode(scale_mode or fmt.scale_mode)
     if compat not in COMPAT_MODES:
@@ -283,6 +290,8 @@ def quantize_blocks(blocks: torch.Tensor, fmt: BlockFormat, rounding: str = "eve
 def dequantize_blocks(q: QuantizedBlocks, fmt: BlockFormat) -> torch.Tensor:
     """float64 values of quantized blocks: element value x 2^(scale code - bias); NaN for scale 0xFF."""
     fmt = get_format(fmt)
+    if not fmt.is_mx:
+        return dequantize_blocks_bdr(q, fmt)
     elem, scale = fmt.element, fmt.scale
     vals = decode_element(q.codes, elem)
     sc = torch.tensor(scale.code_values)[q.scales.to(torch.int64)]
@@ -332,7 +341,8 @@ def quantize_reference(x: torch.Tensor, fmt, axis: int = -1, rounding: str = "ev
             seed = draw_seed(generator)
         u = _element_uniforms(x.shape, layout, seed)
     blocks = to_blocks(x.detach().to(torch.float64), layout)
-    return quantize_blocks(blocks, fmt, rounding, scale_mode, u, compat), layout
+    group = layout.blocks_per_vector if fmt.tensor_scale_granularity == "channel" else None
+    return quantize_blocks(blocks, fmt, rounding, scale_mode, u, compat, group), layout
 
 
 def fake_quantize_reference(x: torch.Tensor, fmt, axis: int = -1, rounding: str = "even",
@@ -342,3 +352,176 @@ def fake_quantize_reference(x: torch.Tensor, fmt, axis: int = -1, rounding: str 
     from .layout import from_blocks
     q, layout = quantize_reference(x, fmt, axis, rounding, scale_mode, generator, compat, seed)
     return from_blocks(dequantize_blocks(q, get_format(fmt)), layout).to(x.dtype)
+
+
+# ---- block formats beyond OCP MX: BDR two-level, FP32 / E4M3 / integer scales, tensor scales ------
+def quantize_blocks_bdr(blocks: torch.Tensor, fmt: BlockFormat, rounding: str = "even",
+                        scale_mode: str | None = None, u: torch.Tensor | None = None,
+                        group_size: int | None = None) -> QuantizedBlocks:
+    """Quantize ``[n_blocks, k]`` values of a format that is not single-level MX (rules: docs/bdr.md).
+
+    Two-level BDR formats (MX9/MX6/MX4 and any k1/d1/k2/d2), Rouhani et al. ISCA 2023 §3:
+        E     = the block's shared exponent X (``shared_exponent``, "floor" = floor(log2 amax) - emax_elem,
+                clamped to the d1-bit scale range) plus emax_elem, i.e. the largest exponent in the block
+        E_j   = floor(log2(max |x| in sub-block j))
+        s_j   = min(E - E_j, 2^d2 - 1), clamped below at 0; an all-zero sub-block gets s_j = 2^d2 - 1
+        x_i   = element_round(x_i / 2^(X - s_j)) * 2^(X - s_j)   (rounding as for MX, then clamped to
+                the element's max: sign + m magnitude bits give x_i = ±mag · 2^(E - s_j + 1 - m))
+      A block holding NaN/Inf gets the NaN scale code (2^d1 - 1), zero codes and zero microexponents,
+      and decodes to NaN. Codes: ``scales`` = X + bias, ``micro`` = s_j.
+    Amax-scaled formats (FP32 / E4M3 / unsigned-integer block scales, per-tensor or per-channel FP32
+    ``tensor_scale``; unscaled casts), with maxE = the element's max normal:
+        tensor scale t = fp32(amax_group / (maxE · maxS)), maxS = the block scale's max (448 for E4M3,
+                         2^b - 1 for a b-bit integer scale, 1 without a block scale); t = 1 for a zero group
+        FP32 block scale  s = fp32(amax_block / maxE)  (1 for a zero block)
+        E4M3 block scale  s = E4M3_rne(amax_block / maxE / t), saturating at 448 (NVFP4)
+        integer scale     s = clamp(round_half_even(amax_block / maxE / t), 1, 2^b - 1); 0 for a zero block
+        x_i = element_round(x_i / (s · t)) (saturating); 0 where s · t == 0
+      NaN/Inf: a block with a block scale gets a NaN scale (FP32 NaN or the E4M3 NaN code) and zero
+      codes; with an integer block scale (no NaN code) or no block scale and an element without NaN, the
+      group's FP32 tensor scale becomes NaN; elements with NaN/Inf codes (FP8) keep them in unscaled
+      and per-tensor formats (Inf -> NaN for E4M3, which has no Inf).
+    ``scale_mode`` applies to the power-of-two scales of two-level formats only.
+    """
+    fmt = get_format(fmt)
+    if fmt.element is None:
+        raise ValueError("format 'none' does not quantize")
+    check_rounding(rounding)
+    scale_mode = check_scale_mode(scale_mode or fmt.scale_mode)
+    v = blocks.to(torch.float64)
+    if v.dim() != 2:
+        raise ValueError(f"blocks must be [n_blocks, block_size], got shape {tuple(v.shape)}")
+    if fmt.is_two_level:
+        return _quantize_two_level(v, fmt, rounding, scale_mode, u)
+    if fmt.scale is not None and fmt.scale.kind == "e8m0":
+        raise ValueError(f"{fmt.name!r}: power-of-two single-level formats go through the MX path")
+    return _quantize_amax_scaled(v, fmt, rounding, u, group_size)
+
+
+def _code_dtype(elem: ElementFormat) -> torch.dtype:
+    return torch.uint8 if elem.bits <= 8 else torch.int16
+
+
+def _quantize_two_level(v, fmt, rounding, scale_mode, u) -> QuantizedBlocks:
+    elem, scale = fmt.element, fmt.scale
+    n, k1 = v.shape
+    k2 = fmt.subblock_size
+    if k1 != fmt.block_size:
+        raise ValueError(f"{fmt.name} blocks have {fmt.block_size} elements, got {k1}")
+    beta = (1 << fmt.micro_bits) - 1
+    finite = torch.isfinite(v)
+    special = (~finite).any(dim=1)
+    fv = torch.where(finite, v, 0.0)
+    a = fv.abs()
+    x = shared_exponent(a.amax(dim=1), elem, scale, scale_mode)             # [n]
+    sub = a.reshape(n, k1 // k2, k2).amax(dim=2)                             # [n, k1/k2]
+    e_sub = _floor_log2(torch.where(sub > 0, sub, 1.0))
+    shift = torch.where(sub > 0, x[:, None] + elem.emax - e_sub, beta).clamp(0, beta)
+    exp = (x[:, None] - shift).repeat_interleave(k2, dim=1)                  # [n, k1]
+    r = round_to_element(fv / torch.exp2(exp.to(torch.float64)), elem, rounding, u)
+    codes = torch.where(special[:, None], 0, encode_element(r, elem))
+    shift = torch.where(special[:, None], 0, shift)
+    scale_codes = torch.where(special, scale.nan_code, x + scale.bias)
+    return QuantizedBlocks(codes.to(_code_dtype(elem)), scale_codes.to(torch.uint8), shift.to(torch.uint8))
+
+
+def _scale_max(fmt: BlockFormat) -> float:
+    s = fmt.scale
+    if s is None or s.kind == "fp32":
+        return 1.0
+    if s.kind == "fp":
+        return s.element.max_normal
+    return float((1 << s.bits) - 1)  # uint
+
+
+def _to_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).to(torch.float64)
+
+
+def _quantize_amax_scaled(v, fmt, rounding, u, group_size) -> QuantizedBlocks:
+    elem, scale = fmt.element, fmt.scale
+    n = v.shape[0]
+    finite = torch.isfinite(v)
+    fv = torch.where(finite, v, 0.0)
+    bamax = fv.abs().amax(dim=1)
+    bspecial = (~finite).any(dim=1)
+    maxe = elem.max_normal
+    # Where can a NaN/Inf go? A block scale with a NaN code takes it; otherwise element codes do (FP8);
+    # otherwise (integer elements, integer block scales) the FP32 tensor scale of the group becomes NaN.
+    scale_has_nan = scale is not None and scale.kind in ("fp32", "fp")
+    t_blk = torch.ones(n, dtype=torch.float64)
+    tensor_scale = None
+    if fmt.tensor_scale is not None:
+        g = n if group_size is None else int(group_size)
+        if g <= 0 or n % g:
+            raise ValueError(f"group_size {group_size} must divide the number of blocks {n}")
+        gamax = bamax.reshape(n // g, g).amax(dim=1)
+        t = _to_fp32(gamax / (maxe * _scale_max(fmt)))
+        t = torch.where((t > 0) & torch.isfinite(t), t, 1.0)
+        if not scale_has_nan and not (scale is None and elem.has_nan):
+            t = torch.where(bspecial.reshape(n // g, g).any(dim=1), torch.nan, t)
+        tensor_scale = t.to(torch.float32)
+        if fmt.tensor_scale_granularity == "tensor" and group_size is None:
+            tensor_scale = tensor_scale.reshape(())
+        t_blk = t.repeat_interleave(g)
+    if scale is None:
+        s = torch.ones(n, dtype=torch.float64)
+        scale_codes = torch.empty(0, dtype=torch.uint8)
+    elif scale.kind == "fp32":
+        s = _to_fp32(bamax / maxe)
+        s = torch.where(s > 0, s, 1.0)
+        s = torch.where(bspecial, torch.nan, s)
+        scale_codes = s.to(torch.float32)
+    elif scale.kind == "fp":
+        s = round_to_element(bamax / maxe / t_blk, scale.element, "even")
+        code = encode_element(s, scale.element)
+        scale_codes = torch.where(bspecial, scale.element.nan_code, code).to(torch.uint8)
+        s = torch.where(bspecial, torch.nan, s)
+    elif scale.kind == "uint":
+        s = torch.round(bamax / maxe / t_blk).clamp(1, (1 << scale.bits) - 1)
+        s = torch.where(bamax > 0, s, 0.0)
+        s = torch.where(torch.isfinite(s), s, 0.0)
+        scale_codes = s.to(torch.uint8)
+    else:
+        raise ValueError(f"unsupported scale kind {scale.kind!r}")
+    total = s * t_blk
+    ok = (total > 0) & torch.isfinite(total)
+    scaled = torch.where(ok[:, None], fv / torch.where(ok, total, 1.0)[:, None], 0.0)
+    codes = encode_element(round_to_element(scaled, elem, rounding, u), elem)
+    if scale_has_nan:
+        codes = torch.where(bspecial[:, None], 0, codes)
+    elif scale is None and elem.has_nan:  # unscaled / per-tensor FP8: NaN and Inf stay element codes
+        nan_or_inf = torch.full_like(codes, elem.nan_code)
+        if elem.has_inf:
+            inf_code = (((1 << elem.ebits) - 1) << elem.mbits) | (torch.signbit(v).to(torch.int64) << (elem.bits - 1))
+            nan_or_inf = torch.where(torch.isinf(v), inf_code, nan_or_inf)
+        codes = torch.where(finite, codes, nan_or_inf)
+    else:
+        codes = torch.where(finite, codes, 0)
+    return QuantizedBlocks(codes.to(_code_dtype(elem)), scale_codes, None, tensor_scale)
+
+
+def dequantize_blocks_bdr(q: QuantizedBlocks, fmt: BlockFormat) -> torch.Tensor:
+    """float64 values of blocks quantized by :func:`quantize_blocks_bdr` (NaN where a scale is NaN)."""
+    fmt = get_format(fmt)
+    elem, scale = fmt.element, fmt.scale
+    vals = decode_element(q.codes, elem)
+    n = vals.shape[0]
+    if fmt.is_two_level:
+        sc = q.scales.to(torch.int64)
+        exp = (sc - scale.bias)[:, None] - q.micro.to(torch.int64)
+        exp = exp.repeat_interleave(fmt.subblock_size, dim=1)
+        out = vals * torch.exp2(exp.to(torch.float64))
+        return torch.where((sc == scale.nan_code)[:, None], torch.nan, out)
+    if scale is None:
+        s = torch.ones(n, dtype=torch.float64)
+    elif scale.kind == "fp32":
+        s = q.scales.to(torch.float64)
+    elif scale.kind == "fp":
+        s = decode_element(q.scales, scale.element)
+    else:
+        s = q.scales.to(torch.float64)
+    if fmt.tensor_scale is not None:
+        t = q.tensor_scale.reshape(-1).to(torch.float64)
+        s = s * t.repeat_interleave(n // t.numel())
+    return vals * s[:, None]

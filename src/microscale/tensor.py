@@ -80,8 +80,9 @@ class MXTensor:
             raise ValueError(f"{fmt.name} tensor of shape {self.shape} along axis {self.axis} needs {need} "
                              f"code bytes, got {self.codes.numel()}")
         want_dtype = torch.float32 if fmt.scale is not None and fmt.scale.kind == "fp32" else torch.uint8
-        if self.scales.dtype != want_dtype or tuple(self.scales.shape) != (lay.n_blocks,):
-            raise ValueError(f"scales must be {want_dtype} of shape ({lay.n_blocks},), got "
+        n_scales = lay.n_blocks if fmt.scale is not None else 0  # per-tensor / unscaled: no block scales
+        if self.scales.dtype != want_dtype or tuple(self.scales.shape) != (n_scales,):
+            raise ValueError(f"scales must be {want_dtype} of shape ({n_scales},), got "
                              f"{self.scales.dtype} {tuple(self.scales.shape)}")
         if fmt.subblock_size:
             n_sub = lay.n_blocks * (lay.block_size // fmt.subblock_size)
@@ -92,6 +93,12 @@ class MXTensor:
             raise ValueError(f"{fmt.name} has no microexponents, but micro was given")
         if (fmt.tensor_scale is not None) != (self.tensor_scale is not None):
             raise ValueError(f"{fmt.name}: tensor_scale must be given exactly when the format has one")
+        if self.tensor_scale is not None:
+            # one FP32 scale per tensor (0-d), or per vector along the axis for "channel" granularity
+            want = () if fmt.tensor_scale_granularity == "tensor" else (lay.n_vectors,)
+            if self.tensor_scale.dtype != torch.float32 or tuple(self.tensor_scale.shape) != want:
+                raise ValueError(f"{fmt.name}: tensor_scale must be float32 of shape {want}, got "
+                                 f"{self.tensor_scale.dtype} {tuple(self.tensor_scale.shape)}")
 
     @property
     def nbytes(self) -> int:
@@ -100,7 +107,7 @@ class MXTensor:
         if self.micro is not None:
             n += self.micro.numel()
         if self.tensor_scale is not None:
-            n += 4
+            n += 4 * self.tensor_scale.numel()
         return n
 
     @property

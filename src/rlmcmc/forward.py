@@ -160,7 +160,9 @@ def solve_transient(mesh: Q1Mesh, kappa: np.ndarray, load: np.ndarray, t_final: 
                     save_steps=None) -> np.ndarray:
     """Backward Euler for u_t - div(κ∇u) = f, u = 0 on ∂Ω, u(0) = 0; one LU of (M + Δt A) per κ.
 
-    Returns the nodal solutions at ``save_steps`` (1-based step indices; default all), shape (len, n_nodes).
+    ``load`` is the full nodal load vector, or a callable ``t -> load vector`` for a time-dependent f
+    (evaluated at t_{n+1}, as backward Euler requires). Returns the nodal solutions at ``save_steps``
+    (1-based step indices; default all), shape (len, n_nodes).
     """
     kappa = mesh.check_kappa(kappa)
     n_steps = check_positive_int(n_steps, "n_steps")
@@ -172,12 +174,12 @@ def solve_transient(mesh: Q1Mesh, kappa: np.ndarray, load: np.ndarray, t_final: 
     a = mesh.stiffness_assembler.matrix(kappa)[inner][:, inner]
     m = mesh.mass[inner][:, inner]
     lu = spla.splu((m + dt * a).tocsc())
-    rhs_load = dt * load[inner]
+    load_at = load if callable(load) else (lambda t: load)
     u = np.zeros(inner.size)
     out = np.zeros((save.size, mesh.n_nodes))
     wanted = {int(s): k for k, s in enumerate(save)}
     for step in range(1, n_steps + 1):
-        u = lu.solve(m @ u + rhs_load)
+        u = lu.solve(m @ u + dt * load_at(step * dt)[inner])
         if step in wanted:
             out[wanted[step], inner] = u
     return out

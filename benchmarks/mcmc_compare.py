@@ -1,0 +1,124 @@
+"""Compare RW, pCN and multi-agent RL proposals, single- and two-level (delayed acceptance) MCMC, on
+the same multiscale Darcy posterior, plus tinyDA's delayed-acceptance sampler with pCN as an outside
+reference (optional: skipped with a message if tinyDA is not importable).
+
+Writes <out>/mcmc_compare.json, mcmc_compare.md (table of ESS per fine solve and per CPU second) and
+mcmc_compare.png. Example (≈10-15 min on 2 cores):
+
+    python benchmarks/mcmc_compare.py --chains 4 --samples 5000 --burn 500 --out results/mcmc
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # small dense/sparse ops: threads only add overhead
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from rlmcmc.compare import METHODS, markdown_table, pilot, plot_results, run_methods, train_rl  # noqa: E402
+from rlmcmc.diagnostics import ess_rhat  # noqa: E402
+from rlmcmc.problem import ProblemConfig, make_problem  # noqa: E402
+
+
+def run_tinyda(problem, info, n_chains, n_samples, n_burn):
+    """tinyDA (Lykkegaard et al.) delayed acceptance with its CrankNicolson (pCN) proposal, same
+    posterior (coarse level with the same approximation-error model), same starting points."""
+    try:
+        import tinyDA as tda
+        from scipy import stats
+    except Exception as err:  # ImportError, or a missing dependency such as ray
+        print(f"tinyDA not installed ({type(err).__name__}: {err}); skipping its row")
+        return None
+    fine_post, coarse_post = problem.posteriors()
+    dim = problem.fine.dim
+    prior = stats.multivariate_normal(np.zeros(dim), np.eye(dim))
+    counts = {"fine": 0}
+
+    def fine_model(theta):
+        counts["fine"] += 1
+        return problem.fine.observe(np.asarray(theta, float))
+
+    def coarse_model(theta):
+        return problem.coarse.observe(np.asarray(theta, float)) + coarse_post.bias
+
+    like_f = tda.GaussianLogLike(problem.data, np.diag(fine_post.scale**2))
+    like_c = tda.GaussianLogLike(problem.data, np.diag(coarse_post.scale**2))
+    posts = [tda.Posterior(prior, like_c, coarse_model), tda.Posterior(prior, like_f, fine_model)]
+    proposal = tda.CrankNicolson(scaling=float(info["step"]), adaptive=False)
+    t0 = time.process_time()
+    chain = tda.sample(posts, proposal, iterations=n_samples + n_burn, n_chains=n_chains,
+                       initial_parameters=list(info["inits"]), force_sequential=True)
+    cpu = time.process_time() - t0
+    samples = tda.get_samples(chain, burnin=n_burn)
+    draws = np.stack([samples[f"chain_{i}"] for i in range(n_chains)])
+    ess, rhat = ess_rhat(draws)
+    frac = n_samples / (n_samples + n_burn)  # fine solves in the kept part, pro rata
+    fine = counts["fine"] * frac
+    return {"n_chains": n_chains, "n_draws": n_samples, "ess_min": float(ess.min()), "rhat_max": float(rhat.max()),
+            "fine_solves": int(round(fine)), "coarse_solves": -1, "accept_stage1": float("nan"),
+            "accept_stage2": float("nan"), "ess_per_fine_solve": float(ess.min() / fine),
+            "ess_per_cpu_second": float(ess.min() / (cpu * frac)), "cpu_seconds": cpu * frac,
+            "note": "fixed pCN scaling = pilot step (not tuned on its own burn-in); solves pro rata"}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-fine", type=int, default=40)
+    ap.add_argument("--n-coarse", type=int, default=8)
+    ap.add_argument("--n-basis", type=int, default=4)
+    ap.add_argument("--dim", type=int, default=8)
+    ap.add_argument("--noise", type=float, default=0.02)
+    ap.add_argument("--chains", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=5000, help="kept draws per chain")
+    ap.add_argument("--burn", type=int, default=500)
+    ap.add_argument("--agents", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=300, help="RL training iterations (x32 parallel coarse chains)")
+    ap.add_argument("--delta-max", type=float, default=0.0,
+                    help="RL mean-shift bound in units of the step (0: actors learn per-block steps only)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--no-tinyda", action="store_true")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", default="results/mcmc")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.perf_counter()
+    problem = make_problem(ProblemConfig(n_fine=args.n_fine, n_coarse=args.n_coarse, n_basis=args.n_basis,
+                                         dim=args.dim, noise_level=args.noise, seed=args.seed))
+    offline = problem.calibrate_error_model(20)
+    info = pilot(problem, args.chains)
+    policy = history = None
+    if any(m.startswith("rl") for m in args.methods):
+        policy, history = train_rl(problem, info, n_agents=args.agents, n_iters=args.iters,
+                                   delta_max=args.delta_max, checkpoint=os.path.join(args.out, "policy.pt"))
+    results = run_methods(problem, info, policy, methods=args.methods, n_chains=args.chains,
+                          n_samples=args.samples, n_burn=args.burn)
+    if not args.no_tinyda:
+        row = run_tinyda(problem, info, args.chains, args.samples, args.burn)
+        if row is not None:
+            results["tinyda-pcn-2"] = row
+    table_results = {k: v for k, v in results.items()}
+    table = markdown_table(table_results)
+    print(table)
+    meta = {"args": vars(args), "problem": problem.describe(), "offline_fine_solves": offline,
+            "pilot_step": info["step"], "pilot_coarse_solves": info["coarse_solves"],
+            "train": None if history is None else {k: history[k] for k in ("cpu_seconds", "coarse_solves")},
+            "wall_seconds": time.perf_counter() - t_start}
+    with open(os.path.join(args.out, "mcmc_compare.json"), "w") as fh:
+        json.dump({"meta": meta, "results": results}, fh, indent=1, default=float)
+    with open(os.path.join(args.out, "mcmc_compare.md"), "w") as fh:
+        fh.write(table + "\n")
+    plot_results(problem, {k: v for k, v in results.items() if "trace_theta0" in v},
+                 os.path.join(args.out, "mcmc_compare.png"), history)
+    print(f"wrote {args.out}/mcmc_compare.{{json,md,png}} in {meta['wall_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+"""Block data representations (Rouhani et al., ISCA 2023): QSNR, a worst-case QSNR bound, a hardware-cost
+model and a Pareto design-space explorer (docs/bdr.md).
+
+    ms.bdr.qsnr(x, "mx6"); ms.bdr.vectors_qsnr(ms.bdr.gaussian_vectors(), "mx6")
+    ms.bdr.qsnr_lower_bound("mx6"); ms.bdr.cost("mx6"); ms.bdr.explore(quick=True)
+"""
+
+from .bound import qsnr_lower_bound, worst_case_block  # noqa: F401
+from .cost import DEFAULT_MODEL, CostModel, area, area_breakdown, baseline_area, cost  # noqa: F401
+from .explore import Point, design_space, explore, frontier_gap, pareto_front, write_report  # noqa: F401
+from .qsnr import (fake_quantize_vectors, gaussian_vectors, laplace_vectors, qsnr, qsnr_of,  # noqa: F401
+                   sample_vectors, student_t_vectors, vectors_qsnr)

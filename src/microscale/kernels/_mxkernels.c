@@ -1,0 +1,596 @@
+/* Fast MX quantization kernels for CPU: fake-quantize, quantize-to-packed and dequantize.
+ *
+ * Bit-identical to microscale/reference.py (see the Python module microscale/kernels/__init__.py for
+ * the design notes). Everything is integer arithmetic on the fp32 bit pattern:
+ *   - an input value |v| is decomposed as sig * 2^(e - 23) with sig a normalized 24-bit significand
+ *     (subnormals are normalized through an exact int->float conversion, zero gets e = -276);
+ *   - the shared exponent X comes from the block amax, found as an integer max of |bits|;
+ *   - an element is rounded at shift = 23 - mbits + max(emin - (e - X), 0) bits; the magnitude code is
+ *     ((max(e - X - emin, 0)) << mbits) + rounded, monotone in value, so saturation is a clamp;
+ *   - dequantized values N * 2^P are built bit by bit (exact: every MX value is an fp32 value), then
+ *     rounded to bf16/fp16 with round-to-nearest-even when the output has that dtype.
+ * No floating-point arithmetic is done on data (only exact int->float conversions), so the results do
+ * not depend on MXCSR (FTZ/DAZ) and no denormal slow paths are hit.
+ *
+ * Tensors are seen as [outer, L, inner] with blocks of k along L. inner == 1 (blocking along the last
+ * axis) streams block by block; inner > 1 works on tiles of k rows x up to TILE columns, vectorized
+ * across columns.
+ *
+ * The worker functions are compiled three times (AVX-512, AVX2, baseline x86-64) and chosen at import
+ * with __builtin_cpu_supports; OpenMP splits the blocks (or tiles) statically among threads.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define MAXK 1024   /* largest block size handled here (bigger blocks fall back to the reference) */
+#define TILE 64     /* columns per tile when inner > 1 */
+
+#if defined(__GNUC__)
+#define AINLINE static inline __attribute__((always_inline))
+#else
+#define AINLINE static inline
+#endif
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_F64 = 3 };
+enum { R_EVEN = 0, R_AWAY = 1, R_ZERO = 2, R_STOCH = 3 };
+enum { S_FLOOR = 0, S_CEIL = 1, S_EVEN = 2, S_RCEIL = 3 };
+enum { ENC_FP = 0, ENC_TWOS = 1, ENC_SIGNMAG = 2 };
+
+typedef struct {
+    /* element (ints are described as fp-like: emin = emax_int, mbits = int_bits - 2) */
+    int32_t emin, mbits, maxmag, inf_mag, nmax, pmaxbase, enc, bits;
+    /* shared scale */
+    int32_t emax, even_m, flm, sigm, s_emin, s_emax, s_bias, s_nan;
+    int32_t k;
+    uint32_t half_mask, even;   /* deterministic rounding: set per call from the rounding mode */
+} fmt_t;
+
+typedef struct {
+    const void *in;
+    void *out;          /* fake-quantize / dequantize output (dtype odt) */
+    uint8_t *codes;     /* packed codes (quantize) or input codes (dequantize) */
+    uint8_t *scales;
+    int64_t outer, L, inner, nb;   /* nb: blocks per vector */
+    int idt, odt, rnd, smode;
+    uint32_t seed;
+    fmt_t f;
+} job_t;
+
+/* ---- scalar helpers -------------------------------------------------------------------------- */
+AINLINE uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+AINLINE uint64_t d2u(double f) { uint64_t u; memcpy(&u, &f, 8); return u; }
+
+AINLINE uint32_t f16_to_f32bits(uint32_t h) {
+    uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
+    uint32_t norm = ((e + 112u) << 23) | (m << 13);
+    uint32_t sub = f2u((float)(int32_t)m) - (24u << 23);
+    uint32_t spec = 0x7F800000u | (m << 13);
+    uint32_t r = e == 31 ? spec : (e == 0 ? (m ? sub : 0u) : norm);
+    return r | sign;
+}
+
+AINLINE uint32_t f32bits_to_bf16(uint32_t u) {
+    uint32_t isnan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return isnan ? 0x7FC0u : r;
+}
+
+/* Round-to-nearest-even fp32 -> fp16 (IEEE; NaN -> 0x7E00 with the sign, like torch). */
+AINLINE uint32_t f32bits_to_f16(uint32_t u) {
+    uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
+    int32_t e = (int32_t)(a >> 23) - 127;
+    uint32_t m24 = (a & 0x7FFFFFu) | 0x800000u;
+    int32_t rs = -e - 1;               /* units of 2^-24: m24 * 2^(e+1) */
+    rs = rs < 0 ? 0 : (rs > 31 ? 31 : rs);
+    uint32_t sub = (m24 + ((1u << rs) >> 1) - 1u + ((m24 >> rs) & 1u)) >> rs;
+    uint32_t hb = a - (112u << 23);
+    uint32_t norm = (hb + 0xFFFu + ((hb >> 13) & 1u)) >> 13;
+    uint32_t r = a < 0x38800000u ? sub : norm;
+    r = a >= 0x477FF000u ? 0x7C00u : r;
+    r = a > 0x7F800000u ? 0x7E00u : r;
+    return r | sign;
+}
+
+AINLINE uint32_t load_bits(const void *p, int64_t i, const int dt) {
+    if (dt == DT_F32) return ((const uint32_t *)p)[i];
+    if (dt == DT_BF16) return (uint32_t)((const uint16_t *)p)[i] << 16;
+    return f16_to_f32bits(((const uint16_t *)p)[i]);
+}
+
+/* out bits: fp32 bits of the value (fp64 outputs are handled by store_val64). */
+AINLINE void store_bits(void *p, int64_t i, uint32_t u, const int dt) {
+    if (dt == DT_F32) ((uint32_t *)p)[i] = u;
+    else if (dt == DT_BF16) ((uint16_t *)p)[i] = (uint16_t)f32bits_to_bf16(u);
+    else ((uint16_t *)p)[i] = (uint16_t)f32bits_to_f16(u);
+}
+
+AINLINE uint32_t lowbias32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
+    return x;
+}
+
+/* Shared exponent X of a block from its amax bits (finite, >= 0); see reference.shared_exponent. */
+static int32_t shared_exp(uint32_t amax, int smode, const fmt_t *f) {
+    if (amax == 0) return f->s_emin;
+    int32_t fl; uint32_t sig;
+    if (amax >> 23) { fl = (int32_t)(amax >> 23) - 127; sig = (amax & 0x7FFFFFu) | 0x800000u; }
+    else {
+        int p = 31 - __builtin_clz(amax);
+        fl = p - 149; sig = amax << (23 - p);
+    }
+    int32_t x;
+    switch (smode) {
+    case S_FLOOR: x = fl - f->emax; break;
+    case S_CEIL: x = fl + (sig != 0x800000u) - f->emax; break;
+    case S_EVEN: x = fl + (int32_t)((sig + (1u << (22 - f->even_m))) >> 24) - f->emax; break;
+    default: x = fl - f->flm + (sig > (uint32_t)f->sigm); break;
+    }
+    return x < f->s_emin ? f->s_emin : (x > f->s_emax ? f->s_emax : x);
+}
+
+/* One element: fp32 bits b (finite), shared exponent X, random word u (stochastic only).
+ * Returns the element code in *code and the fp32 bits of its dequantized value in *val. */
+AINLINE void quant_elem(uint32_t b, int32_t X, uint32_t u, const int RND, const fmt_t *f, uint32_t *code, uint32_t *val) {
+    const int32_t emin = f->emin, mb = f->mbits;
+    uint32_t sign = b & 0x80000000u, a = b & 0x7FFFFFFFu;
+    uint32_t ef = a >> 23, man = a & 0x7FFFFFu;
+    uint32_t fb = f2u((float)(int32_t)man);
+    int32_t ev = ef ? (int32_t)ef - 127 : (int32_t)(fb >> 23) - 276;
+    uint32_t sig = (ef ? man : (fb & 0x7FFFFFu)) | 0x800000u;
+    int32_t d = ev - X - emin;
+    int32_t sh = 23 - mb + (d < 0 ? -d : 0);
+    uint32_t r;
+    if (RND == R_STOCH) {
+        int32_t sl = 24 - sh, sr = sh - 24;
+        sl = sl < 0 ? 0 : sl; sr = sr > 63 ? 63 : (sr < 0 ? 0 : sr);
+        uint64_t T = (uint64_t)sig << 30;                 /* t * 2^54 = sig * 2^(54 - sh) */
+        uint64_t W = sh <= 24 ? (T << sl) : (T >> sr);
+        uint64_t frac = W & ((1ull << 54) - 1);
+        /* reference: floor(t + u * 2^-32) in float64: the sum rounds to 53 bits, so it reaches 1
+         * from below once the exact sum is >= 1 - 2^-54 (see module docstring) */
+        r = (uint32_t)(W >> 54) + (((uint64_t)u << 22) + frac >= (1ull << 54) - 1);
+    } else {
+        /* even: + half - 1 + lsb; away: + half; zero: + 0 (rnd is a runtime constant of the call) */
+        sh = sh > 25 ? 25 : sh;
+        uint32_t half = (1u << (sh - 1)) & f->half_mask;
+        r = (sig + half - f->even + (((sig >> sh) & 1u) & f->even)) >> sh;
+    }
+    int32_t dd = d > 0 ? d : 0;
+    int32_t cm = (dd << mb) + (int32_t)r;
+    int sat = cm > f->maxmag;
+    cm = sat ? f->maxmag : cm;
+    uint32_t N = sat ? (uint32_t)f->nmax : r;
+    int32_t P = (sat ? f->pmaxbase : dd + emin - mb) + X;
+    /* value N * 2^P as fp32 bits */
+    uint32_t nb = f2u((float)(int32_t)N);
+    int32_t fe = (int32_t)(nb >> 23) + P;
+    int32_t s2 = P + 149; s2 = s2 < 0 ? 0 : (s2 > 31 ? 31 : s2);
+    uint32_t v = fe >= 1 ? nb + ((uint32_t)P << 23) : (N << s2);
+    v = fe >= 255 ? 0x7F800000u : v;
+    v = N == 0 ? 0u : v;
+    /* fp elements keep the sign of zero; int codes decode to +0 */
+    *val = v | ((f->enc == ENC_FP || N) ? sign : 0u);
+    uint32_t twos = (sign ? (uint32_t)(-cm) : (uint32_t)cm) & ((1u << f->bits) - 1u);
+    *code = f->enc == ENC_TWOS ? twos : ((uint32_t)cm | (sign >> (32 - f->bits)));
+}
+
+/* ---- packing of one block's codes (k codes, k * bits a multiple of 8) ------------------------- */
+AINLINE void pack_block(const uint8_t *c, int64_t stride, int k, int bits, uint8_t *dst) {
+    if (bits == 8) { for (int j = 0; j < k; j++) dst[j] = c[j * stride]; }
+    else if (bits == 4) {
+        for (int j = 0; j < k / 2; j++) dst[j] = (uint8_t)(c[2 * j * stride] | (c[(2 * j + 1) * stride] << 4));
+    } else if (bits == 6) {
+        for (int j = 0; j < k / 4; j++) {
+            uint32_t w = c[4 * j * stride] | ((uint32_t)c[(4 * j + 1) * stride] << 6)
+                       | ((uint32_t)c[(4 * j + 2) * stride] << 12) | ((uint32_t)c[(4 * j + 3) * stride] << 18);
+            dst[3 * j] = (uint8_t)w; dst[3 * j + 1] = (uint8_t)(w >> 8); dst[3 * j + 2] = (uint8_t)(w >> 16);
+        }
+    } else {  /* generic little-endian bit stream */
+        uint64_t acc = 0; int nbits = 0, o = 0;
+        for (int j = 0; j < k; j++) {
+            acc |= (uint64_t)c[j * stride] << nbits; nbits += bits;
+            while (nbits >= 8) { dst[o++] = (uint8_t)acc; acc >>= 8; nbits -= 8; }
+        }
+    }
+}
+
+AINLINE void unpack_block(const uint8_t *src, int k, int bits, uint8_t *c) {
+    if (bits == 8) { for (int j = 0; j < k; j++) c[j] = src[j]; }
+    else if (bits == 4) {
+        for (int j = 0; j < k / 2; j++) { c[2 * j] = src[j] & 15; c[2 * j + 1] = src[j] >> 4; }
+    } else if (bits == 6) {
+        for (int j = 0; j < k / 4; j++) {
+            uint32_t w = src[3 * j] | ((uint32_t)src[3 * j + 1] << 8) | ((uint32_t)src[3 * j + 2] << 16);
+            c[4 * j] = w & 63; c[4 * j + 1] = (w >> 6) & 63; c[4 * j + 2] = (w >> 12) & 63; c[4 * j + 3] = w >> 18;
+        }
+    } else {
+        uint64_t acc = 0; int nbits = 0, i = 0;
+        for (int j = 0; j < k; j++) {
+            while (nbits < bits) { acc |= (uint64_t)src[i++] << nbits; nbits += 8; }
+            c[j] = (uint8_t)(acc & ((1u << bits) - 1)); acc >>= bits; nbits -= bits;
+        }
+    }
+}
+
+/* Decode a code with shared exponent X (scale not NaN) to fp32 bits (*v32) and/or fp64 bits (*v64).
+ * The value is N * 2^P (N < 2^9); fp32 results overflow to Inf like float64 -> float32 rounding does. */
+AINLINE void decode_elem(uint32_t code, int32_t X, const int WANT64, const fmt_t *f,
+                         uint32_t *v32, uint64_t *v64) {
+    const int32_t mb = f->mbits, bits = f->bits;
+    uint32_t sbit = (code >> (bits - 1)) & 1u, cm;
+    int32_t sv = (int32_t)(code << (32 - bits)) >> (32 - bits);
+    cm = f->enc == ENC_TWOS ? (uint32_t)(sv < 0 ? -sv : sv) : code & ((1u << (bits - 1)) - 1u);
+    int32_t ef = (int32_t)(cm >> mb);
+    int32_t e1 = ef > 1 ? ef - 1 : 0;
+    uint32_t N = cm - ((uint32_t)e1 << mb);
+    int32_t P = e1 + f->emin - mb + X;
+    uint32_t sgn = (f->enc == ENC_FP || N) ? sbit : 0u;
+    /* codes above the largest finite magnitude are Inf/NaN codes of the element format (fp only) */
+    int special = f->enc == ENC_FP && (int32_t)cm > f->maxmag;
+    int isinf = special && (int32_t)cm == f->inf_mag;
+    if (WANT64) {
+        uint64_t nb = d2u((double)(int32_t)N) + ((uint64_t)(int64_t)P << 52);
+        nb = N == 0 ? 0 : nb;
+        nb = isinf ? 0x7FF0000000000000ull : (special ? 0x7FF8000000000000ull : nb);
+        *v64 = nb | ((uint64_t)((special && !isinf) ? 0u : sgn) << 63);
+    } else {
+        uint32_t nb = f2u((float)(int32_t)N);
+        int32_t fe = (int32_t)(nb >> 23) + P;
+        int32_t s2 = P + 149; s2 = s2 < 0 ? 0 : (s2 > 31 ? 31 : s2);
+        uint32_t v = fe >= 1 ? nb + ((uint32_t)P << 23) : (N << s2);
+        v = fe >= 255 ? 0x7F800000u : v;
+        v = N == 0 ? 0u : v;
+        v = isinf ? 0x7F800000u : (special ? 0x7FC00000u : v);
+        *v32 = v | (((special && !isinf) ? 0u : sgn) << 31);
+    }
+}
+
+/* ---- the block loops ---------------------------------------------------------------------------
+ * MODE 0: fake-quantize (write values), MODE 1: quantize (write packed codes + scales). */
+AINLINE void rows_impl(const job_t *J, int64_t b0, int64_t b1, const int MODE, const int DT, const int RND) {
+    const fmt_t F = J->f, *f = &F;   /* local copy: no aliasing with the output */
+    const int k = f->k;
+    const int64_t L = J->L, nb = J->nb;
+    const void *in = J->in; void *out = J->out;
+    const uint32_t seed = J->seed;
+    uint32_t buf[MAXK], val[MAXK];
+    uint8_t cod[MAXK];
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t v = b / nb, lb = b - v * nb;
+        int64_t base = v * L + lb * k;
+        int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
+        uint32_t m = 0;
+#pragma omp simd reduction(max:m)
+        for (int j = 0; j < n; j++) {
+            uint32_t x = load_bits(in, base + j, DT);
+            buf[j] = x;
+            uint32_t ax = x & 0x7FFFFFFFu;
+            m = ax > m ? ax : m;
+        }
+        for (int j = n; j < k; j++) buf[j] = 0;
+        int special = m >= 0x7F800000u;
+        int32_t X = shared_exp(m, J->smode, f);
+        if (MODE == 0) {
+            if (special) {
+                for (int j = 0; j < n; j++) store_bits(out, base + j, 0x7FC00000u, DT);
+                continue;
+            }
+#pragma omp simd
+            for (int j = 0; j < n; j++) {
+                uint32_t u = 0, c;
+                if (RND == R_STOCH) u = lowbias32((uint32_t)(base + j) * 0x9E3779B9u + seed);
+                quant_elem(buf[j], X, u, RND, f, &c, &val[j]);
+            }
+#pragma omp simd
+            for (int j = 0; j < n; j++) store_bits(out, base + j, val[j], DT);
+        } else {
+            if (special) {
+                memset(cod, 0, (size_t)k);
+                J->scales[b] = (uint8_t)f->s_nan;
+            } else {
+#pragma omp simd
+                for (int j = 0; j < k; j++) {
+                    uint32_t u = 0, c, vv;
+                    if (RND == R_STOCH) u = lowbias32((uint32_t)(base + j) * 0x9E3779B9u + seed);
+                    quant_elem(buf[j], X, u, RND, f, &c, &vv);
+                    cod[j] = (uint8_t)c;
+                }
+                J->scales[b] = (uint8_t)(X + f->s_bias);
+            }
+            pack_block(cod, 1, k, f->bits, J->codes + b * (int64_t)(k * f->bits / 8));
+        }
+    }
+}
+
+/* Tiles for inner > 1: item t = ((o * nb) + lb) * ntile + it covers rows [lb*k, lb*k+k) and columns
+ * [it*TILE, ...) of outer slice o. */
+AINLINE void tiles_impl(const job_t *J, int64_t t0, int64_t t1, const int MODE, const int DT, const int RND) {
+    const fmt_t F = J->f, *f = &F;
+    const int k = f->k;
+    const int64_t L = J->L, nb = J->nb, inner = inner;
+    const int64_t ntile = (inner + TILE - 1) / TILE;
+    const void *in = J->in; void *out = J->out;
+    const uint32_t seed = J->seed;
+    uint32_t amax[TILE];
+    int32_t X[TILE];
+    uint8_t cod[TILE * MAXK > 65536 ? 65536 : TILE * MAXK];  /* [row][col] codes of one tile (MODE 1) */
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t it = t % ntile, ol = t / ntile, lb = ol % nb, o = ol / nb;
+        int64_t i0 = it * TILE;
+        int w = (int)((inner - i0) < TILE ? (inner - i0) : TILE);
+        int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
+        int64_t base = (o * L + lb * k) * inner + i0;     /* flat index of (o, lb*k, i0) */
+        for (int c = 0; c < w; c++) amax[c] = 0;
+        for (int j = 0; j < n; j++) {
+#pragma omp simd
+            for (int c = 0; c < w; c++) {
+                uint32_t ax = load_bits(in, base + j * inner + c, DT) & 0x7FFFFFFFu;
+                amax[c] = ax > amax[c] ? ax : amax[c];
+            }
+        }
+        for (int c = 0; c < w; c++) X[c] = shared_exp(amax[c], J->smode, f);
+        for (int j = 0; j < (MODE == 0 ? n : k); j++) {
+            int64_t row = base + j * inner;
+#pragma omp simd
+            for (int c = 0; c < w; c++) {
+                uint32_t x = j < n ? load_bits(in, row + c, DT) : 0u;
+                uint32_t u = 0, code, vv;
+                if (RND == R_STOCH) u = lowbias32((uint32_t)(row + c) * 0x9E3779B9u + seed);
+                quant_elem(x, X[c], u, RND, f, &code, &vv);
+                if (MODE == 0) {
+                    vv = amax[c] >= 0x7F800000u ? 0x7FC00000u : vv;
+                    store_bits(out, row + c, vv, DT);
+                } else {
+                    cod[j * TILE + c] = amax[c] >= 0x7F800000u ? 0 : (uint8_t)code;
+                }
+            }
+        }
+        if (MODE == 1) {
+            int64_t bytes = (int64_t)k * f->bits / 8;
+            for (int c = 0; c < w; c++) {
+                int64_t blk = (o * inner + i0 + c) * nb + lb;
+                J->scales[blk] = amax[c] >= 0x7F800000u ? (uint8_t)f->s_nan : (uint8_t)(X[c] + f->s_bias);
+                pack_block(cod + c, TILE, k, f->bits, J->codes + blk * bytes);
+            }
+        }
+    }
+}
+
+/* Dequantize: blocks (inner == 1) or tiles (inner > 1). ODT may be DT_F64. */
+AINLINE void deq_impl(const job_t *J, int64_t t0, int64_t t1, const int ODT) {
+    const fmt_t F = J->f, *f = &F;
+    const int k = f->k;
+    const int64_t L = J->L, nb = J->nb, inner = inner;
+    void *out = J->out;
+    const int64_t bytes = (int64_t)k * f->bits / 8;
+    uint8_t cod[MAXK];
+    if (inner == 1) {
+        for (int64_t b = t0; b < t1; b++) {
+            int64_t v = b / nb, lb = b - v * nb, base = v * L + lb * k;
+            int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
+            int32_t X = (int32_t)J->scales[b] - f->s_bias;
+            int nan = J->scales[b] == f->s_nan;
+            unpack_block(J->codes + b * bytes, k, f->bits, cod);
+#pragma omp simd
+            for (int j = 0; j < n; j++) {
+                uint32_t vv = 0; uint64_t v64 = 0;
+                decode_elem(cod[j], X, ODT == DT_F64, f, &vv, &v64);
+                if (ODT == DT_F64) ((uint64_t *)out)[base + j] = nan ? 0x7FF8000000000000ull : v64;
+                else store_bits(out, base + j, nan ? 0x7FC00000u : vv, ODT);
+            }
+        }
+        return;
+    }
+    const int64_t ntile = (inner + TILE - 1) / TILE;
+    uint8_t tc[TILE * MAXK > 65536 ? 65536 : TILE * MAXK];
+    int32_t X[TILE];
+    uint32_t nanm[TILE];
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t it = t % ntile, ol = t / ntile, lb = ol % nb, o = ol / nb;
+        int64_t i0 = it * TILE;
+        int w = (int)((inner - i0) < TILE ? (inner - i0) : TILE);
+        int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
+        int64_t base = (o * L + lb * k) * inner + i0;
+        for (int c = 0; c < w; c++) {
+            int64_t blk = (o * inner + i0 + c) * nb + lb;
+            X[c] = (int32_t)J->scales[blk] - f->s_bias;
+            nanm[c] = J->scales[blk] == f->s_nan;
+            unpack_block(J->codes + blk * bytes, k, f->bits, cod);
+            for (int j = 0; j < n; j++) tc[j * TILE + c] = cod[j];
+        }
+        for (int j = 0; j < n; j++) {
+            int64_t row = base + j * inner;
+#pragma omp simd
+            for (int c = 0; c < w; c++) {
+                uint32_t vv = 0; uint64_t v64 = 0;
+                decode_elem(tc[j * TILE + c], X[c], ODT == DT_F64, f, &vv, &v64);
+                if (ODT == DT_F64) ((uint64_t *)out)[row + c] = nanm[c] ? 0x7FF8000000000000ull : v64;
+                else store_bits(out, row + c, nanm[c] ? 0x7FC00000u : vv, ODT);
+            }
+        }
+    }
+}
+
+/* Dispatch runtime parameters to specialized (constant-folded) instances: input dtype x
+ * {deterministic, stochastic} rounding x {rows, tiles}. The element encoding and the deterministic
+ * rounding mode are runtime values inside the loops (a few selects), which keeps the build small. */
+AINLINE void quant_dispatch(const job_t *J, int64_t a, int64_t b, const int MODE) {
+#define Q_CALL_R(DT, R) do { if (J->inner == 1) rows_impl(J, a, b, MODE, DT, R); \
+                             else tiles_impl(J, a, b, MODE, DT, R); } while (0)
+#define Q_CALL_D(DT) do { if (J->rnd == R_STOCH) Q_CALL_R(DT, R_STOCH); else Q_CALL_R(DT, R_EVEN); } while (0)
+    switch (J->idt) {
+    case DT_F32: Q_CALL_D(DT_F32); break;
+    case DT_BF16: Q_CALL_D(DT_BF16); break;
+    default: Q_CALL_D(DT_F16); break;
+    }
+#undef Q_CALL_R
+#undef Q_CALL_D
+}
+
+AINLINE void deq_dispatch(const job_t *J, int64_t a, int64_t b) {
+    switch (J->odt) {
+    case DT_F32: deq_impl(J, a, b, DT_F32); break;
+    case DT_BF16: deq_impl(J, a, b, DT_BF16); break;
+    case DT_F16: deq_impl(J, a, b, DT_F16); break;
+    default: deq_impl(J, a, b, DT_F64); break;
+    }
+}
+
+typedef void (*worker_fn)(const job_t *, int64_t, int64_t);
+
+#define DEFINE_WORKERS(SFX, ATTR) \
+    ATTR static void fq_##SFX(const job_t *J, int64_t a, int64_t b) { quant_dispatch(J, a, b, 0); } \
+    ATTR static void qz_##SFX(const job_t *J, int64_t a, int64_t b) { quant_dispatch(J, a, b, 1); } \
+    ATTR static void dq_##SFX(const job_t *J, int64_t a, int64_t b) { deq_dispatch(J, a, b); }
+
+DEFINE_WORKERS(base, )
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HAVE_X86_VARIANTS 1
+DEFINE_WORKERS(avx2, __attribute__((target("avx2,fma,f16c,bmi2"))))
+DEFINE_WORKERS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"))))
+#endif
+
+static worker_fn W_FQ = fq_base, W_QZ = qz_base, W_DQ = dq_base;
+static const char *ISA = "baseline";
+
+static void select_isa(void) {
+#ifdef HAVE_X86_VARIANTS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+        W_FQ = fq_avx512; W_QZ = qz_avx512; W_DQ = dq_avx512; ISA = "avx512";
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")) {
+        W_FQ = fq_avx2; W_QZ = qz_avx2; W_DQ = dq_avx2; ISA = "avx2";
+    }
+#endif
+}
+
+static void run_parallel(worker_fn fn, const job_t *J, int64_t nitems, int nthreads) {
+#ifdef _OPENMP
+    if (nthreads > 1 && nitems > 1) {
+        if (nthreads > nitems) nthreads = (int)nitems;
+#pragma omp parallel num_threads(nthreads)
+        {
+            int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            int64_t a = nitems * t / nt, b = nitems * (t + 1) / nt;
+            fn(J, a, b);
+        }
+        return;
+    }
+#endif
+    (void)nthreads;
+    fn(J, 0, nitems);
+}
+
+/* ---- Python interface -------------------------------------------------------------------------- */
+static int parse_fmt(PyObject *tup, fmt_t *f) {
+    int32_t *dst[] = {&f->emin, &f->mbits, &f->maxmag, &f->inf_mag, &f->nmax, &f->pmaxbase, &f->enc, &f->bits, &f->emax,
+                      &f->even_m, &f->flm, &f->sigm, &f->s_emin, &f->s_emax, &f->s_bias, &f->s_nan, &f->k};
+    const Py_ssize_t n = (Py_ssize_t)(sizeof(dst) / sizeof(dst[0]));
+    if (!PyTuple_Check(tup) || PyTuple_GET_SIZE(tup) != n) {
+        PyErr_Format(PyExc_ValueError, "format parameters must be a tuple of %zd ints", n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long v = PyLong_AsLong(PyTuple_GET_ITEM(tup, i));
+        if (v == -1 && PyErr_Occurred()) return -1;
+        *dst[i] = (int32_t)v;
+    }
+    if (f->k < 1 || f->k > MAXK || f->bits < 2 || f->bits > 8 || (f->k * f->bits) % 8) {
+        PyErr_SetString(PyExc_ValueError, "unsupported block size / element width");
+        return -1;
+    }
+    return 0;
+}
+
+static int64_t n_items(const job_t *J) {
+    if (J->inner == 1) return J->outer * J->nb;
+    return J->outer * J->nb * ((J->inner + TILE - 1) / TILE);
+}
+
+/* quantize(mode, in_ptr, out_ptr, codes_ptr, scales_ptr, dtype, outer, L, inner, fmt, rnd, smode, seed, nt)
+ * mode 0: fake-quantize into out_ptr (same dtype as input); mode 1: packed codes + scales. */
+static PyObject *py_quantize(PyObject *self, PyObject *args) {
+    int mode, dt, rnd, smode, nt;
+    unsigned long long in, out, codes, scales;
+    long long outer, L, inner;
+    unsigned long seed;
+    PyObject *ft;
+    job_t J;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKKKKiLLLOiiki", &mode, &in, &out, &codes, &scales, &dt, &outer, &L, &inner,
+                          &ft, &rnd, &smode, &seed, &nt))
+        return NULL;
+    memset(&J, 0, sizeof J);
+    if (parse_fmt(ft, &J.f)) return NULL;
+    if (dt < DT_F32 || dt > DT_F16 || rnd < 0 || rnd > 3 || smode < 0 || smode > 3 || L < 1) {
+        PyErr_SetString(PyExc_ValueError, "bad kernel arguments");
+        return NULL;
+    }
+    J.in = (const void *)(uintptr_t)in; J.out = (void *)(uintptr_t)out;
+    J.codes = (uint8_t *)(uintptr_t)codes; J.scales = (uint8_t *)(uintptr_t)scales;
+    J.outer = outer; J.L = L; J.inner = inner; J.nb = (L + J.f.k - 1) / J.f.k;
+    J.f.half_mask = rnd == R_ZERO ? 0u : ~0u; J.f.even = rnd == R_EVEN;
+    J.idt = J.odt = dt; J.rnd = rnd; J.smode = smode; J.seed = (uint32_t)seed;
+    int64_t items = n_items(&J);
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(mode == 0 ? W_FQ : W_QZ, &J, items, nt);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* dequantize(codes_ptr, scales_ptr, out_ptr, out_dtype, outer, L, inner, fmt, nt) */
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    int dt, nt;
+    unsigned long long codes, scales, out;
+    long long outer, L, inner;
+    PyObject *ft;
+    job_t J;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKiLLLOi", &codes, &scales, &out, &dt, &outer, &L, &inner, &ft, &nt))
+        return NULL;
+    memset(&J, 0, sizeof J);
+    if (parse_fmt(ft, &J.f)) return NULL;
+    if (dt < DT_F32 || dt > DT_F64 || L < 1) {
+        PyErr_SetString(PyExc_ValueError, "bad kernel arguments");
+        return NULL;
+    }
+    J.codes = (uint8_t *)(uintptr_t)codes; J.scales = (uint8_t *)(uintptr_t)scales;
+    J.out = (void *)(uintptr_t)out;
+    J.outer = outer; J.L = L; J.inner = inner; J.nb = (L + J.f.k - 1) / J.f.k; J.odt = dt;
+    int64_t items = n_items(&J);
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(W_DQ, &J, items, nt);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_info(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+#ifdef _OPENMP
+    int omp = 1;
+#else
+    int omp = 0;
+#endif
+    return Py_BuildValue("{s:s,s:i,s:i,s:i}", "isa", ISA, "openmp", omp, "max_block", MAXK, "tile", TILE);
+}
+
+static PyMethodDef methods[] = {
+    {"quantize", py_quantize, METH_VARARGS, "fake-quantize (mode 0) or quantize to packed codes (mode 1)"},
+    {"dequantize", py_dequantize, METH_VARARGS, "packed codes + scales to a dense tensor"},
+    {"info", py_info, METH_NOARGS, "build facts: selected ISA, OpenMP"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_mxkernels", "MX quantization kernels (C)", -1,
+                                    methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__mxkernels(void) {
+    select_isa();
+    return PyModule_Create(&moddef);
+}

@@ -1,0 +1,265 @@
+"""Quantized GEMMs as straight-through autograd functions.
+
+Each function quantizes both operands of every GEMM it runs, in the forward pass and in both backward
+GEMMs, with the blocks along that GEMM's reduction dimension (see :mod:`microscale.nn.recipe`), and runs
+the GEMM in the operands' own dtype with plain torch ops. Parameters stay full-precision masters; the
+quantized copies live only for the GEMM. Non-GEMM work (bias add, softmax, im2col folding of the
+gradient) is left to ordinary autograd in full precision.
+
+Quantization goes through :func:`microscale.fake_quantize`; under ``torch.compile`` it goes through the
+``microscale_nn::fake_quantize`` custom op instead, so the compiler treats it as one opaque call and
+compiles the rest of the graph around it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..quantize import fake_quantize
+from ..reference import draw_seed
+from .recipe import OperandSpec, Recipe, get_recipe
+
+__all__ = ["QuantState", "quantize_operand", "mx_linear", "mx_matmul", "mx_bmm", "mx_baddbmm",
+           "mx_scaled_dot_product_attention"]
+
+
+class QuantState:
+    """A recipe plus the stochastic-rounding seed stream shared by the quantized modules of one model.
+
+    Seeds are drawn from ``generator`` (seeded by ``recipe.seed``, or from torch's global RNG when that is
+    None) only for operands that round stochastically, so deterministic recipes never draw.
+    """
+
+    def __init__(self, recipe: Recipe | str, generator: torch.Generator | None = None):
+        self.recipe = get_recipe(recipe)
+        if generator is None:
+            generator = torch.Generator()
+            seed = self.recipe.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+            generator.manual_seed(seed)
+        self.generator = generator
+
+    def seed(self, spec: OperandSpec) -> int | None:
+        return draw_seed(self.generator) if spec.is_stochastic else None
+
+    def __repr__(self) -> str:
+        return f"QuantState({self.recipe})"
+
+
+def _as_state(state) -> QuantState:
+    return state if isinstance(state, QuantState) else QuantState(state)
+
+
+# ---- the quantizer, eager and compiled -------------------------------------------------------------
+@torch.library.custom_op("microscale_nn::fake_quantize", mutates_args=())
+def _fake_quantize_op(x: torch.Tensor, fmt: str, axis: int, rounding: str, scale_mode: str,
+                      seed: int) -> torch.Tensor:
+    out = fake_quantize(x, fmt, axis=axis, rounding=rounding, scale_mode=scale_mode or None,
+                        seed=None if seed < 0 else seed)
+    # A fresh, contiguous tensor: custom ops may not alias inputs, and the fake below promises contiguity.
+    return out.clone(memory_format=torch.contiguous_format) if out is x else out.contiguous()
+
+
+@_fake_quantize_op.register_fake
+def _(x, fmt, axis, rounding, scale_mode, seed):
+    return x.new_empty(x.shape)
+
+
+def quantize_operand(x: torch.Tensor, spec: OperandSpec, axis: int, seed: int | None = None) -> torch.Tensor:
+    """``fake_quantize(x, spec.format, axis, spec.rounding, spec.scale_mode)`` (no autograd); x itself for
+    format "none"."""
+    if spec.is_none:
+        return x
+    x = x.detach()
+    if torch.compiler.is_compiling():
+        return _fake_quantize_op(x, spec.format, axis, spec.rounding, spec.scale_mode or "",
+                                 -1 if seed is None else seed)
+    return fake_quantize(x, spec.format, axis=axis, rounding=spec.rounding, scale_mode=spec.scale_mode,
+                         seed=seed)
+
+
+def _round_elementwise(y: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    if recipe.elementwise == "bf16" and y.dtype in (torch.float32, torch.float64):
+        return y.to(torch.bfloat16).to(y.dtype)
+    return y
+
+
+# The GEMMs below call the aten ops directly: an attention scope's TorchFunctionMode (modules.py)
+# quantizes torch.matmul / F.linear but lets aten ops through, so the GEMMs of an already-quantized op
+# are never quantized twice, and torch.compile can trace them (unlike torch._C.DisableTorchFunction).
+_linear = torch.ops.aten.linear.default
+_matmul = torch.ops.aten.matmul.default
+
+
+# ---- Linear: Y = X Wᵀ + b -------------------------------------------------------------------------
+class WeightCache:
+    """Reuses a weight's quantized copy while the weight is unchanged (same storage and version), e.g.
+    across gradient-accumulation micro-batches or evaluation batches. Off under torch.compile and for
+    stochastic rounding (every use must draw fresh noise)."""
+
+    def __init__(self):
+        self._entries: dict[tuple, tuple] = {}
+
+    def get(self, w: torch.Tensor, spec: OperandSpec, axis: int, seed: int | None) -> torch.Tensor:
+        if spec.is_none:
+            return w
+        if seed is not None or torch.compiler.is_compiling():
+            return quantize_operand(w, spec, axis, seed)
+        key = (spec, axis)
+        stamp = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        wq = quantize_operand(w, spec, axis)
+        self._entries[key] = (stamp, wq)
+        return wq
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class _MXLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, state, cache):
+        r = state.recipe
+        xq = quantize_operand(x, r.fwd_input, -1, state.seed(r.fwd_input))
+        ws = state.seed(r.fwd_weight)
+        wq = cache.get(w, r.fwd_weight, 1, ws) if cache is not None else quantize_operand(w, r.fwd_weight, 1, ws)
+        y = _round_elementwise(_linear(xq, wq, b), r)
+        ctx.save_for_backward(x, w)
+        ctx.state, ctx.cache, ctx.has_bias = state, cache, b is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        state, cache = ctx.state, ctx.cache
+        r = state.recipe
+        gx = gw = gb = None
+        n_out, n_in = w.shape
+        if ctx.needs_input_grad[0]:
+            # dX = dY · W, reduction over out_features: dY along its last axis, W along axis 0.
+            gyq = quantize_operand(gy, r.dgrad_grad_output, -1, state.seed(r.dgrad_grad_output))
+            ws = state.seed(r.dgrad_weight)
+            wq = cache.get(w, r.dgrad_weight, 0, ws) if cache is not None else quantize_operand(w, r.dgrad_weight, 0, ws)
+            gx = _round_elementwise(_matmul(gyq, wq), r)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            gy2 = gy.reshape(-1, n_out)
+        if ctx.needs_input_grad[1]:
+            # dW = dYᵀ · X, reduction over tokens (all leading dims flattened): both along axis 0.
+            x2 = x.reshape(-1, n_in)
+            gyq = quantize_operand(gy2, r.wgrad_grad_output, 0, state.seed(r.wgrad_grad_output))
+            xq = quantize_operand(x2, r.wgrad_input, 0, state.seed(r.wgrad_input))
+            gw = _matmul(gyq.t(), xq)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy2.sum(0)
+        return gx, gw, gb, None, None
+
+
+def _check_reduction(name: str, length: int, what: str) -> None:
+    if length == 0:
+        raise ValueError(f"{name}: cannot quantize along {what}: its length is 0")
+
+
+def mx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              recipe: Recipe | str | QuantState = "mxfp8", cache: WeightCache | None = None) -> torch.Tensor:
+    """``F.linear`` with every GEMM operand quantized by ``recipe`` (forward and both backward GEMMs)."""
+    state = _as_state(recipe)
+    _check_reduction("mx_linear", weight.shape[-1], "in_features (the forward reduction)")
+    _check_reduction("mx_linear", weight.shape[0], "out_features (the dgrad reduction)")
+    if x.numel() == 0:
+        raise ValueError(f"mx_linear: input of shape {tuple(x.shape)} has no tokens to block over")
+    return _MXLinearFn.apply(x, weight, bias, state, cache)
+
+
+# ---- activation x activation matmuls (attention) --------------------------------------------------
+class _MXMatmulFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, state):
+        r = state.recipe
+        aq = quantize_operand(a, r.fwd_input, -1, state.seed(r.fwd_input))
+        bq = quantize_operand(b, r.fwd_input, -2, state.seed(r.fwd_input))
+        y = _round_elementwise(_matmul(aq, bq), r)
+        ctx.save_for_backward(a, b)
+        ctx.state = state
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        a, b = ctx.saved_tensors
+        state = ctx.state
+        r = state.recipe
+        ga = gb = None
+        if ctx.needs_input_grad[0]:
+            # dA = dY · Bᵀ, reduction over N: dY along -1, B along -1.
+            gyq = quantize_operand(gy, r.dgrad_grad_output, -1, state.seed(r.dgrad_grad_output))
+            bq = quantize_operand(b, r.wgrad_input, -1, state.seed(r.wgrad_input))
+            ga = _round_elementwise(_matmul(gyq, bq.transpose(-1, -2)), r).sum_to_size(a.shape)
+        if ctx.needs_input_grad[1]:
+            # dB = Aᵀ · dY, reduction over M: A along -2, dY along -2 (broadcast batch dims summed).
+            aq = quantize_operand(a, r.wgrad_input, -2, state.seed(r.wgrad_input))
+            gyq = quantize_operand(gy, r.wgrad_grad_output, -2, state.seed(r.wgrad_grad_output))
+            gb = _matmul(aq.transpose(-1, -2), gyq).sum_to_size(b.shape)
+        return ga, gb, None
+
+
+def mx_matmul(a: torch.Tensor, b: torch.Tensor, recipe: Recipe | str | QuantState = "mxfp8") -> torch.Tensor:
+    """``torch.matmul(a, b)`` for activations of rank >= 2 with every GEMM operand quantized: A along
+    its last axis and B along its second-to-last (the reduction K) in the forward pass, see
+    :mod:`microscale.nn.recipe` for the backward blocks. Batch dimensions broadcast as in torch.matmul."""
+    if a.dim() < 2 or b.dim() < 2:
+        raise ValueError(f"mx_matmul needs operands of rank >= 2, got {a.dim()} and {b.dim()}")
+    _check_reduction("mx_matmul", a.shape[-1], "K (the forward reduction)")
+    _check_reduction("mx_matmul", b.shape[-1], "N (the dgrad reduction)")
+    _check_reduction("mx_matmul", a.shape[-2], "M (the wgrad reduction)")
+    return _MXMatmulFn.apply(a, b, _as_state(recipe))
+
+
+def mx_bmm(a, b, recipe="mxfp8"):
+    """``torch.bmm`` with quantized operands (3-D only, as bmm requires)."""
+    if a.dim() != 3 or b.dim() != 3:
+        raise ValueError(f"bmm needs 3-D operands, got {a.dim()}-D and {b.dim()}-D")
+    return mx_matmul(a, b, recipe)
+
+
+def mx_baddbmm(input, batch1, batch2, *, beta=1, alpha=1, recipe="mxfp8"):
+    """``torch.baddbmm``: beta * input + alpha * (batch1 @ batch2), the product quantized."""
+    prod = mx_bmm(batch1, batch2, recipe)
+    if alpha != 1:
+        prod = prod * alpha
+    if beta == 0:
+        return prod
+    return (input if beta == 1 else beta * input) + prod
+
+
+def mx_scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                    scale=None, enable_gqa=False, recipe="mxfp8") -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` written out (math path) with both matmuls quantized:
+    ``softmax(mx_matmul(Q, Kᵀ) * scale + mask) -> dropout -> mx_matmul(P, V)``. Softmax, masking and
+    dropout stay in full precision."""
+    state = _as_state(recipe)
+    L, S = query.size(-2), key.size(-2)
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    if enable_gqa and key.dim() >= 3 and key.size(-3) != query.size(-3):
+        rep = query.size(-3) // key.size(-3)
+        key = key.repeat_interleave(rep, dim=-3)
+        value = value.repeat_interleave(rep, dim=-3)
+    scores = mx_matmul(query, key.transpose(-2, -1), state) * scale
+    if is_causal:
+        if attn_mask is not None:
+            raise ValueError("give attn_mask or is_causal=True, not both (as F.scaled_dot_product_attention)")
+        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    elif attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    p = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        p = F.dropout(p, dropout_p, training=True)
+    return mx_matmul(p, value, state)

@@ -1,0 +1,296 @@
+"""Quantized modules, made by swapping the class of an existing module in place.
+
+A swap keeps the module's own Parameter objects (so an optimizer built before the swap still updates
+them), its state_dict keys and its hooks; :func:`microscale.nn.dequantize_model` swaps the class back.
+
+- :class:`MXLinear`, :class:`MXConv1d`, :class:`MXConv2d`: every GEMM operand quantized by the recipe.
+  Convolutions run as im2col (``F.unfold``) + one quantized GEMM per group, so the reduction blocked is
+  C_in/groups · kernel (channel-major, the order of ``weight.reshape(out, -1)``).
+- Attention scopes: a module whose forward does activation x activation matmuls (nn.MultiheadAttention,
+  nn.TransformerEncoderLayer/DecoderLayer, or a hand-written attention module) gets a subclass whose
+  forward runs inside :class:`MXMatmulMode`, a TorchFunctionMode that replaces torch.matmul / bmm /
+  baddbmm / F.scaled_dot_product_attention and F.linear with their quantized versions. The mode exists
+  only for the duration of that forward; nothing global is patched. Being inside a TorchFunctionMode
+  also turns off nn.MultiheadAttention's and nn.TransformerEncoderLayer's fused inference fast paths
+  (they check ``has_torch_function``), so their internal F.linear calls (in_proj, and out_proj, a
+  NonDynamicallyQuantizableLinear that is used through F.linear, never called) are quantized too.
+
+Inference mode (``inference=True``): the GEMM weight is stored packed (``weight_codes`` and
+``weight_scales`` uint8 buffers, an :class:`~microscale.MXTensor` of the 2-D [out, K] weight blocked
+along K) and the ``weight`` Parameter is removed; each forward dequantizes it on the fly.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..quantize import quantize
+from ..tensor import MXTensor
+from .functional import (QuantState, WeightCache, _linear, _round_elementwise, mx_baddbmm, mx_bmm,
+                         mx_linear, mx_matmul, mx_scaled_dot_product_attention, quantize_operand)
+
+__all__ = ["MXLinear", "MXConv1d", "MXConv2d", "MXMatmulMode", "QuantizedModule"]
+
+
+class QuantizedModule:
+    """Mixin of the swapped GEMM modules: shared state, packing and repr."""
+
+    _mx_state: QuantState
+    _mx_packed: bool = False
+
+    def _mx_init(self, state: QuantState, base: type) -> None:
+        self._mx_state = state
+        self._mx_base = base
+        self._mx_cache = WeightCache()
+        self._mx_packed = False
+
+    @property
+    def recipe(self):
+        return self._mx_state.recipe
+
+    # The GEMM view of the weight: [out, K] with K the reduction.
+    def _gemm_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def packed_weight(self) -> MXTensor:
+        """The packed weight (inference mode only) as an MXTensor of shape [out, K], blocked along K."""
+        if not self._mx_packed:
+            raise RuntimeError("this module keeps an FP32 master weight; quantize with inference=True to pack")
+        return MXTensor(self.weight_codes, self.weight_scales, self._mx_weight_2d, 1, self.recipe.fwd_weight.format)
+
+    def _pack(self) -> None:
+        spec = self.recipe.fwd_weight
+        if spec.is_none:
+            raise ValueError(f"inference=True packs weights in the recipe's fwd_weight format, but recipe "
+                             f"{self.recipe.name!r} leaves weights unquantized ('none')")
+        if spec.rounding == "stochastic":
+            raise ValueError("inference=True needs deterministic weight rounding, got 'stochastic'")
+        w2 = self._gemm_weight().detach()
+        q = quantize(w2, spec.format, axis=1, rounding=spec.rounding, scale_mode=spec.scale_mode)
+        self._mx_weight_shape = tuple(self.weight.shape)
+        self._mx_weight_2d = tuple(w2.shape)
+        del self.weight  # the Parameter goes; packed buffers replace it
+        self.register_buffer("weight_codes", q.codes)
+        self.register_buffer("weight_scales", q.scales)
+        self._mx_packed = True
+
+    def _unpack(self) -> None:
+        w = self.packed_weight().dequantize(torch.float32).reshape(self._mx_weight_shape)
+        del self.weight_codes, self.weight_scales
+        self.weight = nn.Parameter(w)
+        self._mx_packed = False
+
+    def _current_weight_2d(self, dtype) -> torch.Tensor:
+        if self._mx_packed:
+            return self.packed_weight().dequantize(dtype)
+        return self._gemm_weight()
+
+    def _gemm(self, x: torch.Tensor, w2: torch.Tensor, b: torch.Tensor | None, cache) -> torch.Tensor:
+        if self._mx_packed:
+            # The weight is already quantized (fwd_weight); only the input is left to quantize.
+            r = self.recipe
+            xq = quantize_operand(x, r.fwd_input, -1, self._mx_state.seed(r.fwd_input))
+            return _round_elementwise(_linear(xq, w2, b), r)
+        return mx_linear(x, w2, b, self._mx_state, cache)
+
+    def _mx_repr(self) -> str:
+        s = f"mx=[{self.recipe.name}: {self.recipe.describe()}]"
+        if self._mx_packed:
+            s += f", packed={self.recipe.fwd_weight.format}"
+        return s
+
+
+class MXLinear(QuantizedModule, nn.Linear):
+    """nn.Linear whose forward and backward GEMMs are MX-quantized (made by :func:`quantize_model`)."""
+
+    def _gemm_weight(self):
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mx_state.recipe.is_identity and not self._mx_packed:
+            return nn.Linear.forward(self, x)
+        return self._gemm(x, self._current_weight_2d(x.dtype), self.bias, self._mx_cache)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self._mx_repr()}")
+
+
+class _MXConvNd(QuantizedModule):
+    """Shared im2col forward of MXConv1d / MXConv2d."""
+
+    def _gemm_weight(self):
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    def _conv(self, x: torch.Tensor, spatial: int) -> torch.Tensor:
+        unbatched = x.dim() == spatial + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        if spatial == 1:  # run 1-D as 2-D with a height of 1
+            x = x.unsqueeze(2)
+            k, s, d = (1, *self.kernel_size), (1, *self.stride), (1, *self.dilation)
+        else:
+            k, s, d = self.kernel_size, self.stride, self.dilation
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        pad = list(self._reversed_padding_repeated_twice)
+        if any(pad):
+            x = F.pad(x, pad, mode=mode)
+        n, c, h, w = x.shape
+        cols = F.unfold(x, k, dilation=d, stride=s)              # [N, C*kh*kw, L]
+        ho = (h - d[0] * (k[0] - 1) - 1) // s[0] + 1
+        wo = (w - d[1] * (k[1] - 1) - 1) // s[1] + 1
+        g = self.groups
+        tokens = cols.transpose(1, 2).reshape(n, ho * wo, g, -1)  # [N, L, G, C/G*kh*kw]
+        w2 = self._current_weight_2d(x.dtype)                    # [O, C/G*kh*kw]
+        if g == 1:
+            y = self._gemm(tokens[:, :, 0], w2, self.bias, self._mx_cache)
+        else:
+            og = w2.shape[0] // g
+            outs = [self._gemm(tokens[:, :, i], w2[i * og:(i + 1) * og],
+                               None if self.bias is None else self.bias[i * og:(i + 1) * og], None)
+                    for i in range(g)]
+            y = torch.cat(outs, dim=-1)
+        y = y.transpose(1, 2).reshape(n, -1, ho, wo)
+        if spatial == 1:
+            y = y.squeeze(2)
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        return f"{self._mx_base.extra_repr(self)}, {self._mx_repr()}"
+
+
+class MXConv1d(_MXConvNd, nn.Conv1d):
+    """nn.Conv1d as im2col + MX-quantized GEMM (reduction C_in/groups · kernel)."""
+
+    def forward(self, x):
+        if self._mx_state.recipe.is_identity and not self._mx_packed:
+            return nn.Conv1d.forward(self, x)
+        return self._conv(x, 1)
+
+
+class MXConv2d(_MXConvNd, nn.Conv2d):
+    """nn.Conv2d as im2col + MX-quantized GEMM (reduction C_in/groups · kh · kw)."""
+
+    def forward(self, x):
+        if self._mx_state.recipe.is_identity and not self._mx_packed:
+            return nn.Conv2d.forward(self, x)
+        return self._conv(x, 2)
+
+
+#: Exact module types that are swapped, and their quantized classes.
+SWAPS: dict[type, type] = {nn.Linear: MXLinear, nn.Conv1d: MXConv1d, nn.Conv2d: MXConv2d}
+
+
+# ---- attention scopes -------------------------------------------------------------------------------
+class MXMatmulMode(TorchFunctionMode):
+    """Quantizes the GEMMs torch functions run while it is active (entered only by attention scopes).
+
+    Handles torch.matmul / Tensor.matmul / @, torch.mm and torch.bmm / baddbmm on rank >= 2 activations,
+    F.scaled_dot_product_attention (as :func:`mx_scaled_dot_product_attention`) and F.linear (as
+    :func:`mx_linear`, for weights used without a module, e.g. nn.MultiheadAttention's projections).
+    Anything else, and calls with ``out=``, run unchanged.
+    """
+
+    def __init__(self, state: QuantState):
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            # That Python function hands itself to the active mode (has_torch_function is true) before
+            # doing anything, and this handler runs with the mode popped, so its inner F.linear / bmm /
+            # SDPA calls would escape quantization. Run its body with the mode pushed again instead.
+            with MXMatmulMode(self.state):
+                return _mha_forward_body()(*args, **kwargs)
+        handler = _HANDLERS.get(func)
+        if handler is not None and "out" not in kwargs:
+            out = handler(self.state, *args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        return func(*args, **kwargs)
+
+
+@functools.cache
+def _mha_forward_body():
+    """A copy of F.multi_head_attention_forward whose ``has_torch_function`` check is off, so it runs its
+    own body under the mode (the original function and torch's globals are untouched)."""
+    f = F.multi_head_attention_forward
+    glb = dict(f.__globals__)
+    glb["has_torch_function"] = lambda *_: False
+    return types.FunctionType(f.__code__, glb, f.__name__, f.__defaults__, f.__closure__)
+
+
+def _h_matmul(state, a, b):
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() < 2 or b.dim() < 2:
+        return NotImplemented
+    return mx_matmul(a, b, state)
+
+
+def _h_rmatmul(state, b, a):
+    return _h_matmul(state, a, b)
+
+
+def _h_bmm(state, a, b):
+    return mx_bmm(a, b, state)
+
+
+def _h_baddbmm(state, input, batch1, batch2, *, beta=1, alpha=1):
+    return mx_baddbmm(input, batch1, batch2, beta=beta, alpha=alpha, recipe=state)
+
+
+def _h_sdpa(state, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+            enable_gqa=False):
+    return mx_scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                           enable_gqa, recipe=state)
+
+
+def _h_linear(state, input, weight, bias=None):
+    return mx_linear(input, weight, bias, state)
+
+
+_HANDLERS = {
+    torch.matmul: _h_matmul, torch.Tensor.matmul: _h_matmul, torch.Tensor.__matmul__: _h_matmul,
+    torch.Tensor.__rmatmul__: _h_rmatmul,
+    torch.bmm: _h_bmm, torch.Tensor.bmm: _h_bmm, torch.mm: _h_matmul, torch.Tensor.mm: _h_matmul,
+    torch.baddbmm: _h_baddbmm,
+    F.scaled_dot_product_attention: _h_sdpa,
+    F.linear: _h_linear,
+}
+
+
+_SCOPED_CLASSES: dict[type, type] = {}
+
+
+def _scoped_forward(self, *args, **kwargs):
+    state = self._mx_state
+    if state.recipe.is_identity:
+        return self._mx_base.forward(self, *args, **kwargs)
+    # Nested scopes (nn.MultiheadAttention inside nn.TransformerEncoderLayer) stack two modes; the inner
+    # one quantizes each GEMM and the GEMMs themselves run with torch functions disabled, so nothing is
+    # quantized twice.
+    with MXMatmulMode(state):
+        return self._mx_base.forward(self, *args, **kwargs)
+
+
+def _scoped_extra_repr(self) -> str:
+    base = self._mx_base.extra_repr(self)
+    s = f"mx_matmuls=[{self._mx_state.recipe.name}: {self._mx_state.recipe.describe()}]"
+    return f"{base}, {s}" if base else s
+
+
+def scoped_class(cls: type) -> type:
+    """The subclass of ``cls`` whose forward runs inside :class:`MXMatmulMode` (made once per class)."""
+    sub = _SCOPED_CLASSES.get(cls)
+    if sub is None:
+        name = f"MXScoped{cls.__name__}"
+        sub = type(name, (cls,), {"forward": _scoped_forward, "extra_repr": _scoped_extra_repr,
+                                  "_mx_base": cls, "__module__": __name__, "_mx_scope": True})
+        _SCOPED_CLASSES[cls] = sub
+    return sub

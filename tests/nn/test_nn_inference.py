@@ -1,0 +1,89 @@
+"""Packed-weight inference (acceptance item 4), safetensors round trip, and torch.compile."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import microscale as ms
+from microscale import nn as mnn
+from microscale.nn.models import GPTConfig, TinyGPT
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 64))
+
+
+def test_packed_mxfp4_bytes_and_outputs():
+    plain = mlp()
+    fp32_bytes = mnn.resident_bytes(plain)
+    fake = mnn.quantize_model(copy.deepcopy(plain), "mxfp4")
+    packed = mnn.quantize_model(copy.deepcopy(plain), "mxfp4", inference=True)
+    assert not any(p.dim() == 2 for p in packed.parameters())  # no FP32 weight matrices left
+    ratio = mnn.resident_bytes(packed) / fp32_bytes
+    # weights: 4.25/32 = 0.1328 of FP32; biases stay FP32 (0.4% of the parameters here)
+    assert ratio <= 0.14, ratio
+    assert packed[0].packed_weight().bits_per_element == pytest.approx(4.25)
+    x = torch.randn(5, 7, 256)
+    with torch.no_grad():
+        assert torch.equal(packed(x), fake(x))
+    assert "packed=mxfp4_e2m1" in repr(packed)
+
+
+def test_packed_gpt_and_conv_match_fake_quant():
+    torch.manual_seed(1)
+    gpt = TinyGPT(GPTConfig(n_embd=32))
+    idx = torch.randint(0, 64, (2, 32))
+    fake = mnn.quantize_model(copy.deepcopy(gpt), "mxfp4-w+mxfp6")
+    packed = mnn.quantize_model(copy.deepcopy(gpt), "mxfp4-w+mxfp6", inference=True)
+    with torch.no_grad():
+        assert torch.equal(packed(idx), fake(idx))
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=2))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(mnn.quantize_model(copy.deepcopy(conv), "mxfp4", inference=True)(x),
+                           mnn.quantize_model(copy.deepcopy(conv), "mxfp4")(x))
+
+
+def test_dequantize_packed_model_gives_quantized_weights():
+    plain = mlp()
+    packed = mnn.quantize_model(copy.deepcopy(plain), "mxfp6", inference=True)
+    mnn.dequantize_model(packed)
+    assert type(packed[0]) is nn.Linear
+    w = plain[0].weight.detach()
+    assert torch.equal(packed[0].weight.detach(), ms.fake_quantize(w, "mxfp6_e3m2", axis=1))
+
+
+@pytest.mark.skipif(not hasattr(ms, "save_file"), reason="microscale.io not available")
+def test_save_load_quantized(tmp_path):
+    plain = mlp()
+    packed = mnn.quantize_model(copy.deepcopy(plain), "mxfp4", inference=True)
+    path = tmp_path / "m.safetensors"
+    mnn.save_quantized(packed, path)
+    data = ms.load_file(path)
+    assert isinstance(data["0.weight"], ms.MXTensor) and data["0.weight"].format.name == "mxfp4_e2m1"
+    assert path.stat().st_size < 0.15 * mnn.resident_bytes(plain)
+    fresh = mnn.load_quantized(mlp(), path, recipe="mxfp4")
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), packed(x))
+    with pytest.raises(ValueError, match="expects"):
+        mnn.load_quantized(mnn.quantize_model(mlp(), "mxfp6", inference=True), path)
+
+
+def test_torch_compile_tiny_model():
+    """torch.compile traces the quantized GEMMs' autograd functions; each quantization is one opaque
+    custom op (microscale_nn::fake_quantize). Same numbers as eager."""
+    torch.manual_seed(2)
+    gpt = TinyGPT(GPTConfig(n_embd=32, n_layer=1, block_size=16))
+    eager = mnn.quantize_model(copy.deepcopy(gpt), "mxfp6")
+    compiled = torch.compile(mnn.quantize_model(copy.deepcopy(gpt), "mxfp6"), backend="eager")
+    idx = torch.randint(0, 64, (2, 16))
+    _, l1 = eager(idx, idx)
+    _, l2 = compiled(idx, idx)
+    l1.backward(), l2.backward()
+    assert torch.allclose(l1, l2, rtol=1e-6)
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,179 @@
+"""Samplers against a linear-Gaussian posterior with a closed form; two-level vs single-level on Darcy."""
+
+import numpy as np
+import pytest
+import torch
+
+from rlmcmc.diagnostics import ess_rhat, summarize
+from rlmcmc.proposals import PCNProposal, RandomWalkProposal, make_proposal
+from rlmcmc.rl import AgentConfig, MultiAgentPolicy, RLProposal, misfit_feature
+from rlmcmc.sampling import LinearForward, Posterior, linear_gaussian_posterior, run_chain, run_chains
+
+G = np.array([[1.0, 0.5, 0.0], [0.0, 1.0, -0.7], [0.3, 0.0, 1.2], [1.0, 1.0, 1.0]])
+Y = np.array([0.4, -0.3, 1.1, 0.8])
+SIGMA = 0.5
+
+
+def _check_moments(draws, n_ess):
+    mean, cov = linear_gaussian_posterior(G, Y, SIGMA)
+    sd = np.sqrt(np.diag(cov))
+    # Monte-Carlo standard error of the mean is sd / sqrt(ESS); allow 4.5 standard errors.
+    np.testing.assert_array_less(np.abs(draws.mean(axis=0) - mean), 4.5 * sd / np.sqrt(n_ess))
+    emp = np.cov(draws.T)
+    # Covariance entries: standard error ≈ sqrt((Σii Σjj + Σij²) / ESS).
+    se = np.sqrt((np.outer(sd**2, sd**2) + cov**2) / n_ess)
+    np.testing.assert_array_less(np.abs(emp - cov), 5 * se)
+
+
+def _random_policy(dim, seed=0):
+    torch.manual_seed(seed)
+    policy = MultiAgentPolicy(AgentConfig(dim=dim, n_agents=2, beta0=0.5, delta_max=0.5))
+    with torch.no_grad():
+        for actor in policy.actors:  # untrained but *state-dependent* actors: non-symmetric proposal
+            actor[-1].weight.normal_(0, 0.5)
+            actor[-1].bias.normal_(0, 0.3)
+    return policy
+
+
+@pytest.mark.parametrize("kind", ["rw", "pcn", "rl"])
+@pytest.mark.parametrize("levels", [1, 2])
+def test_recovers_linear_gaussian_posterior(kind, levels):
+    fine = Posterior(LinearForward(G), Y, SIGMA)
+    # A deliberately wrong coarse model: delayed acceptance must still target the fine posterior.
+    coarse = Posterior(LinearForward(G * 1.1 + 0.05), Y, SIGMA) if levels == 2 else None
+    proposal = RLProposal(_random_policy(3)) if kind == "rl" else make_proposal(kind, 3, 0.5)
+    chains = run_chains(fine, proposal, 2, 5000, seed=3, coarse=coarse, n_burn=500, tune=kind != "rl",
+                        progress=False)
+    draws = np.concatenate([c.samples for c in chains])
+    ess, rhat = ess_rhat(np.stack([c.samples for c in chains]))
+    assert rhat.max() < 1.05
+    _check_moments(draws, ess.min())
+    if levels == 2:
+        assert all(c.fine_solves < c.coarse_solves for c in chains)
+        assert all(0 < c.accept_stage2 < 1 for c in chains)
+
+
+def test_wrong_hastings_term_is_detected():
+    """Control: dropping q(θ|θ')/q(θ'|θ) for the non-symmetric RL proposal gives a wrong posterior,
+    so the moment check above can fail."""
+
+    class NoHastings(RLProposal):
+        def log_ratio(self, theta, theta_new, misfit, misfit_new):
+            return 0.0
+
+    fine = Posterior(LinearForward(G), Y, SIGMA)
+    chains = run_chains(fine, NoHastings(_random_policy(3)), 2, 6000, seed=3, n_burn=500, progress=False)
+    draws = np.concatenate([c.samples for c in chains])
+    ess, _ = ess_rhat(np.stack([c.samples for c in chains]))
+    with pytest.raises(AssertionError):
+        _check_moments(draws, ess.min())
+
+
+def test_proposal_densities_are_normalized_gaussians():
+    rng = np.random.default_rng(0)
+    theta, to = rng.standard_normal(3), rng.standard_normal(3)
+    rw, pcn = RandomWalkProposal(3, 0.3), PCNProposal(3, 0.3)
+    expect_rw = -0.5 * np.sum((to - theta) ** 2) / 0.09 - 3 * np.log(0.3) - 1.5 * np.log(2 * np.pi)
+    assert rw.log_density(to, theta, 0.0) == pytest.approx(expect_rw)
+    m = np.sqrt(1 - 0.09) * theta
+    expect_pcn = -0.5 * np.sum((to - m) ** 2) / 0.09 - 3 * np.log(0.3) - 1.5 * np.log(2 * np.pi)
+    assert pcn.log_density(to, theta, 0.0) == pytest.approx(expect_pcn)
+    # pCN is reversible w.r.t. N(0, I): q(θ|θ')/q(θ'|θ) = N(θ')/N(θ)... i.e. prior ratio.
+    assert pcn.log_ratio(theta, to, 0, 0) == pytest.approx(-0.5 * theta @ theta + 0.5 * to @ to)
+    assert rw.log_ratio(theta, to, 0, 0) == pytest.approx(0.0)
+
+
+def test_untrained_rl_policy_is_exactly_pcn():
+    policy = MultiAgentPolicy(AgentConfig(dim=5, n_agents=2, beta0=0.3))
+    rl, pcn = RLProposal(policy), PCNProposal(5, 0.3)
+    theta = np.random.default_rng(1).standard_normal(5)
+    m_rl, s_rl = rl.mean_std(theta, 12.0)
+    m_pc, s_pc = pcn.mean_std(theta, 12.0)
+    np.testing.assert_allclose(m_rl, m_pc, rtol=1e-6)
+    np.testing.assert_allclose(s_rl, s_pc, rtol=1e-6)
+
+
+def test_numpy_actor_matches_torch_policy():
+    policy = _random_policy(6, seed=9)
+    rl = RLProposal(policy)
+    theta = np.random.default_rng(4).standard_normal(6)
+    state = torch.as_tensor(np.concatenate([theta, [misfit_feature(7.5)]]), dtype=torch.float64)[None]
+    with torch.no_grad():
+        mean_t, std_t = policy.double().proposal_params(state[:, :-1], policy.double()(state))
+    mean, std = rl.mean_std(theta, 7.5)
+    np.testing.assert_allclose(mean, mean_t[0].numpy(), rtol=1e-12)
+    np.testing.assert_allclose(std, std_t[0].numpy(), rtol=1e-12)
+
+
+def test_rl_density_matches_manual_gaussian():
+    policy = _random_policy(4, seed=5)
+    rl = RLProposal(policy)
+    rng = np.random.default_rng(2)
+    theta, to = rng.standard_normal(4), rng.standard_normal(4)
+    mean, std = rl.mean_std(theta, 3.0)
+    assert np.all(std > 0) and np.all(std < 1)
+    manual = np.sum(-0.5 * ((to - mean) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi))
+    assert rl.log_density(to, theta, 3.0) == pytest.approx(manual)
+    # State dependence: a different misfit feature changes the proposal.
+    assert not np.allclose(rl.mean_std(theta, 300.0)[0], mean)
+
+
+def test_tuning_reaches_target_acceptance():
+    fine = Posterior(LinearForward(G), Y, SIGMA)
+    res = run_chain(fine, make_proposal("rw", 3, 5.0), np.zeros(3), 4000, np.random.default_rng(0),
+                    n_burn=3000, tune=True)
+    assert 0.17 < res.accept_stage1 < 0.33
+    assert res.step < 5.0
+
+
+def test_summary_counts_solves_and_ess():
+    fine = Posterior(LinearForward(G), Y, SIGMA)
+    coarse = Posterior(LinearForward(G), Y, SIGMA)
+    chains = run_chains(fine, make_proposal("pcn", 3, 0.4), 2, 500, coarse=coarse, progress=False)
+    s = summarize(chains)
+    # Identical coarse and fine models: stage 2 always accepts, one fine solve per stage-1 accept.
+    assert s["accept_stage2"] == 1.0
+    assert s["fine_solves"] == sum(round(c.accept_stage1 * 500) for c in chains)
+    assert s["ess_per_fine_solve"] == pytest.approx(s["ess_min"] / s["fine_solves"])
+    assert s["n_chains"] == 2 and s["n_draws"] == 500
+
+
+def test_bad_inputs_raise():
+    fine = Posterior(LinearForward(G), Y, SIGMA)
+    with pytest.raises(ValueError, match="theta"):
+        fine.evaluate(np.zeros(4))
+    with pytest.raises(ValueError, match="noise_std"):
+        Posterior(LinearForward(G), Y, 0.0)
+    with pytest.raises(ValueError, match="pcn"):
+        PCNProposal(3, 1.5)
+    with pytest.raises(ValueError, match="unknown proposal"):
+        make_proposal("hmc", 3, 0.1)
+    with pytest.raises(ValueError, match="n_chains"):
+        run_chains(fine, make_proposal("rw", 3, 0.1), 0, 10)
+    with pytest.raises(ValueError, match="theta0"):
+        run_chain(fine, make_proposal("rw", 3, 0.1), np.zeros(2), 10, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="shape"):
+        ess_rhat(np.zeros((10, 3)))
+
+
+@pytest.mark.slow
+def test_two_level_matches_single_level_on_small_darcy():
+    """Acceptance 2: delayed acceptance (GMsFEM first stage) and plain MH agree within MC error."""
+    from rlmcmc.problem import ProblemConfig, make_problem
+
+    problem = make_problem(ProblemConfig(n_fine=32, n_coarse=4, n_basis=4, dim=4, noise_level=0.05, seed=2))
+    problem.calibrate_error_model(10)
+    out = {}
+    for levels in (1, 2):
+        fine, coarse = problem.posteriors()
+        chains = run_chains(fine, make_proposal("pcn", 4, 0.2), 4, 3000, seed=7,
+                            coarse=coarse if levels == 2 else None, n_burn=500, tune=True, progress=False)
+        draws = np.stack([c.samples for c in chains])
+        ess, rhat = ess_rhat(draws)
+        assert rhat.max() < 1.05
+        flat = draws.reshape(-1, 4)
+        out[levels] = (flat.mean(0), flat.std(0), ess)
+    (m1, s1, e1), (m2, s2, e2) = out[1], out[2]
+    se = np.sqrt(s1**2 / e1 + s2**2 / e2)
+    np.testing.assert_array_less(np.abs(m1 - m2), 4 * se)
+    np.testing.assert_allclose(s1, s2, rtol=0.25)
