@@ -37,7 +37,7 @@ class BuildExt(build_ext):
                     return None
 
 
-_cflags = [] if sys.platform == "win32" else ["-O3", "-g0", "-std=c11", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
+_cflags = [] if sys.platform == "win32" else ["-O3", "-g0", "-std=c11", "-fno-strict-aliasing", "-fno-trapping-math", "-Wno-unknown-pragmas"]
 if _X86 and sys.platform != "win32":
     _cflags.append("-mprefer-vector-width=512")
 

@@ -3,9 +3,13 @@ the same multiscale Darcy posterior, plus tinyDA's delayed-acceptance sampler wi
 reference (optional: skipped with a message if tinyDA is not importable).
 
 Writes <out>/mcmc_compare.json, mcmc_compare.md (table of ESS per fine solve and per CPU second) and
-mcmc_compare.png. Example (≈10-15 min on 2 cores):
+mcmc_compare.png. Example (≈15 min on 2 idle cores; on a shared machine split it in two processes):
 
     python benchmarks/mcmc_compare.py --chains 4 --samples 5000 --burn 500 --out results/mcmc
+
+    python benchmarks/mcmc_compare.py --methods rw-1 pcn-1 rl-1 --no-tinyda --out results/mcmc/part1 &
+    python benchmarks/mcmc_compare.py --methods rw-2 pcn-2 rl-2 --out results/mcmc/part2
+    python benchmarks/mcmc_compare.py --merge results/mcmc/part1 results/mcmc/part2 --out results/mcmc
 """
 
 from __future__ import annotations
@@ -69,6 +73,35 @@ def run_tinyda(problem, info, n_chains, n_samples, n_burn):
             "note": "fixed pCN scaling = pilot step (not tuned on its own burn-in); solves pro rata"}
 
 
+def write_outputs(out, problem, results, meta, history=None):
+    table = markdown_table(results)
+    print(table)
+    with open(os.path.join(out, "mcmc_compare.json"), "w") as fh:
+        json.dump({"meta": meta, "results": results}, fh, indent=1, default=float)
+    with open(os.path.join(out, "mcmc_compare.md"), "w") as fh:
+        fh.write(table + "\n")
+    plot_results(problem, {k: v for k, v in results.items() if "trace_theta0" in v},
+                 os.path.join(out, "mcmc_compare.png"), history)
+    print(f"wrote {out}/mcmc_compare.{{json,md,png}}")
+
+
+def merge(dirs, out):
+    """Combine runs of the same problem (e.g. one- and two-level methods run as parallel processes)."""
+    results, metas = {}, []
+    for d in dirs:
+        with open(os.path.join(d, "mcmc_compare.json")) as fh:
+            part = json.load(fh)
+        metas.append(part["meta"])
+        results.update(part["results"])
+    if len({json.dumps(m["problem"], sort_keys=True) for m in metas}) != 1:
+        raise ValueError("runs to merge must share the same problem")
+    a = metas[0]["args"]
+    problem = make_problem(ProblemConfig(n_fine=a["n_fine"], n_coarse=a["n_coarse"], n_basis=a["n_basis"],
+                                         dim=a["dim"], noise_level=a["noise"], seed=a["seed"]))
+    order = [m for m in list(METHODS) + ["tinyda-pcn-2"] if m in results]
+    write_outputs(out, problem, {m: results[m] for m in order}, {"parts": metas})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-fine", type=int, default=40)
@@ -87,8 +120,12 @@ def main(argv=None):
     ap.add_argument("--no-tinyda", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="results/mcmc")
+    ap.add_argument("--merge", nargs="+", metavar="DIR",
+                    help="only merge mcmc_compare.json files of runs split by --methods into --out")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.merge:
+        return merge(args.merge, args.out)
     t_start = time.perf_counter()
     problem = make_problem(ProblemConfig(n_fine=args.n_fine, n_coarse=args.n_coarse, n_basis=args.n_basis,
                                          dim=args.dim, noise_level=args.noise, seed=args.seed))
@@ -104,21 +141,12 @@ def main(argv=None):
         row = run_tinyda(problem, info, args.chains, args.samples, args.burn)
         if row is not None:
             results["tinyda-pcn-2"] = row
-    table_results = {k: v for k, v in results.items()}
-    table = markdown_table(table_results)
-    print(table)
     meta = {"args": vars(args), "problem": problem.describe(), "offline_fine_solves": offline,
             "pilot_step": info["step"], "pilot_coarse_solves": info["coarse_solves"],
             "train": None if history is None else {k: history[k] for k in ("cpu_seconds", "coarse_solves")},
             "wall_seconds": time.perf_counter() - t_start}
-    with open(os.path.join(args.out, "mcmc_compare.json"), "w") as fh:
-        json.dump({"meta": meta, "results": results}, fh, indent=1, default=float)
-    with open(os.path.join(args.out, "mcmc_compare.md"), "w") as fh:
-        fh.write(table + "\n")
-    plot_results(problem, {k: v for k, v in results.items() if "trace_theta0" in v},
-                 os.path.join(args.out, "mcmc_compare.png"), history)
-    print(f"wrote {args.out}/mcmc_compare.{{json,md,png}} in {meta['wall_seconds']:.0f} s")
-
+    write_outputs(args.out, problem, results, meta, history)
+    print(f"total {meta['wall_seconds']:.0f} s")
 
 if __name__ == "__main__":
     main()

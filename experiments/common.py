@@ -40,7 +40,7 @@ class Preset:
     eval_every: int = 25
     val_windows: int = 64
     digits_epochs: int = 60
-    calib_windows: int = 32
+    calib_batches: int = 8
     qat_steps: int = 40
     qat_lr: float = 3e-4
     #: training recipes per GPT size (None: all); the larger model runs a subset to fit the CPU budget
@@ -64,7 +64,7 @@ PRESETS = {
         name="quick",
         gpt_sizes={"gpt-tiny": dict(d_model=32, n_layers=1, n_heads=2, ctx=32)},
         train_steps={"gpt-tiny": 12}, batch=4, warmup=2, seeds=(0, 1), eval_every=6, val_windows=8,
-        digits_epochs=3, calib_windows=4, qat_steps=3,
+        digits_epochs=3, calib_batches=2, qat_steps=3,
     ),
 }
 

@@ -69,7 +69,11 @@ def inference_model(model: nn.Module, fmt: str | None) -> tuple[nn.Module, bool]
     if fmt is None:
         return copy.deepcopy(model), False
     try:
-        return quantized(model, inference_recipe(fmt), inference=True), True
+        q = quantized(model, inference_recipe(fmt), inference=True)
+        for m in q.modules():  # packing can succeed and decoding fail (BDR microexponents are not kept)
+            if getattr(m, "_mx_packed", False):
+                m.packed_weight()
+        return q, True
     except ValueError:
         return quantized(model, inference_recipe(fmt), inference=False), False
 

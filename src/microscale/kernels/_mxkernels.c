@@ -312,7 +312,7 @@ AINLINE void rows_impl(const job_t *J, int64_t b0, int64_t b1, const int MODE, c
 AINLINE void tiles_impl(const job_t *J, int64_t t0, int64_t t1, const int MODE, const int DT, const int RND) {
     const fmt_t F = J->f, *f = &F;
     const int k = f->k;
-    const int64_t L = J->L, nb = J->nb, inner = inner;
+    const int64_t L = J->L, nb = J->nb, inner = J->inner;
     const int64_t ntile = (inner + TILE - 1) / TILE;
     const void *in = J->in; void *out = J->out;
     const uint32_t seed = J->seed;
@@ -365,7 +365,7 @@ AINLINE void tiles_impl(const job_t *J, int64_t t0, int64_t t1, const int MODE, 
 AINLINE void deq_impl(const job_t *J, int64_t t0, int64_t t1, const int ODT) {
     const fmt_t F = J->f, *f = &F;
     const int k = f->k;
-    const int64_t L = J->L, nb = J->nb, inner = inner;
+    const int64_t L = J->L, nb = J->nb, inner = J->inner;
     void *out = J->out;
     const int64_t bytes = (int64_t)k * f->bits / 8;
     uint8_t cod[MAXK];
