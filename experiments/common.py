@@ -58,7 +58,7 @@ PRESETS = {
                    "gpt-0.9M": dict(d_model=128, n_layers=4, n_heads=4, ctx=64)},
         train_steps={"gpt-0.2M": 300, "gpt-0.9M": 250},
         gpt_recipes={"gpt-0.9M": ("fp32", "mxfp6", "mxfp4-w+mxfp6")},
-        eval_every=50,
+        eval_every=50, val_windows=128,
     ),
     "quick": Preset(
         name="quick",

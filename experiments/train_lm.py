@@ -187,10 +187,10 @@ def main(argv=None):
     recipes_of = {m: [r for r in (args.recipes or mx.training_recipes()) if r in preset.recipes_for(m)]
                   for m in models}
     skipped = {m: [r for r in mx.TRAIN_RECIPES if r not in recipes_of[m]] for m in models}
-    # FP32 first (the baselines and checkpoints), then the MX recipes.
+    # FP32 first (the baselines and checkpoints), then the MX recipes, the slow BDR recipes last.
     jobs = [{"preset": preset.name, "out": str(out), "model": m, "recipe": r, "seed": s, "fresh": args.fresh}
             for m in models for r in recipes_of[m] for s in preset.seeds]
-    jobs.sort(key=lambda j: j["recipe"] != "fp32")
+    jobs.sort(key=lambda j: (j["recipe"] != "fp32", j["recipe"] in mx.BDR_TRAIN_RECIPES))
     with Timer() as total:
         runs = run_jobs(jobs, args.jobs)
     runs.sort(key=lambda r: (models.index(r["model"]), r["seed"], mx.TRAIN_RECIPES.index(r["recipe"])))

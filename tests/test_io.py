@@ -23,7 +23,7 @@ def _random_mx(fmt, shape, axis, seed=0) -> MXTensor:
     """An MXTensor with random component bytes of exactly the sizes the format implies."""
     g = torch.Generator().manual_seed(seed)
     parts = {}
-    for suffix, (dtype, cshape) in msio.mx_components(shape, axis, fmt).items():
+    for suffix, (dtype, cshape) in msio.component_specs(shape, axis, fmt).items():
         if dtype == torch.uint8:
             parts[suffix] = torch.randint(0, 256, cshape, generator=g, dtype=torch.uint8)
         else:

@@ -46,9 +46,8 @@ from typing import Iterator, Mapping
 import torch
 
 from .formats import BlockFormat, get_format
-from .layout import make_layout, normalize_axis
-from .packing import packed_nbytes
-from .tensor import MXTensor
+from .layout import normalize_axis
+from .tensor import MXTensor, component_specs
 
 __all__ = [
     "save_file",
@@ -63,7 +62,7 @@ __all__ = [
     "MXSpec",
     "PlainSpec",
     "spec_of",
-    "mx_components",
+    "component_specs",
     "format_spec",
     "FORMAT_VERSION",
 ]
@@ -195,7 +194,7 @@ class MXSpec:
         object.__setattr__(self, "axis", normalize_axis(self.axis, len(self.shape)))
 
     def components(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        return mx_components(self.shape, self.axis, self.format)
+        return component_specs(self.shape, self.axis, self.format)
 
     def record(self) -> dict:
         """The JSON record stored in the ``microscale.mx`` metadata."""
@@ -208,29 +207,6 @@ def spec_of(value: MXTensor | torch.Tensor) -> MXSpec | PlainSpec:
     if isinstance(value, MXTensor):
         return MXSpec(value.format, value.shape, value.axis)
     return PlainSpec(value.dtype, tuple(value.shape))
-
-
-def mx_components(shape, axis: int, fmt: str | BlockFormat) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """dtype and shape of each stored component of an MXTensor of ``shape`` quantized along ``axis``.
-
-    Exact ahead of quantization (this is what lets :class:`SafetensorsWriter` write the header first).
-    Mirrors MXTensor.validate, which checks the same sizes on real tensors.
-    """
-    fmt = get_format(fmt)
-    if fmt.element is None:
-        raise ValueError("format 'none' does not quantize: it has no stored components")
-    lay = make_layout(shape, axis, fmt.block_size)
-    fp32_scale = fmt.scale is not None and fmt.scale.kind == "fp32"
-    n_scales = lay.n_blocks if fmt.scale is not None else 0  # unscaled / per-tensor only: no block scales
-    out = {"codes": (torch.uint8, (packed_nbytes(lay.n_elements_padded, fmt.element.bits),)),
-           "scales": (torch.float32 if fp32_scale else torch.uint8, (n_scales,))}
-    if fmt.subblock_size:
-        n_sub = lay.n_blocks * (lay.block_size // fmt.subblock_size)
-        out["micro"] = (torch.uint8, (packed_nbytes(n_sub, fmt.micro_bits),))
-    if fmt.tensor_scale is not None:
-        per_vector = getattr(fmt, "tensor_scale_granularity", "tensor") != "tensor"
-        out["tensor_scale"] = (torch.float32, (lay.n_vectors,) if per_vector else ())
-    return out
 
 
 def _mx_parts(q: MXTensor) -> dict[str, torch.Tensor]:
@@ -561,7 +537,7 @@ def _parse_mx(metadata: dict[str, str], entries: dict[str, TensorEntry], problem
         if not _is_int(axis):
             raise problem(f"axis must be an integer, got {axis!r}", name)
         try:
-            want = mx_components(shape, axis, fmt)
+            want = component_specs(shape, axis, fmt)
         except ValueError as e:
             raise problem(f"bad shape/axis for {fmt.name}: {e}", name) from None
         comps = {}

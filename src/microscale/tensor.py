@@ -25,9 +25,32 @@ from .layout import BlockLayout, from_blocks, make_layout
 from .packing import pack_codes, packed_nbytes, unpack_codes
 from .reference import QuantizedBlocks
 
-__all__ = ["MXTensor"]
+__all__ = ["MXTensor", "component_specs"]
 
 _OUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def component_specs(shape, axis: int, fmt: str | BlockFormat) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """dtype and shape of each stored component of an MXTensor of ``shape`` quantized along ``axis``.
+
+    The one statement of MXTensor's storage sizes: MXTensor.validate checks real tensors against it, and
+    io.py uses it to write a safetensors header before any tensor is quantized.
+    """
+    fmt = get_format(fmt)
+    if fmt.element is None:
+        raise ValueError("format 'none' does not quantize: it has no stored components")
+    lay = make_layout(shape, axis, fmt.block_size)
+    fp32_scale = fmt.scale is not None and fmt.scale.kind == "fp32"
+    n_scales = lay.n_blocks if fmt.scale is not None else 0  # unscaled / per-tensor only: no block scales
+    out = {"codes": (torch.uint8, (packed_nbytes(lay.n_elements_padded, fmt.element.bits),)),
+           "scales": (torch.float32 if fp32_scale else torch.uint8, (n_scales,))}
+    if fmt.subblock_size:
+        n_sub = lay.n_blocks * (lay.block_size // fmt.subblock_size)
+        out["micro"] = (torch.uint8, (packed_nbytes(n_sub, fmt.micro_bits),))
+    if fmt.tensor_scale is not None:
+        per_vector = fmt.tensor_scale_granularity != "tensor"
+        out["tensor_scale"] = (torch.float32, (lay.n_vectors,) if per_vector else ())
+    return out
 
 
 @dataclass(eq=False)
@@ -67,38 +90,24 @@ class MXTensor:
         return n
 
     def validate(self) -> None:
-        """Check that the stored arrays have exactly the sizes the shape and format imply."""
-        fmt = self.format
-        if fmt.element is None:
+        """Check that the stored arrays have exactly the dtypes and sizes the shape and format imply."""
+        if self.format.element is None:
             raise ValueError("an MXTensor needs a quantizing format, not 'none'")
-        if not isinstance(self.codes, torch.Tensor) or self.codes.dtype != torch.uint8 or self.codes.dim() != 1:
-            raise TypeError("MXTensor.codes must be a 1-D uint8 tensor")
-        lay = make_layout(self.shape, self.axis, fmt.block_size)
-        self.axis = lay.axis
-        need = packed_nbytes(lay.n_elements_padded, fmt.element.bits)
-        if self.codes.numel() != need:
-            raise ValueError(f"{fmt.name} tensor of shape {self.shape} along axis {self.axis} needs {need} "
-                             f"code bytes, got {self.codes.numel()}")
-        want_dtype = torch.float32 if fmt.scale is not None and fmt.scale.kind == "fp32" else torch.uint8
-        n_scales = lay.n_blocks if fmt.scale is not None else 0  # per-tensor / unscaled: no block scales
-        if self.scales.dtype != want_dtype or tuple(self.scales.shape) != (n_scales,):
-            raise ValueError(f"scales must be {want_dtype} of shape ({n_scales},), got "
-                             f"{self.scales.dtype} {tuple(self.scales.shape)}")
-        if fmt.subblock_size:
-            n_sub = lay.n_blocks * (lay.block_size // fmt.subblock_size)
-            need_m = packed_nbytes(n_sub, fmt.micro_bits)
-            if self.micro is None or self.micro.dtype != torch.uint8 or self.micro.numel() != need_m:
-                raise ValueError(f"{fmt.name} needs {need_m} bytes of packed microexponents")
-        elif self.micro is not None:
-            raise ValueError(f"{fmt.name} has no microexponents, but micro was given")
-        if (fmt.tensor_scale is not None) != (self.tensor_scale is not None):
-            raise ValueError(f"{fmt.name}: tensor_scale must be given exactly when the format has one")
-        if self.tensor_scale is not None:
-            # one FP32 scale per tensor (0-d), or per vector along the axis for "channel" granularity
-            want = () if fmt.tensor_scale_granularity == "tensor" else (lay.n_vectors,)
-            if self.tensor_scale.dtype != torch.float32 or tuple(self.tensor_scale.shape) != want:
-                raise ValueError(f"{fmt.name}: tensor_scale must be float32 of shape {want}, got "
-                                 f"{self.tensor_scale.dtype} {tuple(self.tensor_scale.shape)}")
+        specs = component_specs(self.shape, self.axis, self.format)
+        self.axis = make_layout(self.shape, self.axis, self.format.block_size).axis
+        given = {"codes": self.codes, "scales": self.scales, "micro": self.micro, "tensor_scale": self.tensor_scale}
+        for name, value in given.items():
+            if name not in specs:
+                if value is not None:
+                    raise ValueError(f"{self.format.name} has no {name}, but {name} was given")
+                continue
+            dtype, shape = specs[name]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{self.format.name} tensor of shape {self.shape} along axis {self.axis} needs "
+                                f"{name} as a {dtype} tensor of shape {shape}, got {type(value).__name__}")
+            if value.dtype != dtype or tuple(value.shape) != shape:
+                raise ValueError(f"{self.format.name} tensor of shape {self.shape} along axis {self.axis} needs "
+                                 f"{name} as {dtype} of shape {shape}, got {value.dtype} {tuple(value.shape)}")
 
     @property
     def nbytes(self) -> int:

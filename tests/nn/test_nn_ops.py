@@ -233,3 +233,31 @@ def test_repr_and_restore():
     assert "mx" not in repr(m)
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+# ---- recipe options -------------------------------------------------------------------------------
+def test_stochastic_gradients_reproducible_with_seed():
+    def run(seed):
+        torch.manual_seed(9)
+        lin = nn.Linear(64, 32)
+        r = mnn.Recipe.from_formats("mxfp6", "mxfp6", "mxfp6", grad_rounding="stochastic", seed=seed)
+        mnn.quantize_model(lin, r)
+        return grads(lin, torch.randn(4, 64), torch.randn(4, 32))
+    a, b, c = run(3), run(3), run(4)
+    assert_all_equal(a, b)
+    assert torch.equal(a[0], c[0]) and not torch.equal(a[2], c[2])  # forward is deterministic, dW not
+
+
+def test_elementwise_bf16_rounds_outputs():
+    torch.manual_seed(10)
+    lin = mnn.quantize_model(nn.Linear(32, 16), mnn.get_recipe("mxfp8").replace(elementwise="bf16"))
+    y = lin(torch.randn(3, 32))
+    assert torch.equal(y, y.to(torch.bfloat16).float()) and "elementwise=bf16" in repr(lin)
+
+
+def test_registered_format_names_resolve_as_recipes():
+    for name in ms.list_formats():
+        fmt = ms.get_format(name)
+        if name.lower() in mnn.list_recipes() or fmt.element is None:
+            continue
+        assert mnn.get_recipe(name).fwd_weight.format == fmt.name

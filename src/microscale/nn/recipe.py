@@ -166,10 +166,13 @@ class Recipe:
         return self.elementwise == "fp32" and all(s.is_none for s in self.operands().values())
 
     def describe(self) -> str:
-        """Compact text for module reprs: ``fwd=in:W dgrad=dY:W wgrad=dY:X``."""
+        """Compact text for module reprs: ``fwd=X:W dgrad=dY:W wgrad=dY:X`` (``all=F`` when uniform)."""
         o = self.operands()
-        s = (f"fwd={o['fwd_input']}:{o['fwd_weight']} dgrad={o['dgrad_grad_output']}:{o['dgrad_weight']} "
-             f"wgrad={o['wgrad_grad_output']}:{o['wgrad_input']}")
+        if len(set(o.values())) == 1:
+            s = f"all={o['fwd_input']}"
+        else:
+            s = (f"fwd={o['fwd_input']}:{o['fwd_weight']} dgrad={o['dgrad_grad_output']}:{o['dgrad_weight']} "
+                 f"wgrad={o['wgrad_grad_output']}:{o['wgrad_input']}")
         if self.elementwise != "fp32":
             s += f" elementwise={self.elementwise}"
         return s
