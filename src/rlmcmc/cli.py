@@ -22,6 +22,7 @@ def _problem_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise", type=float, default=0.02, help="relative noise level")
     p.add_argument("--seed", type=int, default=1, help="seed of the synthetic truth and noise")
     p.add_argument("--out", default="results/rlmcmc", help="output folder")
+    p.add_argument("--pilot-steps", type=int, default=4000, help="coarse pCN pilot: burn-in and kept steps")
 
 
 def _build(args):
@@ -80,7 +81,7 @@ def cmd_train(args):
     from .compare import pilot, train_rl
 
     problem, _ = _build(args)
-    info = pilot(problem, args.chains)
+    info = pilot(problem, args.chains, n_steps=args.pilot_steps)
     ckpt = os.path.join(args.out, "policy.pt")
     _, history = train_rl(problem, info, n_agents=args.agents, n_iters=args.iters, checkpoint=ckpt)
     print(f"wrote {ckpt}")
@@ -93,7 +94,7 @@ def cmd_sample(args):
     from .rl import load_policy
 
     problem, _ = _build(args)
-    info = pilot(problem, args.chains)
+    info = pilot(problem, args.chains, n_steps=args.pilot_steps)
     policy = load_policy(args.policy) if args.proposal == "rl" else None
     method = f"{args.proposal}-{args.levels}"
     results = run_methods(problem, info, policy, methods=(method,), n_chains=args.chains,
@@ -109,7 +110,7 @@ def cmd_compare(args):
     from .compare import markdown_table, pilot, plot_results, run_methods, train_rl
 
     problem, offline = _build(args)
-    info = pilot(problem, args.chains)
+    info = pilot(problem, args.chains, n_steps=args.pilot_steps)
     policy, history = train_rl(problem, info, n_agents=args.agents, n_iters=args.iters,
                                checkpoint=os.path.join(args.out, "policy.pt"))
     results = run_methods(problem, info, policy, n_chains=args.chains, n_samples=args.samples, n_burn=args.burn)

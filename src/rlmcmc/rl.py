@@ -206,6 +206,16 @@ def train_agents(coarse_posterior, config: AgentConfig, train: TrainConfig = Tra
     """
     if coarse_posterior.dim != config.dim:
         raise ValueError(f"policy dim {config.dim} != posterior dim {coarse_posterior.dim}")
+    # Tiny MLPs: intra-op threads only add synchronization overhead (and are very slow on a busy host).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(coarse_posterior, config, train, init, scale, progress, checkpoint)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(coarse_posterior, config, train, init, scale, progress, checkpoint):
     torch.manual_seed(train.seed)
     rng = np.random.default_rng(train.seed)
     policy = MultiAgentPolicy(config)

@@ -66,17 +66,71 @@ def test_bound_values():
         bdr.qsnr_lower_bound("nvfp4")
 
 
-def test_cost_relations():
-    assert bdr.cost("fp8_e4m3") == pytest.approx(1.0, rel=0.05)
-    assert 1.5 <= 1 / bdr.cost("mx6") <= 2.5                     # paper: MX6 ~2x cheaper than FP8
-    assert 3.0 <= 1 / bdr.cost("mx4") <= 5.0                     # paper: MX4 ~4x cheaper
-    for m in (7, 4, 2):
-        c = lambda k2, d2: bdr.cost(bdr_format(m, 16, 8, k2, d2))  # noqa: E731
-        assert 1.3 * 0.75 <= c(2, 2) / c(2, 1) <= 1.5 * 1.25     # d2 1 -> 2: paper +30-50%
-        assert 1.3 * 0.75 <= c(1, 1) / c(2, 1) <= 1.4 * 1.25     # k2 2 -> 1: paper +30-40%
-        assert 1.0 < c(2, 1) / c(8, 1) <= 1.03 * 1.25            # k2 8 -> 2: paper +3% (model: more)
-    parts = bdr.area_breakdown("mx6")
-    assert parts["multiplier"] == 16 and "microexponent" in parts
+def test_cost_components():
+    # hand counts in full adders (NanGate45 X1 areas: AND 0.25, HA 0.625, XOR 0.375, MUX 0.4375, DFF 1.0625)
+    assert bdr.multiplier_area(4) == 16 * 0.25 + 4 * 2 * 1 + 4 * 0.625          # 4x4 array: 14.5
+    assert bdr.multiplier_area(2) == 4 * 0.25 + 2 * 0.625                        # 2x2: no FA
+    assert bdr.tree_area(4, 8) == 2 * 8 + 1 * 9                                  # 2 adders of 8, 1 of 9
+    parts = bdr.area_breakdown("mx6")                                            # sign + 4, k1 16, k2 2, d2 1
+    assert parts["multiplier"] == 14.5 + 9 * 0.375                               # + sign/negate XORs
+    assert parts["registers"] == 2 * 5 * 1.0625
+    # sub-block sum of 2 products (10 bits) shifted by sA + sB in 0..2: 2 mux stages over 12 bits,
+    # 2 register bits, a 1-bit adder, per 2 lanes
+    assert parts["microexponent"] == pytest.approx((2 * 1.0625 + 1 + 0.4375 * 12 * 2) / 2)
+    assert parts["adder_tree"] == pytest.approx((32 * 9 + bdr.tree_area(32, 12)) / 64)
+    assert "block_align" in parts and "block_align" not in bdr.area_breakdown(bdr_format(4, 64, 8, 2, 1))
+    assert bdr.cost("fp8_e4m3") == pytest.approx(bdr.area("fp8_e4m3") / bdr.baseline_area())
+    assert bdr.cost("mx6") == pytest.approx(bdr.area("mx6") / bdr.baseline_area() * 6 / 8)
+
+
+def _step(m, a, b, memory=True):
+    """Relative cost increase from BDR (k1=16, d1=8, k2, d2) = a to b, sign + m magnitude elements."""
+    c = lambda k2, d2: bdr.cost(bdr_format(m, 16, 8, k2, d2), memory=memory)  # noqa: E731
+    return c(*b) / c(*a) - 1
+
+
+# The paper's relations (Rouhani et al., ISCA 2023), read strictly (docs/bdr.md): a relative increase
+# must lie within +-25 % (relative) of the paper's, the +3 % one at <= 6 %. Cases the structural model
+# misses are strict xfails: they document the gap and fail loudly if a model change closes it.
+_MISS = pytest.mark.xfail(strict=True, reason="structural model misses the paper's relation (docs/bdr.md)")
+
+
+@pytest.mark.parametrize("name,lo,hi", [
+    ("mx6", 1.5, 2.5),                                                  # paper: MX6 ~2x cheaper than FP8
+    pytest.param("mx4", 3.0, 5.0, marks=_MISS),                         # paper: MX4 ~4x; model 5.6x
+])
+def test_cost_vs_fp8(name, lo, hi):
+    assert lo <= 1 / bdr.cost(name) <= hi
+
+
+@pytest.mark.parametrize("m", [pytest.param(7, marks=_MISS), 4, 2])   # MX9 / MX6 / MX4 elements
+def test_cost_d2_1_to_2(m):
+    assert 0.30 * 0.75 <= _step(m, (2, 1), (2, 2)) <= 0.50 * 1.25     # paper: +30-50 %
+
+
+@pytest.mark.parametrize("m", [pytest.param(7, marks=_MISS), pytest.param(4, marks=_MISS), 2])
+def test_cost_k2_2_to_1(m):
+    assert 0.30 * 0.75 <= _step(m, (2, 1), (1, 1)) <= 0.40 * 1.25     # paper: +30-40 %
+
+
+@pytest.mark.parametrize("memory", [pytest.param(True, marks=_MISS), pytest.param(False, marks=_MISS)])
+@pytest.mark.parametrize("m", [7, 4, 2])
+def test_cost_k2_8_to_2(m, memory):
+    assert 0 < _step(m, (8, 1), (2, 1), memory) <= 0.06                # paper: +3 %
+
+
+def test_cost_k2_8_to_2_memory_alone_exceeds_paper():
+    # why the +3 % cannot hold for the area-memory product: bits/element alone rise by 0.375 / (bits at k2=8)
+    for m, want in ((7, 0.375 / 8.625), (4, 0.375 / 5.625), (2, 0.375 / 3.625)):
+        f8, f2 = bdr_format(m, 16, 8, 8, 1), bdr_format(m, 16, 8, 2, 1)
+        assert f2.bits_per_element / f8.bits_per_element - 1 == pytest.approx(want)
+        assert want > 0.04
+
+
+def test_cost_extra_mantissa_bit_grows_multiplier_quadratically():
+    small, big = bdr.area_breakdown(bdr_format(4, 64, 8, 8, 1)), bdr.area_breakdown(bdr_format(5, 64, 8, 8, 1))
+    assert big["multiplier"] - small["multiplier"] == pytest.approx(bdr.multiplier_area(5) - bdr.multiplier_area(4)
+                                                                   + 2 * 0.375)
 
 
 def test_pareto_front():

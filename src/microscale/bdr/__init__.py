@@ -6,7 +6,8 @@ model and a Pareto design-space explorer (docs/bdr.md).
 """
 
 from .bound import qsnr_lower_bound, worst_case_block  # noqa: F401
-from .cost import DEFAULT_MODEL, CostModel, area, area_breakdown, baseline_area, cost  # noqa: F401
+from .cost import (DEFAULT_MODEL, CostModel, area, area_breakdown, baseline_area, baseline_breakdown,  # noqa: F401
+                   cost, multiplier_area, tree_area)
 from .explore import Point, design_space, explore, frontier_gap, pareto_front, write_report  # noqa: F401
 from .qsnr import (fake_quantize_vectors, gaussian_vectors, laplace_vectors, qsnr, qsnr_of,  # noqa: F401
                    sample_vectors, student_t_vectors, vectors_qsnr)

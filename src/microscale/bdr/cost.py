@@ -1,29 +1,42 @@
-"""A first-order hardware-cost model of a dot-product unit for any block format (docs/bdr.md).
+"""A structural, first-order area model of a dot-product unit for any block format (docs/bdr.md).
 
 The unit multiplies N = ``lanes`` element pairs (both operands in the same format) per cycle, sums the
-products in an adder tree and adds the result into an FP32 accumulator. Area is counted in full-adder
-equivalents (one multiplier cell = one adder bit = 1, one 2:1 mux bit = ``mux``), per lane:
+products in a binary adder tree and adds the result into an FP32 accumulator. Every component is counted
+as standard cells, in units of one full adder (FA = 1), with the other cells' areas taken from a public
+library (NanGate 45 nm Open Cell Library, X1 drive: FA 4.256 um^2, HA 2.660, AND2 1.064, XOR2 1.596,
+MUX2 1.862, DFF 4.522; so HA 0.625, AND 0.25, XOR 0.375, MUX 0.4375, DFF 1.0625 FA). Per lane:
 
-    multiplier        p^2                        p = significand bits (sign-magnitude m, or FP mbits + 1)
-    FP elements       2 (e + 1) + mux (2p + W) ceil(log2(W + 1))
-                      (exponent add + max-exponent compare; align each product within a window of
-                       W = min(2^(e+1) - 2, fp_window) bits)
-    adder tree        w + log2(N) / 2            w = lane width (2p, or 2p + W for FP elements)
-    two-level (k2,d2) the k2 products of a sub-block are summed at width w, then shifted by the sum of the
-                      two microexponents (range R2 = 2 (2^d2 - 1)): per lane
-                      [(d2 + 1) + mux (w + log2 k2) ceil(log2(R2 + 1))] / k2  for the adder + shifter, and
-                      the tree above the shifters is R2 bits wider: (R2 + 1/2 log2(N/k2)) / k2 more
-    block scale       per block of k1 lanes: combine the two scales (d1 + 1 for exponents, an E4M3 multiply
-                      for NVFP4, a b x b multiply for integer scales) and convert the block sum into the
-                      accumulator (``accumulate``: an aligner + adder of ``acc_bits``), amortized over
-                      min(k1, N) lanes; formats without block scales convert once per N lanes. Per-tensor
-                      and per-channel FP32 scales are applied once per output, outside the unit (0).
+    operand registers   2 * element bits * DFF
+    multiplier          p x p unsigned array: p^2 AND + p (p - 2) FA + p HA (p = magnitude / significand
+                        bits); sign XOR and conditional negation of the 2p-bit product: (2p + 1) XOR
+    adder tree          sum over the tree's adders of their widths (ripple FAs): n inputs of width w give
+                        n/2 adders of width w, n/4 of w + 1, ...; divided by N
+    FP elements         exponent add (e + 1 FA), max-exponent tree ((e + 1) (FA + MUX)), shift amount
+                        (e + 1 FA), and an aligner (MUX x width x stages) that places each product in an
+                        min(``fp_align_width``, 2p + 2 (2^e - 2))-bit window below the largest product (the tree
+                        runs at that width)
+    second level        k2 >= 2: the k2 products of a sub-block are summed at width 2p + 1 first; the sum is
+    (k2, d2)            shifted by the two operands' microexponents sA + sB in 0 .. 2 (2^d2 - 1) (a mux of
+                        ceil(log2(2 beta + 1)) stages, beta = 2^d2 - 1), the tree above the shifters is
+                        2 beta bits wider; plus 2 d2 register bits and a d2-bit adder per sub-block.
+                        k2 = 1 is the same with one shifter per lane and the widening from the leaves.
+    block scale         per block: 2 d1 register bits and a (d1 + 1)-bit exponent add (E8M0-like scales);
+                        an E4M3 x E4M3 scale product and a (block sum) x (8-bit) multiply (NVFP4); a b x b
+                        scale product and a (block sum) x 2b multiply (integer scales). When k1 < N the
+                        N / k1 block sums of a cycle are aligned to the largest block exponent (compare,
+                        subtract, an ``acc_bits`` aligner) and summed at ``acc_bits``; when k1 >= N a block
+                        spans whole cycles and the accumulator's own aligner does this.
+    accumulator         one FP32 accumulate per unit (align, add, leading-zero count, normalize at
+                        ``acc_bits``), divided by N. Per-tensor / per-channel FP32 scales are applied once
+                        per output, outside the unit (0).
 
-cost(fmt) = [area(fmt) / area(baseline)] * [bits/element(fmt) / bits/element(baseline)]: the
-area-memory product normalised to an FP8 dot-product unit that takes both E4M3 and E5M2 (p = 4, e = 5;
-8 bits per element) = 1. The constants (mux, fp_window, acc_bits, lanes) are calibrated so that the BDR
-paper's relations hold approximately (MX6 ~ 2x and MX4 ~ 4x cheaper than FP8; see docs/bdr.md for what
-holds and what does not). This is a ranking model, not a synthesis result.
+cost(fmt) = [area(fmt) / area(baseline)] * [bits/element(fmt) / bits/element(baseline)]: the area-memory
+product, normalised to an FP8 dot-product unit that takes both E4M3 and E5M2 (significand p = 4 of E4M3,
+exponent e = 5 of E5M2; 8 bits per element) = 1. No constant is fitted to the paper's relations: the cell
+areas come from the library, ``fp_align_width`` = 14 from the reported accumulation precision of an FP8
+tensor core (about 14 bits on NVIDIA H800: DeepSeek-V3 technical report, 2024, §3.3.2), ``acc_bits`` =
+28 from FP32 (24-bit significand + guard bits). docs/bdr.md compares the result with the BDR paper's
+relations (Rouhani et al., ISCA 2023); some hold, some do not. A ranking model, not a synthesis result.
 """
 
 from __future__ import annotations
@@ -33,7 +46,8 @@ from dataclasses import dataclass, field
 
 from ..formats import E4M3, E5M2, BlockFormat, ElementFormat, get_format
 
-__all__ = ["CostModel", "DEFAULT_MODEL", "area", "area_breakdown", "cost", "baseline_area"]
+__all__ = ["CostModel", "DEFAULT_MODEL", "area", "area_breakdown", "cost", "baseline_area", "baseline_breakdown",
+           "multiplier_area", "tree_area"]
 
 
 def _clog2(v: float) -> int:
@@ -42,14 +56,17 @@ def _clog2(v: float) -> int:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Constants of the area model (units: full-adder equivalents)."""
+    """Constants of the area model: cell areas in full adders (NanGate45 X1 cells) and the unit's shape."""
 
     lanes: int = 64                 # N products per cycle
-    mux: float = 1.0                # one 2:1 mux bit of a shifter (with its wiring)
-    fp_window: int = 6              # alignment window of FP products (bits beyond the product)
-    acc_bits: int = 28              # accumulator datapath (FP32 mantissa + guard bits)
-    register: float = 1.0           # operand register/bus per stored bit (two operands per lane)
-    lane_overhead: float = 30.0     # per-lane pipeline/control/sign logic independent of the format
+    fa: float = 1.0                 # full adder 4.256 um^2
+    ha: float = 0.625               # half adder 2.660
+    and2: float = 0.25              # AND2 1.064
+    xor2: float = 0.375             # XOR2 1.596
+    mux: float = 0.4375             # MUX2 1.862 (one bit of one shifter stage)
+    dff: float = 1.0625             # DFF 4.522
+    fp_align_width: int = 14        # bits kept of each aligned FP product (FP8 tensor-core accumulation)
+    acc_bits: int = 28              # FP32 accumulator datapath (24-bit significand + guard bits)
     baseline: tuple[ElementFormat, ...] = field(default=(E4M3, E5M2))
     baseline_bits: float = 8.0
 
@@ -57,80 +74,132 @@ class CostModel:
 DEFAULT_MODEL = CostModel()
 
 
+def multiplier_area(p: int, q: int | None = None, model: CostModel = DEFAULT_MODEL) -> float:
+    """Unsigned p x q array multiplier (p >= q): the textbook n x n array (n^2 AND, n (n - 2) FA, n HA)
+    generalised to p x q: p q AND gates, p (q - 2) FA and p HA (q - 1 rows of p adders)."""
+    q = p if q is None else q
+    p, q = max(p, q), min(p, q)
+    if q <= 0:
+        return 0.0
+    if q == 1:
+        return p * model.and2
+    return p * q * model.and2 + p * (q - 2) * model.fa + p * model.ha
+
+
+def tree_area(n_inputs: int, width: float, model: CostModel = DEFAULT_MODEL) -> float:
+    """Full adders in a binary tree of ripple adders summing ``n_inputs`` operands of ``width`` bits
+    (each level one bit wider): n/2 adders of width w, n/4 of w + 1, ..."""
+    total, level, n = 0.0, 0, n_inputs
+    while n > 1:
+        n //= 2
+        total += n * (width + level) * model.fa
+        level += 1
+    return total
+
+
+def _shifter(width: float, shift_range: int, model: CostModel) -> float:
+    """A right shifter by 0 .. shift_range positions: ceil(log2(range + 1)) stages of ``width`` muxes."""
+    return model.mux * width * _clog2(shift_range + 1)
+
+
 def _sig_exp(elem: ElementFormat) -> tuple[int, int]:
-    """(significand bits p, exponent bits e) of an element."""
+    """(significand/magnitude bits p, exponent bits e) of an element."""
     if elem.kind == "fp":
         return elem.mbits + 1, elem.ebits
     return elem.int_bits - 1, 0
 
 
-def _lane(p: int, e: int, model: CostModel) -> tuple[dict, int]:
-    """Per-lane multiplier/exponent/alignment areas and the lane width entering the adder tree."""
-    parts = {"multiplier": float(p * p)}
-    w = 2 * p
+def _lane_front(p: int, e: int, bits: int, model: CostModel, parts: dict) -> int:
+    """Registers, multiplier, sign and (FP) exponent/alignment of one lane; returns the product width
+    entering the adder tree (signed)."""
+    parts["registers"] = 2 * bits * model.dff
+    parts["multiplier"] = multiplier_area(p, p, model) + (2 * p + 1) * model.xor2
+    w = 2 * p + 1
     if e > 0:
-        win = min((1 << (e + 1)) - 2, model.fp_window)
-        parts["exponent"] = 2.0 * (e + 1)
-        parts["alignment"] = model.mux * (2 * p + win) * _clog2(win + 1)
-        w += win
-    return parts, w
+        x = e + 1
+        parts["exponent"] = x * model.fa + x * (model.fa + model.mux) + x * model.fa
+        # products span 2 (2^e - 2) binades; the window keeps at most fp_align_width bits of them
+        width = min(model.fp_align_width, 2 * p + 2 * ((1 << e) - 2)) + 1
+        parts["alignment"] = _shifter(width, width - w, model)
+        w = width
+    return w
 
 
-def _accumulate(model: CostModel) -> float:
+def _accumulator(model: CostModel) -> float:
     a = model.acc_bits
-    return a + model.mux * a * _clog2(a)
+    # align the incoming sum, add, count leading zeros (~a cells), normalize
+    return a * model.fa + 2 * _shifter(a, a, model) + a * model.fa
 
 
 def area_breakdown(fmt: str | BlockFormat, model: CostModel = DEFAULT_MODEL) -> dict[str, float]:
-    """Per-lane area of each component of the dot-product unit for ``fmt`` (see module docstring)."""
+    """Per-lane area (full adders) of each component of the dot-product unit for ``fmt`` (module doc)."""
     fmt = get_format(fmt)
     if fmt.element is None:
         raise ValueError("format 'none' has no dot-product unit")
     n = model.lanes
     p, e = _sig_exp(fmt.element)
-    parts, w = _lane(p, e, model)
-    parts["operands"] = 2 * model.register * fmt.element.bits + model.lane_overhead
+    parts: dict[str, float] = {}
+    w = _lane_front(p, e, fmt.element.bits, model, parts)
     if fmt.is_two_level:
         k2, d2 = fmt.subblock_size, fmt.micro_bits
-        r2 = 2 * ((1 << d2) - 1)
-        wg = w + math.log2(k2)
-        parts["microexponent"] = ((d2 + 1) + 2 * model.register * d2 + model.mux * wg * _clog2(r2 + 1)) / k2
-        parts["adder_tree"] = (w + math.log2(n) / 2) + (r2 + math.log2(max(n / k2, 1)) / 2) / k2
+        r = 2 * ((1 << d2) - 1)                     # sA + sB: 0 .. 2 beta
+        groups = max(n // k2, 1)
+        ws = w + _clog2(k2)                         # sub-block sum width
+        parts["microexponent"] = (2 * d2 * model.dff + d2 * model.fa + _shifter(ws + r, r, model)) / k2
+        parts["adder_tree"] = (groups * tree_area(k2, w, model) + tree_area(groups, ws + r, model)) / n
+        w_out = ws + r + _clog2(groups)
     else:
-        parts["adder_tree"] = w + math.log2(n) / 2
+        parts["adder_tree"] = tree_area(n, w, model) / n
+        w_out = w + _clog2(n)
     s = fmt.scale
     if s is not None and fmt.block_size:
         k1 = fmt.block_size
+        span = min(k1, n)                           # lanes sharing one block sum per cycle
+        wb = w_out - _clog2(n // span)              # block-sum width
         if s.kind == "e8m0":
-            combine = s.bits + 1.0
+            combine = 2 * s.bits * model.dff + (s.bits + 1) * model.fa
+            scale_exp = s.bits + 1
         elif s.kind == "fp":
             ps, es = _sig_exp(s.element)
-            combine = ps * ps + 2.0 * (es + 1)
+            combine = (2 * s.bits * model.dff + multiplier_area(ps, ps, model) + (es + 1) * model.fa
+                       + multiplier_area(wb, 2 * ps, model) * k1 / span)
+            scale_exp = es + 1
         elif s.kind == "uint":
-            combine = float(s.bits * s.bits)
-        else:  # fp32 per block
-            combine = 24.0 * 24.0
+            combine = (2 * s.bits * model.dff + multiplier_area(s.bits, s.bits, model)
+                       + multiplier_area(wb, 2 * s.bits, model) * k1 / span)
+            scale_exp = 0
+        else:  # an FP32 scale per block: a 24 x 24 product and a block-sum x 24 multiply
+            combine = multiplier_area(24, 24, model) + multiplier_area(wb, 24, model) * k1 / span
+            scale_exp = 9
         parts["block_scale"] = combine / k1
-        parts["accumulate"] = _accumulate(model) / min(k1, n)
-    else:
-        parts["accumulate"] = _accumulate(model) / n
+        if k1 < n:
+            a = model.acc_bits
+            x = scale_exp + 1
+            per_block = x * (model.fa + model.mux) + x * model.fa + _shifter(a, a, model)
+            parts["block_align"] = per_block / k1 + tree_area(n // k1, a, model) / n
+    parts["accumulator"] = _accumulator(model) / n
     return parts
 
 
 def area(fmt: str | BlockFormat, model: CostModel = DEFAULT_MODEL) -> float:
-    """Per-lane area of the dot-product unit (full-adder equivalents)."""
+    """Per-lane area of the dot-product unit (full adders)."""
     return sum(area_breakdown(fmt, model).values())
 
 
-def baseline_area(model: CostModel = DEFAULT_MODEL) -> float:
+def baseline_breakdown(model: CostModel = DEFAULT_MODEL) -> dict[str, float]:
     """Per-lane area of the baseline unit: the widest significand and exponent of ``model.baseline``."""
     p = max(_sig_exp(el)[0] for el in model.baseline)
     e = max(_sig_exp(el)[1] for el in model.baseline)
-    parts, w = _lane(p, e, model)
-    parts["operands"] = 2 * model.register * max(el.bits for el in model.baseline) + model.lane_overhead
-    parts["adder_tree"] = w + math.log2(model.lanes) / 2
-    parts["accumulate"] = _accumulate(model) / model.lanes
-    return sum(parts.values())
+    parts: dict[str, float] = {}
+    w = _lane_front(p, e, max(el.bits for el in model.baseline), model, parts)
+    parts["adder_tree"] = tree_area(model.lanes, w, model) / model.lanes
+    parts["accumulator"] = _accumulator(model) / model.lanes
+    return parts
+
+
+def baseline_area(model: CostModel = DEFAULT_MODEL) -> float:
+    """Per-lane area of the baseline (FP8 E4M3 + E5M2) unit."""
+    return sum(baseline_breakdown(model).values())
 
 
 def cost(fmt: str | BlockFormat, model: CostModel = DEFAULT_MODEL, memory: bool = True) -> float:

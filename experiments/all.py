@@ -1,0 +1,46 @@
+"""Regenerate every result of the MX reproduction with one command.
+
+    python -m experiments.all            # full run: results/*.json|md|png and docs/results.md
+    python -m experiments.all --quick    # smoke run of the same pipeline into results/quick/ (minutes)
+
+Stages: train_digits, train_lm (FP32 and MX training recipes; cached per run in <out>/runs/ and reused
+when the settings match, unless --fresh), direct_cast, ptq (error diffusion and QAT), report.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import direct_cast, ptq, report, train_digits, train_lm
+from .common import Timer, add_common_args, environment, setup, write_json
+
+STAGES = {"train_digits": train_digits.main, "train_lm": train_lm.main, "direct_cast": direct_cast.main,
+          "ptq": ptq.main, "report": report.main}
+
+
+def main(argv=None):
+    p = add_common_args(argparse.ArgumentParser(description=__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = p.parse_args(argv)
+    preset, out = setup(args)
+    common = (["--quick"] if args.quick else []) + (["--out", str(args.out)] if args.out else []) \
+        + (["--threads", str(args.threads)] if args.threads else [])
+    extra = {"train_lm": ["--jobs", str(args.jobs)] + (["--fresh"] if args.fresh else [])}
+    walls = {}
+    with Timer() as total:
+        for name, fn in STAGES.items():
+            if name == "report":  # the report reads all.json for the wall times: write it first
+                write_json(out / "all.json", {"preset": preset.name, "environment": environment(),
+                                              "stage_wall_s": walls, "wall_s": sum(walls.values())})
+            print(f"== {name}", flush=True)
+            with Timer() as t:
+                fn(common + extra.get(name, []))
+            walls[name] = t.seconds
+    write_json(out / "all.json", {"preset": preset.name, "environment": environment(), "stage_wall_s": walls,
+                                  "wall_s": total.seconds})
+    print(f"done in {total.seconds / 60:.1f} min; stage wall times: "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items()))
+
+
+if __name__ == "__main__":
+    main()
