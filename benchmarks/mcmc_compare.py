@@ -57,6 +57,7 @@ def run_tinyda(problem, info, n_chains, n_samples, n_burn):
     like_c = tda.GaussianLogLike(problem.data, np.diag(coarse_post.scale**2))
     posts = [tda.Posterior(prior, like_c, coarse_model), tda.Posterior(prior, like_f, fine_model)]
     proposal = tda.CrankNicolson(scaling=float(info["step"]), adaptive=False)
+    np.random.seed(12345)  # tinyDA draws from NumPy's global generator
     t0 = time.process_time()
     chain = tda.sample(posts, proposal, iterations=n_samples + n_burn, n_chains=n_chains,
                        initial_parameters=list(info["inits"]), force_sequential=True)

@@ -74,7 +74,7 @@ def inference_model(model: nn.Module, fmt: str | None) -> tuple[nn.Module, bool]
             if getattr(m, "_mx_packed", False):
                 m.packed_weight()
         return q, True
-    except ValueError:
+    except (ValueError, TypeError):
         return quantized(model, inference_recipe(fmt), inference=False), False
 
 

@@ -1,0 +1,167 @@
+"""Speed of microscale's quantization kernels relative to a plain memory copy, measured in one run.
+
+For each MX format and op (fake-quantize along the last axis and along the first axis, quantize to a
+packed MXTensor, dequantize it, bf16 fake-quantize) prints our best-of-N time, the best-of-N time of
+``y.copy_(x)`` into a preallocated fp32 tensor of the same shape, their ratio, and the ratios to
+microsoft/microxcaling (``--microxcaling PATH`` to a local checkout; its ``_quantize_mx`` fake-quantize
+is compared with our fake-quantize) and torchao (``to_mx``, compared with our packed quantize) when
+they can be imported. "kernel" columns time the same kernels writing into preallocated outputs, i.e.
+without the page faults that any freshly allocated output pays.
+
+    python benchmarks/quantize.py                    # 4096 x 4096 fp32, all formats
+    python benchmarks/quantize.py --microxcaling /tmp/microxcaling --memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+import microscale as ms
+from microscale import kernels
+
+FORMATS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8"]
+MX_ELEM = {"mxfp8_e4m3": "fp8_e4m3", "mxfp8_e5m2": "fp8_e5m2", "mxfp6_e3m2": "fp6_e3m2",
+           "mxfp6_e2m3": "fp6_e2m3", "mxfp4_e2m1": "fp4_e2m1", "mxint8": "int8"}
+
+
+def best_of(fn, repeat: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def load_microxcaling(path):
+    if not path:
+        return None
+    sys.path.insert(0, os.path.abspath(path))
+    try:
+        from mx.mx_ops import _quantize_mx
+        return _quantize_mx
+    except Exception as e:  # noqa: BLE001
+        print(f"# microxcaling not usable from {path}: {e}")
+        return None
+
+
+def load_torchao():
+    try:
+        import torchao
+        from torchao.prototype.mx_formats import constants as C
+        from torchao.prototype.mx_formats.mx_tensor import to_mx
+    except Exception as e:  # noqa: BLE001
+        print(f"# torchao not usable: {type(e).__name__}: {e}")
+        return None, None
+    dts = {"mxfp8_e4m3": torch.float8_e4m3fn, "mxfp8_e5m2": torch.float8_e5m2,
+           "mxfp6_e3m2": getattr(C, "DTYPE_FP6_E3M2", None), "mxfp6_e2m3": getattr(C, "DTYPE_FP6_E2M3", None),
+           "mxfp4_e2m1": getattr(torch, "float4_e2m1fn_x2", None)}
+    return (lambda x, fmt: to_mx(x, dts[fmt], 32)) if to_mx else None, (torchao.__version__, dts)
+
+
+def memory_check(gib: float) -> dict:
+    """Peak resident memory of quantizing a ``gib`` GiB fp32 tensor to MXFP4, in a fresh subprocess."""
+    code = f"""
+import resource, json, torch, microscale as ms
+n = int({gib} * 2**30) // 4
+x = torch.randn(n // 4096, 4096)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+q = ms.quantize(x, "mxfp4")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(dict(input=x.numel() * 4, output=q.nbytes, base_rss=base, peak_rss=peak,
+                      kernels=ms.kernels.available())))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    # the input was resident before quantizing; the peak may grow by the output plus any temporaries
+    r["extra_over_output"] = r["peak_rss"] - r["base_rss"] - r["output"]
+    r["peak_over_in_plus_out"] = (r["peak_rss"] - r["base_rss"] + r["input"]) / (r["input"] + r["output"])
+    return r
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=4096, help="the tensor is SIZE x SIZE fp32 (default 4096)")
+    p.add_argument("--repeat", type=int, default=7, help="timed repetitions per op; best is kept (default 7)")
+    p.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
+    p.add_argument("--microxcaling", metavar="PATH", help="local checkout of microsoft/microxcaling")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory of a 1 GiB MXFP4 quantize")
+    p.add_argument("--memory-gib", type=float, default=1.0)
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    a = p.parse_args(argv)
+
+    torch.manual_seed(0)
+    x = torch.randn(a.size, a.size)
+    xb = x.bfloat16()
+    y = torch.empty_like(x)
+    mx = load_microxcaling(a.microxcaling)
+    ao, ao_info = load_torchao()
+    print(f"# torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
+          f"kernels {kernels.info()}, torchao {ao_info[0] if ao_info else 'n/a'}, "
+          f"microxcaling {'yes' if mx else 'n/a'}, tensor {a.size}x{a.size} fp32, best of {a.repeat}")
+    copy = best_of(lambda: y.copy_(x), a.repeat)
+    print(f"# copy: {copy * 1e3:.2f} ms ({2 * x.numel() * 4 / copy / 1e9:.1f} GB/s)")
+
+    rows = []
+    hdr = (f"| {'format':11s} | {'op':18s} | {'ours ms':>8s} | {'x copy':>6s} | {'kernel ms':>9s} | "
+           f"{'kern x copy':>11s} | {'microxcaling/ours':>17s} | {'torchao/ours':>12s} |")
+    print(hdr)
+    print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
+    for fmt in a.formats:
+        f = ms.get_format(fmt)
+        q = ms.quantize(x, fmt)
+        out, outb = torch.empty_like(x), torch.empty_like(xb)
+        params = kernels._params(f)
+
+        def kern_fq(t, o, axis):
+            return lambda: kernels._run_quantize(0, t, o.data_ptr(), 0, 0, params, axis, "even", "floor", None,
+                                                 kernels._load())
+
+        ops = [("fake-quant axis -1", lambda: ms.fake_quantize(x, fmt, axis=-1), kern_fq(x, out, 1)),
+               ("fake-quant axis 0", lambda: ms.fake_quantize(x, fmt, axis=0), kern_fq(x, out, 0)),
+               ("quantize packed", lambda: ms.quantize(x, fmt), None),
+               ("dequantize", lambda: q.dequantize(), None),
+               ("bf16 fake-quant", lambda: ms.fake_quantize(xb, fmt), kern_fq(xb, outb, 1))]
+        for op, fn, kfn in ops:
+            t = best_of(fn, a.repeat)
+            kt = best_of(kfn, a.repeat) if kfn and params else None
+            r_mx = r_ao = None
+            if mx is not None and op == "fake-quant axis -1":
+                r_mx = best_of(lambda: mx(x, 8, MX_ELEM[fmt], axes=[-1], block_size=32, round="even"),
+                               max(2, a.repeat // 3)) / t
+            if ao is not None and op == "quantize packed" and ao_info[1].get(fmt) is not None:
+                try:
+                    r_ao = best_of(lambda: ao(x, fmt), max(2, a.repeat // 2)) / t
+                except Exception as e:  # noqa: BLE001
+                    print(f"# torchao to_mx({fmt}) failed: {e}")
+            rows.append(dict(format=fmt, op=op, ms=t * 1e3, ratio=t / copy, kernel_ms=kt and kt * 1e3,
+                             kernel_ratio=kt and kt / copy, microxcaling_over_ours=r_mx, torchao_over_ours=r_ao))
+            fmtr = lambda v, s="{:.2f}": s.format(v) if v is not None else "-"  # noqa: E731
+            print(f"| {fmt:11s} | {op:18s} | {t * 1e3:8.2f} | {t / copy:6.2f} | {fmtr(kt and kt * 1e3):>9s} | "
+                  f"{fmtr(kt and kt / copy):>11s} | {fmtr(r_mx, '{:.1f}'):>17s} | {fmtr(r_ao, '{:.1f}'):>12s} |",
+                  flush=True)
+    result = dict(copy_ms=copy * 1e3, threads=torch.get_num_threads(), rows=rows)
+    if a.memory:
+        m = memory_check(a.memory_gib)
+        result["memory"] = m
+        print(f"# memory: MXFP4 quantize of {m['input'] / 2**30:.2f} GiB fp32 -> {m['output'] / 2**20:.0f} MiB packed; "
+              f"peak RSS grew {(m['peak_rss'] - m['base_rss']) / 2**20:.0f} MiB over the resident input "
+              f"(output + {m['extra_over_output'] / 2**20:.0f} MiB); peak / (input + output) = "
+              f"{m['peak_over_in_plus_out']:.3f} (kernels {m['kernels']})")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    _ = resource  # (ru_maxrss is read in the subprocess)
+
+
+if __name__ == "__main__":
+    main()

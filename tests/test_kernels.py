@@ -1,0 +1,282 @@
+"""The C kernels (microscale.kernels) against the reference quantizer, bit for bit.
+
+Every comparison is on bit patterns, NaNs included, with one documented exception: torch converts a
+float64 NaN to bfloat16 as 0x7FC0 in its scalar path and 0xFFFF in its vectorized path, so the
+reference's bf16 NaN bits depend on the tensor's length; for bf16 outputs NaN positions are compared
+instead (the kernels always write the canonical 0x7FC0).
+"""
+
+import itertools
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import microscale as ms
+from microscale import kernels
+from microscale.layout import from_blocks
+from microscale.reference import dequantize_blocks, fake_quantize_reference, quantize_reference
+from microscale.tensor import MXTensor
+
+FORMATS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8"]
+ROUNDINGS = ["even", "away", "zero", "stochastic"]
+SCALE_MODES = ["floor", "ceil", "even", "rceil"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (shape, axis): last axis with a ragged length, first axis, a middle axis, a 1-D vector
+GEOMETRIES = [((5, 70), -1), ((70, 5), 0), ((3, 40, 7), 1), ((33,), 0)]
+
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({4: torch.int32, 8: torch.int64, 2: torch.int16}[t.element_size()])
+
+
+def assert_same(ref: torch.Tensor, got: torch.Tensor, what=""):
+    assert got is not None, f"kernel did not cover {what}"
+    assert ref.dtype == got.dtype and ref.shape == got.shape, what
+    if ref.dtype == torch.bfloat16:  # see module docstring
+        assert torch.equal(ref.isnan(), got.isnan()), what
+        keep = ~ref.isnan()
+        ref, got = ref[keep], got[keep]
+    bad = (bits(ref) != bits(got)).nonzero()
+    assert bad.numel() == 0, f"{what}: {bad.shape[0]} elements differ, first at {bad[0].tolist()}: " \
+                             f"ref {ref[tuple(bad[0])].item()!r} kernel {got[tuple(bad[0])].item()!r}"
+
+
+def sample(shape, dtype, seed=0, specials=True):
+    """Values over a wide exponent range with zeros, -0.0, fp32 subnormals and (optionally) NaN/Inf."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-30, 30, shape, generator=g).float())
+    flat = x.view(-1)
+    n = flat.numel()
+    flat[0] = 0.0
+    if n > 5:
+        flat[5] = -0.0
+    if n > 7:
+        flat[7] = 1e-40  # fp32 subnormal
+    if specials and n > 60:
+        flat[41] = float("nan")
+        flat[59] = float("-inf")
+    return x.to(dtype)
+
+
+def check_all(x, fmt, axis, rounding, scale_mode, seed=None, out_dtypes=(torch.float32,)):
+    f = ms.get_format(fmt)
+    seed = 1234 if rounding == "stochastic" and seed is None else seed
+    what = f"{fmt} {rounding} {scale_mode} {x.dtype} {tuple(x.shape)} axis={axis}"
+    ref = fake_quantize_reference(x, f, axis, rounding, scale_mode, seed=seed)
+    assert_same(ref, kernels.fake_quantize(x, f, axis, rounding, scale_mode, seed, None), "fake " + what)
+    q, layout = quantize_reference(x, f, axis, rounding, scale_mode, seed=seed)
+    mref = MXTensor.from_blocks(q, layout, f)
+    mk = kernels.quantize(x, f, axis, rounding, scale_mode, seed, None)
+    assert mk is not None, what
+    assert torch.equal(mref.codes, mk.codes), "codes " + what
+    assert torch.equal(mref.scales, mk.scales), "scales " + what
+    assert mk.shape == mref.shape and mk.axis == mref.axis
+    for odt in out_dtypes:
+        dref = from_blocks(dequantize_blocks(mref.to_blocks(), f), mref.layout).to(odt)
+        assert_same(dref, kernels.dequantize(mref, odt), f"dequantize->{odt} " + what)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_rounding_and_scale_mode(fmt):
+    for rounding, scale_mode in itertools.product(ROUNDINGS, SCALE_MODES):
+        check_all(sample((6, 96), torch.float32, seed=1), fmt, -1, rounding, scale_mode)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dtypes_axes_and_ragged_lengths(fmt, dtype):
+    for (shape, axis), rounding in itertools.product(GEOMETRIES, ["even", "stochastic"]):
+        check_all(sample(shape, dtype, seed=2), fmt, axis, rounding, "floor",
+                  out_dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_wide_tiles_and_odd_inner(fmt):
+    # inner > TILE (64) with a ragged tile, and a ragged block axis
+    check_all(sample((37, 130), torch.float32, seed=3), fmt, 0, "away", "even")
+    check_all(sample((2, 45, 67), torch.bfloat16, seed=4), fmt, 1, "zero", "rceil")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_special_blocks(fmt):
+    x = torch.randn(8, 32)
+    x[0, 3] = float("nan")
+    x[1, 4] = float("inf")
+    x[2, 5] = float("-inf")
+    x[3] = 0.0
+    x[4] = -0.0
+    x[5] = torch.randn(32) * 1e-41                 # all fp32 subnormals: smallest scale
+    x[6] = torch.randn(32) * 2.0**126               # near the top of fp32
+    x[7, 0] = torch.finfo(torch.float32).max        # ceil/even/rceil scales can round this up to 2^128
+    for rounding, scale_mode in itertools.product(ROUNDINGS, SCALE_MODES):
+        check_all(x, fmt, -1, rounding, scale_mode, out_dtypes=DTYPES + [torch.float64])
+        check_all(x.t().contiguous(), fmt, 0, rounding, scale_mode)
+
+
+def test_nan_block_scale_code_and_values():
+    x = torch.randn(2, 32)
+    x[0, 7] = float("nan")
+    q = ms.quantize(x, "mxfp4")
+    assert q.scales.tolist()[0] == 0xFF
+    assert (q.to_blocks().codes[0] == 0).all()
+    assert q.dequantize()[0].isnan().all() and not q.dequantize()[1].isnan().any()
+    zero = ms.quantize(torch.zeros(1, 32), "mxfp8")
+    assert zero.scales.tolist() == [0] and (zero.codes == 0).all()
+
+
+def test_negative_zero_keeps_sign_for_fp_elements():
+    x = torch.full((1, 32), -0.0)
+    x[0, 0] = 1.0
+    x[0, 1] = -1e-30  # rounds to -0
+    q = ms.quantize(x, "mxfp8_e4m3")
+    codes = q.to_blocks().codes[0]
+    assert codes[1].item() == 0x80 and codes[2].item() == 0x80
+    y = ms.fake_quantize(x, "mxfp8_e4m3")
+    assert torch.signbit(y[0, 1:]).all()
+    assert not torch.signbit(ms.fake_quantize(x, "mxint8")[0, 1:]).any()  # int codes decode to +0
+
+
+def test_exhaustive_fp32_exponents():
+    """One element of every fp32 exponent (and a few mantissas) next to every block amax exponent."""
+    e = torch.arange(-149, 128, dtype=torch.float64)
+    vals = (torch.exp2(e) * torch.tensor([1.0, 1.5, 1.9999999]).reshape(3, 1)).reshape(-1).to(torch.float32)
+    vals = vals[torch.isfinite(vals)]
+    vals = torch.cat([vals, -vals])
+    n = vals.numel() - vals.numel() % 32
+    x = vals[:n].reshape(-1, 32)
+    x = torch.cat([x, x[torch.randperm(x.shape[0])].flip(1)], 0)
+    for fmt in FORMATS:
+        for rounding, scale_mode in itertools.product(ROUNDINGS, SCALE_MODES):
+            check_all(x, fmt, -1, rounding, scale_mode)
+
+
+def test_element_ties_and_every_code():
+    """Every element code, the midpoints between neighbours, and their neighbours, at a fixed scale."""
+    for fmt in FORMATS:
+        elem = ms.get_format(fmt).element
+        v = np.unique(np.abs(elem.code_values[np.isfinite(elem.code_values)]))
+        mids = (v[1:] + v[:-1]) / 2
+        allv = np.concatenate([v, mids, np.nextafter(mids.astype(np.float32), 0), np.nextafter(mids.astype(np.float32), 9)])
+        allv = np.concatenate([allv, -allv, [elem.max_normal * 1.01, elem.max_normal * 1.5]])
+        x = torch.tensor(allv, dtype=torch.float32)
+        x = torch.cat([x, x.new_zeros((-x.numel()) % 31)]).reshape(-1, 31)
+        x = torch.cat([x, torch.full((x.shape[0], 1), elem.max_normal)], 1)  # pin the scale to 2^0
+        for rounding in ROUNDINGS:
+            check_all(x, fmt, -1, rounding, "floor")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 3).flatmap(lambda nd: st.tuples(st.lists(st.integers(1, 70), min_size=nd, max_size=nd),
+                                                     st.integers(0, nd - 1))),
+       st.sampled_from(FORMATS), st.sampled_from(ROUNDINGS), st.sampled_from(SCALE_MODES),
+       st.sampled_from(DTYPES), st.integers(0, 2**32 - 1), st.integers(0, 2**31))
+def test_random_bit_patterns(geom, fmt, rounding, scale_mode, dtype, seed, data_seed):
+    shape, axis = geom
+    n = int(np.prod(shape))
+    rng = np.random.default_rng(data_seed)
+    if dtype == torch.float32:
+        raw = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+        # mostly finite: clear the top exponent bit of most words so few blocks are NaN/Inf
+        raw &= np.where(rng.random(n) < 0.995, np.uint32(0xBFFFFFFF), np.uint32(0xFFFFFFFF))
+        x = torch.from_numpy(raw.view(np.float32).copy()).reshape(shape)
+    else:
+        raw = rng.integers(0, 2**16, n, dtype=np.uint32).astype(np.uint16)
+        raw &= np.where(rng.random(n) < 0.995, np.uint16(0xBFFF), np.uint16(0xFFFF))
+        x = torch.from_numpy(raw.view(np.int16).copy()).view(dtype).reshape(shape)
+    check_all(x, fmt, axis, rounding, scale_mode, seed=seed, out_dtypes=(torch.float32, torch.bfloat16))
+
+
+def test_public_verbs_use_kernels_and_match_reference(monkeypatch):
+    x = sample((4, 64), torch.float32, specials=False)
+    calls = []
+    real = kernels.fake_quantize
+
+    def spy(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(kernels, "fake_quantize", spy)
+    y = ms.fake_quantize(x, "mxfp6_e2m3", axis=0)
+    assert calls
+    assert_same(fake_quantize_reference(x, "mxfp6_e2m3", 0), y)
+    q = ms.quantize(x, "mxfp4", rounding="stochastic", seed=7)
+    assert_same(ms.fake_quantize(x, "mxfp4", rounding="stochastic", seed=7), q.dequantize())
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(ms.fake_quantize(x, "mxfp4", rounding="stochastic", generator=g1),
+                       ms.fake_quantize(x, "mxfp4", rounding="stochastic", generator=g2))
+
+
+def test_non_contiguous_input_and_autograd():
+    x = sample((64, 48), torch.float32, specials=False).t()  # non-contiguous view
+    assert_same(fake_quantize_reference(x, "mxfp8", -1), ms.fake_quantize(x, "mxfp8", -1))
+    w = x.clone().requires_grad_(True)
+    y = ms.fake_quantize(w, "mxfp4", axis=0)
+    assert y.requires_grad
+    (y * 3).sum().backward()
+    assert torch.equal(w.grad, torch.full_like(w, 3.0))
+    assert_same(fake_quantize_reference(w.detach(), "mxfp4", 0), y.detach())
+
+
+def test_large_tensor_multithreaded_matches_single_thread():
+    x = sample((256, 1024), torch.bfloat16, specials=False)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = ms.fake_quantize(x, "mxfp6", axis=0, rounding="stochastic", seed=5)
+        qa = ms.quantize(x, "mxfp4")
+        torch.set_num_threads(1)
+        b = ms.fake_quantize(x, "mxfp6", axis=0, rounding="stochastic", seed=5)
+        qb = ms.quantize(x, "mxfp4")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(bits(a), bits(b))
+    assert torch.equal(qa.codes, qb.codes) and torch.equal(qa.scales, qb.scales)
+    assert_same(fake_quantize_reference(x[:, :64], "mxfp6", 0, "stochastic", seed=5),
+                kernels.fake_quantize(x[:, :64].contiguous(), ms.get_format("mxfp6"), 0, "stochastic", "floor",
+                                      5, None))
+
+
+def test_not_covered_requests_return_none():
+    x = torch.randn(4, 32)
+    f = ms.get_format("mxfp4")
+    assert kernels.fake_quantize(x.double(), f, -1, "even", "floor", None, None) is None
+    assert kernels.fake_quantize(x, f, -1, "even", "floor", None, "microxcaling") is None
+    assert kernels.quantize(x, f, -1, "even", "floor", None, "microxcaling") is None
+    # the public verb still works through the reference
+    assert ms.fake_quantize(x, f, compat="microxcaling").shape == x.shape
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_load_failed", False)
+    import builtins
+    real_import = builtins.__import__
+
+    def broken(name, *a, **k):
+        if "_mxkernels" in name or (a and a[2] and "_mxkernels" in a[2]):
+            raise ImportError("simulated missing extension")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    x = torch.randn(3, 32)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y1 = ms.fake_quantize(x, "mxfp4")
+        y2 = ms.fake_quantize(x, "mxfp4")
+    assert sum("C kernels unavailable" in str(m.message) for m in w) == 1
+    assert torch.equal(y1, y2)
+    assert torch.equal(y1, fake_quantize_reference(x, "mxfp4"))
+
+
+def test_extension_is_built():
+    # CI builds the extension (make test on a fresh clone); a silent fallback there would hide a build bug
+    if os.environ.get("MICROSCALE_KERNELS") == "0":
+        pytest.skip("kernels disabled")
+    info = kernels.info()
+    assert info is not None and info["openmp"] in (0, 1) and info["isa"] in ("avx512", "avx2", "baseline")
