@@ -160,3 +160,25 @@ def model_bytes(model: nn.Module, fmt: str | None) -> int:
         else:
             total += 4 * p.numel()
     return int(total)
+
+
+# ---- per-unit result cache -----------------------------------------------------------------------
+def file_sha256(path: pathlib.Path) -> str:
+    import hashlib
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def cached(out: pathlib.Path, name: str, key: dict, compute, fresh: bool = False):
+    """``compute()`` (JSON-able), reused from ``<out>/runs/<name>.json`` when stored with the same ``key``.
+
+    Keys hold everything a result depends on (settings, checkpoint hashes), so a stale entry is never used.
+    """
+    path = out / "runs" / f"{name}.json"
+    if not fresh and path.exists():
+        stored = read_json(path)
+        if stored.get("key") == key:
+            return stored["value"]
+    value = compute()
+    path.parent.mkdir(exist_ok=True)
+    write_json(path, {"key": key, "value": value})
+    return value

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from . import mx
 from .common import (BDR_FORMATS, DIRECT_CAST_FORMATS, Timer, add_common_args, available, bits_per_element,
-                     environment, markdown_table, model_bytes, setup, write_json)
+                     cached, environment, markdown_table, model_bytes, setup, write_json)
 from .zoo import trained_models
 
 
@@ -100,9 +100,11 @@ def main(argv=None):
     points = []
     with Timer() as total:
         for tm in tqdm(models, desc="direct cast: models", leave=False):
-            model = tm.load()
-            for fmt in formats:
-                points.append(cast_and_evaluate(tm, model, fmt))
+            def compute(tm=tm):
+                model = tm.load()
+                return [cast_and_evaluate(tm, model, fmt) for fmt in formats]
+            key = tm.cache_key(formats=formats, val_windows=preset.val_windows)
+            points += cached(out, f"direct_cast_{tm.name}_s{tm.seed}", key, compute, args.fresh)
     rows = summarize(points, models)
     write_json(out / "direct_cast.json", {"preset": preset.name, "environment": environment(),
                                           "formats": formats, "skipped_formats": [f for f in BDR_FORMATS

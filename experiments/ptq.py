@@ -29,7 +29,7 @@ from tqdm import tqdm
 import microscale as ms
 
 from . import mx
-from .common import Timer, add_common_args, environment, markdown_table, setup, write_json
+from .common import Timer, add_common_args, cached, environment, markdown_table, setup, write_json
 from .error_diffusion import error_diffusion_quantize, layer_error
 from .lm import lr_at
 
@@ -195,7 +195,10 @@ def main(argv=None):
     recs = []
     with Timer() as total:
         for tm in tqdm(trained_models(preset, out), desc="ptq: models"):
-            recs += run_model(tm, preset, args.formats)
+            key = tm.cache_key(formats=args.formats, calib_batches=preset.calib_batches, qat_steps=preset.qat_steps,
+                               qat_lr=preset.qat_lr, val_windows=preset.val_windows, batch=preset.batch)
+            recs += cached(out, f"ptq_{tm.name}_s{tm.seed}", key, lambda tm=tm: run_model(tm, preset, args.formats),
+                           args.fresh)
             for r in recs[-len(args.formats):]:
                 k = _loss_key(tm)
                 tqdm.write(f"{tm.name} s{tm.seed} {r['format']}: fp32 {r['fp32'][k]:.4f} direct {r['direct'][k]:.4f}"

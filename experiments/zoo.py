@@ -27,6 +27,13 @@ class TrainedModel:
     calibration: Callable[[int], list]            # n batches -> list of model inputs
     finetune_batches: Callable[[int, int], list]  # (steps, seed) -> list of (inputs, targets)
     loss_fn: Callable                              # (model, inputs, targets) -> scalar loss
+    checkpoint: pathlib.Path | None = None
+
+    def cache_key(self, **settings) -> dict:
+        """What a result computed from this model depends on: its checkpoint's bytes and the settings."""
+        from .common import file_sha256
+        return {"model": self.name, "seed": self.seed, "checkpoint_sha256": file_sha256(self.checkpoint),
+                **settings}
 
     @property
     def metric(self) -> str:
@@ -59,7 +66,7 @@ def trained_models(preset, out: pathlib.Path) -> list[TrainedModel]:
                 return [batch_windows(corpus.train, st, ctx) for st in starts]
 
             models.append(TrainedModel(name, "lm", seed, lambda p=path, kw=kw: lm.load_gpt(kw, p), evaluate,
-                                       calibration, finetune, lambda m, x, y: m.loss(x, y)))
+                                       calibration, finetune, lambda m, x, y: m.loss(x, y), path))
     for seed in preset.seeds:
         path = train_digits.checkpoint_path(out, seed)
 
@@ -74,5 +81,5 @@ def trained_models(preset, out: pathlib.Path) -> list[TrainedModel]:
         models.append(TrainedModel(train_digits.MODEL_NAME, "digits", seed,
                                    lambda p=path: train_digits.load_mlp(p),
                                    lambda m: train_digits.evaluate(m, digits), calibration, finetune,
-                                   lambda m, x, y: F.cross_entropy(m(x), y)))
+                                   lambda m, x, y: F.cross_entropy(m(x), y), path))
     return models

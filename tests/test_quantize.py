@@ -110,3 +110,17 @@ def test_clear_errors():
         ms.MXTensor(q.codes[:-1], q.scales, q.shape, q.axis, q.format)
     with pytest.raises(ValueError, match="needs scales as"):
         ms.MXTensor(q.codes, q.scales[:-1], q.shape, q.axis, q.format)
+
+
+@pytest.mark.parametrize("dtype,nan_bits", [(torch.bfloat16, 0x7FC0), (torch.float16, 0x7E00),
+                                            (torch.float32, 0x7FC00000)])
+def test_nan_blocks_write_the_canonical_nan_whatever_the_length(dtype, nan_bits):
+    # regression: torch's float64 -> bf16 cast writes 0xFFFF for NaN in its vectorized path (n >= 16)
+    for n in (32, 4096):
+        x = torch.ones(n, dtype=dtype)
+        x[0] = float("nan")
+        ints = {2: torch.int16, 4: torch.int32}[x.element_size()]
+        mask = (1 << (8 * x.element_size())) - 1
+        for y in (ms.fake_quantize(x, "mxfp8_e4m3"), fake_quantize_reference(x, "mxfp8_e4m3"),
+                  ms.quantize(x, "mxfp8_e4m3").dequantize(dtype)):
+            assert set((y[:32].view(ints).to(torch.int64) & mask).tolist()) == {nan_bits}

@@ -11,7 +11,7 @@ import torch
 
 from . import kernels
 from .formats import BlockFormat, get_format
-from .reference import (COMPAT_MODES, check_rounding, check_scale_mode, dequantize_blocks, draw_seed,
+from .reference import (COMPAT_MODES, cast_values, check_rounding, check_scale_mode, dequantize_blocks, draw_seed,
                         quantize_reference)
 from .layout import from_blocks, make_layout
 from .tensor import MXTensor
@@ -60,7 +60,8 @@ def quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, rounding: 
     x = x.detach()
     fast = kernels.quantize(x, fmt, axis, rounding, scale_mode, s, compat)
     if fast is not None:
-        return fast
+        codes, scales, layout = fast
+        return MXTensor(codes, scales, layout.shape, layout.axis, fmt)
     q, layout = quantize_reference(x, fmt, axis, rounding, scale_mode, compat=compat, seed=s)
     return MXTensor.from_blocks(q, layout, fmt)
 
@@ -77,7 +78,7 @@ def _fake_quantize_impl(x, fmt, axis, rounding, scale_mode, s, compat):
     if fast is not None:
         return fast
     q, layout = quantize_reference(x, fmt, axis, rounding, scale_mode, compat=compat, seed=s)
-    return from_blocks(dequantize_blocks(q, fmt), layout).to(x.dtype)
+    return cast_values(from_blocks(dequantize_blocks(q, fmt), layout), x.dtype)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):

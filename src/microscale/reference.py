@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .formats import ROUNDINGS, SCALE_MODES, BlockFormat, ElementFormat, ScaleFormat, get_format
@@ -58,6 +57,7 @@ __all__ = [
     "check_rounding",
     "check_scale_mode",
     "COMPAT_MODES",
+    "cast_values",
 ]
 
 #: Numerics compatibility modes: None (this library, OCP-exact) or "microxcaling".
@@ -298,6 +298,18 @@ def dequantize_blocks(q: QuantizedBlocks, fmt: BlockFormat) -> torch.Tensor:
     return vals * sc[:, None]
 
 
+def cast_values(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast exact float64 values to ``dtype``, writing NaNs as the dtype's canonical quiet NaN.
+
+    (torch's float64 -> bfloat16 conversion writes 0x7FC0 in its scalar path but 0xFFFF in its vectorized
+    path, so without this a NaN's bits would depend on the tensor's length.) Values beyond the dtype's
+    range become ±Inf by IEEE conversion; only non-"floor" scale modes can produce an MX value above
+    float32's maximum (e.g. 2^128 from an input near 3.4e38 with scale_mode="ceil").
+    """
+    out = v.to(dtype)
+    return out.masked_fill(torch.isnan(out), float("nan"))
+
+
 def _microxcaling_exponent(amax: torch.Tensor, elem: ElementFormat, scale: ScaleFormat) -> torch.Tensor:
     """Shared exponent as microsoft/microxcaling computes it (shared_exp_method="max").
 
@@ -351,7 +363,7 @@ def fake_quantize_reference(x: torch.Tensor, fmt, axis: int = -1, rounding: str 
     """quantize_reference followed by dequantization, returned in x's dtype and shape."""
     from .layout import from_blocks
     q, layout = quantize_reference(x, fmt, axis, rounding, scale_mode, generator, compat, seed)
-    return from_blocks(dequantize_blocks(q, get_format(fmt)), layout).to(x.dtype)
+    return cast_values(from_blocks(dequantize_blocks(q, get_format(fmt)), layout), x.dtype)
 
 
 # ---- block formats beyond OCP MX: BDR two-level, FP32 / E4M3 / integer scales, tensor scales ------

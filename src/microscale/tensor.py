@@ -155,8 +155,8 @@ class MXTensor:
         out = kernels.dequantize(self, dtype)
         if out is not None:
             return out
-        from .reference import dequantize_blocks
-        return from_blocks(dequantize_blocks(self.to_blocks(), self.format), self.layout).to(dtype)
+        from .reference import cast_values, dequantize_blocks
+        return cast_values(from_blocks(dequantize_blocks(self.to_blocks(), self.format), self.layout), dtype)
 
     # ---- interop ------------------------------------------------------------------------------------
     def scales_as_e8m0(self) -> torch.Tensor:

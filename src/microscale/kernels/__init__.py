@@ -38,6 +38,8 @@ import warnings
 import torch
 
 from ..formats import ROUNDINGS, SCALE_MODES, get_format
+from ..layout import make_layout
+from ..packing import packed_nbytes
 
 __all__ = ["fake_quantize", "quantize", "dequantize", "available", "info"]
 
@@ -170,18 +172,14 @@ def fake_quantize(x: torch.Tensor, fmt, axis: int, rounding: str, scale_mode: st
 
 def quantize(x: torch.Tensor, fmt, axis: int, rounding: str, scale_mode: str, seed: int | None,
              compat: str | None):
-    """Packed :class:`~microscale.tensor.MXTensor` (codes and scales in blocked order), or None when
-    not covered."""
+    """``(packed codes, scale codes, layout)`` in blocked order (layout.py, packing.py), or None when not
+    covered. quantize.py wraps them into an MXTensor."""
     params = _covered(x, fmt, rounding, scale_mode, compat)
     if params is None or x.dim() == 0:
         return None
     lib = _load()
     if lib is None:
         return None
-    from ..layout import make_layout
-    from ..packing import packed_nbytes
-    from ..tensor import MXTensor  # MXTensor sits below kernels in the layering; import at call time
-
     fmt = get_format(fmt)
     layout = make_layout(x.shape, axis, fmt.block_size)
     x = x.detach().contiguous()
@@ -190,7 +188,7 @@ def quantize(x: torch.Tensor, fmt, axis: int, rounding: str, scale_mode: str, se
     if layout.n_blocks:
         _run_quantize(1, x, 0, codes.data_ptr(), scales.data_ptr(), params, layout.axis, rounding, scale_mode,
                       seed, lib)
-    return MXTensor(codes, scales, layout.shape, layout.axis, fmt)
+    return codes, scales, layout
 
 
 def dequantize(q, dtype: torch.dtype) -> torch.Tensor | None:
