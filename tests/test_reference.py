@@ -214,20 +214,27 @@ def test_stochastic_uniform_hash_values():
     assert stochastic_uniform(42, idx).tolist() == [h(42, i) for i in idx.tolist()]
 
 
+MXC_ROUNDING = {"nearest": "away", "even": "even", "floor": "zero"}  # microxcaling's names -> ours
+
+
+def _golden_cases(path):
+    """(input, [(key, format, our rounding, axis, expected)]) from a microxcaling golden file."""
+    d = np.load(path)
+    cases = []
+    for key in d.files:
+        if key != "input":
+            fmt, rnd, *ax = key.split("/")
+            cases.append((key, fmt, MXC_ROUNDING[rnd], int(ax[0][4:]) if ax else -1, d[key]))
+    return torch.from_numpy(d["input"]), cases
+
+
 @pytest.mark.parametrize("compat", [None, "microxcaling"])
 def test_microxcaling_golden_vectors(golden_dir, compat):
-    d = np.load(golden_dir / "microxcaling_quantize.npz")
-    x = torch.from_numpy(d["input"])
-    rounding = {"nearest": "away", "even": "even", "floor": "zero"}
-    n = 0
-    for key in d.files:
-        if key == "input":
-            continue
-        fmt, rnd, ax = key.split("/")
-        y = ms.fake_quantize(x, fmt, axis=int(ax[4:]), rounding=rounding[rnd], compat=compat)
-        np.testing.assert_array_equal(y.numpy(), d[key], err_msg=key)
-        n += 1
-    assert n == 36  # 6 formats x 3 roundings x 2 axes
+    x, cases = _golden_cases(golden_dir / "microxcaling_quantize.npz")
+    for key, fmt, rounding, axis, expected in cases:
+        y = ms.fake_quantize(x, fmt, axis=axis, rounding=rounding, compat=compat)
+        np.testing.assert_array_equal(y.numpy(), expected, err_msg=key)
+    assert len(cases) == 36  # 6 formats x 3 roundings x 2 axes
 
 
 def test_microxcaling_compat_differs_only_where_its_float32_log2_rounds_up():
@@ -252,15 +259,10 @@ def test_reference_layout_any_axis_and_rank():
 
 
 def test_microxcaling_log2_edge_golden_vectors(golden_dir):
-    d = np.load(golden_dir / "microxcaling_log2_edges.npz")
-    x = torch.from_numpy(d["input"])
-    rounding = {"nearest": "away", "even": "even", "floor": "zero"}
+    x, cases = _golden_cases(golden_dir / "microxcaling_log2_edges.npz")
     differs = 0
-    for key in d.files:
-        if key == "input":
-            continue
-        fmt, rnd = key.split("/")
-        y = ms.fake_quantize(x, fmt, rounding=rounding[rnd], compat="microxcaling")
-        np.testing.assert_array_equal(y.numpy(), d[key], err_msg=key)
-        differs += not np.array_equal(ms.fake_quantize(x, fmt, rounding=rounding[rnd]).numpy(), d[key])
+    for key, fmt, rounding, axis, expected in cases:
+        y = ms.fake_quantize(x, fmt, rounding=rounding, compat="microxcaling")
+        np.testing.assert_array_equal(y.numpy(), expected, err_msg=key)
+        differs += not np.array_equal(ms.fake_quantize(x, fmt, rounding=rounding).numpy(), expected)
     assert differs == 18  # the OCP-exact default differs from the emulator on every one of these
