@@ -130,12 +130,15 @@ def _params(fmt) -> tuple | None:
     return p
 
 
-def _covered(x: torch.Tensor, fmt, rounding: str, scale_mode: str, compat) -> tuple | None:
-    if compat is not None or rounding not in ROUNDINGS or scale_mode not in SCALE_MODES:
+def _covered(x: torch.Tensor, fmt, rounding: str, scale_mode: str, compat):
+    """(format parameters, loaded library) when the kernels cover this request, else None."""
+    if compat is not None or rounding not in ROUNDINGS or scale_mode not in SCALE_MODES or x.dim() == 0:
         return None
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.device.type != "cpu":
         return None
-    return _params(get_format(fmt))
+    params = _params(get_format(fmt))
+    lib = _load() if params is not None else None
+    return None if lib is None else (params, lib)
 
 
 def _geometry(shape, axis: int) -> tuple[int, int, int]:
@@ -157,12 +160,10 @@ def _run_quantize(mode, x, out_ptr, codes_ptr, scales_ptr, params, axis, roundin
 def fake_quantize(x: torch.Tensor, fmt, axis: int, rounding: str, scale_mode: str, seed: int | None,
                   compat: str | None) -> torch.Tensor | None:
     """quantize + dequantize of ``x`` in its own dtype, or None when not covered."""
-    params = _covered(x, fmt, rounding, scale_mode, compat)
-    if params is None or x.dim() == 0:
+    covered = _covered(x, fmt, rounding, scale_mode, compat)
+    if covered is None:
         return None
-    lib = _load()
-    if lib is None:
-        return None
+    params, lib = covered
     x = x.detach().contiguous()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel():
@@ -174,12 +175,10 @@ def quantize(x: torch.Tensor, fmt, axis: int, rounding: str, scale_mode: str, se
              compat: str | None):
     """``(packed codes, scale codes, layout)`` in blocked order (layout.py, packing.py), or None when not
     covered. quantize.py wraps them into an MXTensor."""
-    params = _covered(x, fmt, rounding, scale_mode, compat)
-    if params is None or x.dim() == 0:
+    covered = _covered(x, fmt, rounding, scale_mode, compat)
+    if covered is None:
         return None
-    lib = _load()
-    if lib is None:
-        return None
+    params, lib = covered
     fmt = get_format(fmt)
     layout = make_layout(x.shape, axis, fmt.block_size)
     x = x.detach().contiguous()
