@@ -78,12 +78,13 @@ def write_outputs(out, problem, results, meta, history=None):
     table = markdown_table(results)
     print(table)
     with open(os.path.join(out, "mcmc_compare.json"), "w") as fh:
-        json.dump({"meta": meta, "results": results}, fh, indent=1, default=float)
+        json.dump({"meta": meta, "results": results}, fh, default=float)  # compact: traces are long
     with open(os.path.join(out, "mcmc_compare.md"), "w") as fh:
         fh.write(table + "\n")
-    plot_results(problem, {k: v for k, v in results.items() if "trace_theta0" in v},
-                 os.path.join(out, "mcmc_compare.png"), history)
-    print(f"wrote {out}/mcmc_compare.{{json,md,png}}")
+    traced = {k: v for k, v in results.items() if "trace_theta0" in v}
+    if traced:
+        plot_results(problem, traced, os.path.join(out, "mcmc_compare.png"), history)
+    print(f"wrote {out}/mcmc_compare.{{json,md{',png' if traced else ''}}}")
 
 
 def merge(dirs, out):
@@ -117,7 +118,10 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=300, help="RL training iterations (x32 parallel coarse chains)")
     ap.add_argument("--delta-max", type=float, default=0.0,
                     help="RL mean-shift bound in units of the step (0: actors learn per-block steps only)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--reward", choices=("esjd", "min-block"), default="esjd",
+                    help="RL training reward: whitened ESJD, or the smallest per-agent-block whitened ESJD")
+    ap.add_argument("--methods", nargs="*", default=list(METHODS),
+                    help="subset of %s (none: only the tinyDA row)" % ", ".join(METHODS))
     ap.add_argument("--no-tinyda", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="results/mcmc")
@@ -135,7 +139,8 @@ def main(argv=None):
     policy = history = None
     if any(m.startswith("rl") for m in args.methods):
         policy, history = train_rl(problem, info, n_agents=args.agents, n_iters=args.iters,
-                                   delta_max=args.delta_max, checkpoint=os.path.join(args.out, "policy.pt"))
+                                   delta_max=args.delta_max, reward=args.reward,
+                                   checkpoint=os.path.join(args.out, "policy.pt"))
     results = run_methods(problem, info, policy, methods=args.methods, n_chains=args.chains,
                           n_samples=args.samples, n_burn=args.burn)
     if not args.no_tinyda:

@@ -63,7 +63,8 @@ PRESETS = {
     "quick": Preset(
         name="quick",
         gpt_sizes={"gpt-tiny": dict(d_model=32, n_layers=1, n_heads=2, ctx=32)},
-        train_steps={"gpt-tiny": 12}, gpt_recipes={"gpt-tiny": ("fp32", "mxfp6", "mxfp4-w+mxfp6")}, batch=4, warmup=2, seeds=(0, 1), eval_every=6, val_windows=8,
+        train_steps={"gpt-tiny": 12}, gpt_recipes={"gpt-tiny": ("fp32", "mxfp6", "mxfp4-w+mxfp6")}, batch=4,
+        warmup=2, seeds=(0, 1), eval_every=6, val_windows=8,
         digits_epochs=3, calib_batches=2, qat_steps=3,
     ),
 }

@@ -42,7 +42,8 @@ def summarize(points: list[dict], models) -> list[dict]:
             ps = [p for p in mine if p["format"] == fmt]
             row = {"model": name, "format": fmt, "n_seeds": len(ps),
                    "bits_per_element": ps[0]["bits_per_element"], "model_bytes": ps[0]["model_bytes"],
-                   "primary": kinds[name].metric, "higher_is_better": kinds[name].higher_is_better}
+                   "primary": kinds[name].metric, "higher_is_better": kinds[name].higher_is_better,
+                   "packed": ps[0]["packed"], "wall_s": statistics.fmean(p["wall_s"] for p in ps)}
             for k in metric_keys:
                 vals = [p[k] for p in ps]
                 row[k] = statistics.fmean(vals)
@@ -75,7 +76,7 @@ def plot(rows: list[dict], path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names):
         mine = [r for r in rows if r["model"] == name and r["format"] != "fp32"]
-        key = mine[0]["primary"]
+        key = "val_loss" if "val_loss" in mine[0] else "loss"  # losses: accuracy moves in coarse steps
         ax.axhline(0, color="k", lw=0.8)
         for r in mine:
             ax.scatter(r["bits_per_element"], 100 * r[key + "_rel"], s=18)

@@ -47,7 +47,8 @@ def inference_recipe(fmt: str):
 
 
 def qat_recipe(fmt: str):
-    """Quantization-aware finetuning: forward as in inference (``fmt``), FP32 gradients (STE)."""
+    """Quantization-aware finetuning: weights and activations in ``fmt`` in every pass (as in inference),
+    output gradients unquantized; rounding is straight-through."""
     return inference_recipe(fmt)
 
 

@@ -6,8 +6,8 @@ For each FP32 model and each of MXFP6 E2M3, MXFP6 E3M2 and MXFP4 (weights and ac
 - error diffusion (``experiments.error_diffusion``, GPTQ-style, Hessians from a small calibration set,
   layers in order, each seeing the already-quantized earlier layers),
 - QAT: ``qat_steps`` AdamW steps from the FP32 weights with the model quantized by
-  ``microscale.nn.quantize_model`` (forward in the format, FP32 gradients through the straight-through
-  estimator), then evaluated as a direct cast of the finetuned weights,
+  ``microscale.nn.quantize_model`` (weights and activations in the format in every pass, output gradients
+  unquantized, straight-through rounding), then evaluated as a direct cast of the finetuned weights,
 - a control: the same finetuning in FP32, since extra steps alone may lower the loss of a small model.
 share = (direct − method) / (direct − FP32) on the loss (validation loss for the GPTs, test loss for digits).
 
@@ -99,7 +99,8 @@ def run_model(tm, preset, formats) -> list[dict]:
         control = evaluate_in(tm, finetune(model, tm, None, preset.qat_steps, preset.qat_lr, tm.seed), None)
     recs = []
     for fmt in formats:
-        rec = {"model": tm.name, "seed": tm.seed, "format": fmt, "bits_per_element": ms.get_format(fmt).bits_per_element,
+        rec = {"model": tm.name, "seed": tm.seed, "format": fmt,
+               "bits_per_element": ms.get_format(fmt).bits_per_element,
                "fp32": fp32, "fp32_finetuned_control": control, "wall_s": {"fp32_finetune": tc.seconds}}
         with Timer() as t:
             rec["direct"] = evaluate_in(tm, model, fmt)
@@ -173,8 +174,11 @@ def plot(rows: list[dict], path) -> None:
     for ax, name in zip(axes[0], names):
         mine = [r for r in rows if r["model"] == name]
         xs = range(len(mine))
-        for i, m in enumerate(METHODS):
-            ax.bar([x + (i - 1) * 0.27 for x in xs], [r[m] - r["fp32"] for r in mine], width=0.27, label=m)
+        bars = METHODS + ("fp32_finetuned_control",)
+        for i, m in enumerate(bars):
+            ax.bar([x + (i - 1.5) * 0.2 for x in xs], [r[m] - r["fp32"] for r in mine], width=0.2,
+                   label=m.replace("fp32_finetuned_control", "FP32 + same finetune"),
+                   color="0.6" if m.startswith("fp32") else None)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(list(xs), [r["format"].replace("mxfp", "fp") for r in mine], fontsize=8)
         ax.set(title=f"{name}", ylabel=f"{mine[0]['loss_key']} − FP32")

@@ -50,12 +50,12 @@ def training_section(tr: dict, img) -> tuple[str, dict]:
                f"{h['warmup']} warmup steps, {h['schedule']}, {h['optimizer']}.\n")
     body = []
     for r in rows:
-        body.append([r["model"], r["recipe"], f"{r['bits_w']:g} / {r['bits_a']:g}",
+        body.append([r["model"], r["recipe"], f"{r['bits_w']:g} / {r['bits_a']:g}", f"{r['model_bytes']:,}",
                      f"{r['mean']:.4f} ± {r['half_range']:.4f}",
                      "—" if r["recipe"] == "fp32" else f"{r['gap_mean']:+.4f} ± {r['gap_half_range']:.4f}",
                      " / ".join(f"{g:+.4f}" for g in r["gap"]) if r["recipe"] != "fp32" else "—",
                      _hms(r["wall_s_mean"])])
-    out.append("\n" + markdown_table(["model", "recipe", "bits W / A", "final val loss", "gap to FP32",
+    out.append("\n" + markdown_table(["model", "recipe", "bits W / A", "model bytes", "final val loss", "gap to FP32",
                                       "gap per seed", "wall time per run"], body))
     paper = [[size, f"{f:.2f}", f"{a:.2f} ({a - f:+.2f})", f"{b:.2f} ({b - f:+.2f})"]
              for size, (f, a, b) in PAPER_TRAINING.items()]
@@ -88,11 +88,15 @@ def direct_cast_section(dc: dict, img) -> tuple[str, dict]:
         keys = [k for k in ("val_loss", "accuracy", "loss") if k in mine[0]]
         body = [[r["format"], f"{r['bits_per_element']:.2f}", f"{r['model_bytes']:,}"]
                 + [f"{r[k]:.4f} ± {r[k + '_half_range']:.4f} ({100 * r[k + '_rel']:+.2f}%)" for k in keys]
-                + [PAPER_INFERENCE.get(r["format"], "FP32 reference" if r["format"] == "fp32" else "")]
+                + [f"{r['wall_s']:.1f} s" + ("" if r["packed"] or r["format"] == "fp32" else " †"),
+                   PAPER_INFERENCE.get(r["format"], "FP32 reference" if r["format"] == "fp32" else "")]
                 for r in mine]
         names = {"val_loss": "val loss", "accuracy": "test accuracy", "loss": "test loss"}
         out.append(f"**{m}** ({mine[0]['n_seeds']} seeds)\n\n" + markdown_table(
-            ["format", "bits/elem", "model bytes"] + [names[k] for k in keys] + ["paper"], body))
+            ["format", "bits/elem", "model bytes"] + [names[k] for k in keys] + ["cast + eval wall", "paper"], body))
+    out.append("† `quantize_model(..., inference=True)` cannot pack two-level BDR formats yet (their microexponents "
+               "are not stored), so these ran with fake-quantized weights (same numbers, FP32 storage at run time); "
+               "model bytes are the exact packed sizes from `microscale.quantize(...).nbytes`.\n")
     out.append(f"![direct cast]({img('direct_cast.png')})\n")
     if dc.get("skipped_formats"):
         out.append(f"Not run (not registered in this checkout): {', '.join(dc['skipped_formats'])}.\n")
@@ -113,15 +117,16 @@ def direct_cast_section(dc: dict, img) -> tuple[str, dict]:
     return "\n".join(out), checks
 
 
-def ptq_section(pq: dict, img) -> tuple[str, dict]:
+def ptq_section(pq: dict, img, dc: dict) -> tuple[str, dict]:
     rows = pq["summary"]
     out = ["## 3. Recovering the loss: error diffusion (GPTQ-style PTQ) and quantization-aware finetuning\n",
            f"Weights and activations in the format. Error diffusion: Hessians XᵀX of each Linear's inputs on "
            f"{pq['calibration_batches']} calibration batches (training split), layers quantized in order (GPTQ's "
            f"sequential scheme), MX scales computed per 32-column block from the error-updated block, damping "
            f"{pq['damp']}. QAT: {pq['qat_steps']} AdamW steps (peak lr {pq['qat_lr']}, cosine to 0) from the FP32 "
-           f"weights with the model quantized by `microscale.nn.quantize_model` (format forward, FP32 straight-"
-           f"through gradients), evaluated as a direct cast. The control finetunes FP32 the same way: a small "
+           f"weights with the model quantized by `microscale.nn.quantize_model` (weights and activations in the "
+           f"format in every pass, output gradients unquantized, straight-through rounding), evaluated as a direct cast. "
+           f"The control finetunes FP32 the same way: a small "
            f"model keeps improving with more steps, so QAT's share can exceed 100%; the control-adjusted share "
            f"1 − (QAT − control)/(direct − FP32) removes that. Loss = validation loss (GPTs) or test loss "
            f"(digits, with test accuracy after the slash). Mean over {rows[0]['n_seeds']} seeds.\n"]
@@ -139,11 +144,14 @@ def ptq_section(pq: dict, img) -> tuple[str, dict]:
         gap = r["direct"] - r["fp32"]
         adj = 1 - (r["qat"] - r["fp32_finetuned_control"]) / gap if gap else None
         r["share_qat_control_adjusted"] = adj
-        body.append([r["model"], r["format"], f"{r['bits_per_element']:.2f}", cell("fp32"), cell("direct"),
+        nbytes = next((d["model_bytes"] for d in dc["summary"] if d["model"] == r["model"]
+                       and d["format"] == r["format"]), None)
+        body.append([r["model"], r["format"], f"{r['bits_per_element']:.2f}",
+                     "?" if nbytes is None else f"{nbytes:,}", cell("fp32"), cell("direct"),
                      cell("error_diffusion"), share("error_diffusion"), cell("qat"), share("qat"),
                      cell("fp32_finetuned_control"), "—" if adj is None else f"{100 * adj:.0f}%",
                      f"{r['wall_s']['error_diffusion']:.0f} s / {r['wall_s']['qat']:.0f} s"])
-    out.append(markdown_table(["model", "format", "bits/elem", "FP32", "direct cast", "error diffusion",
+    out.append(markdown_table(["model", "format", "bits/elem", "model bytes", "FP32", "direct cast", "error diffusion",
                                "ED share", "QAT", "QAT share", "FP32 finetuned (control)",
                                "QAT share, control-adjusted", "wall ED / QAT"], body))
     out.append(f"\n![PTQ and QAT]({img('ptq.png')})\n")
@@ -204,8 +212,9 @@ def discussion(train_v, dc_c, ptq_c) -> str:
   under-trained model; the FP32 control column measures that, and the control-adjusted share isolates what
   finetuning recovers of the quantization penalty.
 - **E2M3 vs E3M2 for inference.** The direct-cast loss with MXFP6 E2M3 is lower than with E3M2 on
-  {len(e2m3)} of {len(dc_c)} models ({', '.join(e2m3) or 'none'}), the paper's observation being that the extra
-  mantissa bit matters more than range once a 32-element block shares a scale.
+  {len(e2m3)} of {len(dc_c)} models ({', '.join(e2m3) or 'none'}), as the paper reports. Our reading: with a
+  shared power-of-two scale per 32 elements, the block maximum fixes the range, so the extra mantissa bit
+  of E2M3 buys more than the extra exponent bit of E3M2 (which mostly serves small elements of a block).
 - **Digits.** The 8x8 digits test set has 450 images, so one image is 0.22% of accuracy; accuracy moves in
   those steps, and the test loss is the finer measure (reported beside it).
 - **What is quantized.** Every Linear (QKV, attention output, MLP, LM head) and both attention matmuls, in
@@ -230,17 +239,22 @@ def main(argv=None):
 
     t_text, t_v = training_section(tr, img)
     d_text, d_c = direct_cast_section(dc, img)
-    p_text, p_c = ptq_section(pq, img)
+    p_text, p_c = ptq_section(pq, img, dc)
     corpus = tr["corpus"]
     env = tr["environment"]
     head = [f"# Reproducing the MX papers at CPU scale ({preset.name} run)\n",
             "Generated by `python -m experiments.all` from the JSON files in "
             f"`{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}/`; do not edit by hand.\n"]
+    dc_compute = sum(pt["wall_s"] for pt in dc["points"])
+    ptq_compute = sum(sum(r["wall_s"].values()) for r in pq["records"])
+    head.append(f"Compute time of each stage when first computed (single-process seconds, summed over its "
+                f"units; units are cached in `runs/` and reused when their inputs match): training "
+                f"{_hms(tr['compute_s'])} ({len(tr['runs'])} runs), direct cast {_hms(dc_compute)}, error diffusion + "
+                f"QAT {_hms(ptq_compute)}; total {_hms(tr['compute_s'] + dc_compute + ptq_compute)} on a machine "
+                f"shared with other jobs.\n")
     if run:
         stages = ", ".join(f"{k} {_hms(v)}" for k, v in run["stage_wall_s"].items())
-        head.append(f"Wall time of the run that wrote these files: {_hms(run['wall_s'])} ({stages}). "
-                    f"Training compute, summed over runs as first trained: {_hms(tr['compute_s'])} "
-                    f"(runs cached from an earlier invocation are reused when their settings match).\n")
+        head.append(f"Wall time of the invocation that wrote this page: {_hms(run['wall_s'])} ({stages}).\n")
     head.append(f"Machine: {env['cpu_count']} CPU cores ({env['processor']}), torch {env['torch']}, "
                 f"Python {env['python']}.\n")
     head.append("## Data\n")

@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from . import mx
-from .common import Timer, add_common_args, environment, markdown_table, pm, read_json, setup, write_json
+from .common import (Timer, add_common_args, environment, markdown_table, model_bytes, pm, read_json, setup,
+                     write_json)
 from .data import batch_windows, load_corpus, train_starts
 from .lm import build_gpt, checkpoint_path, lr_at, save_checkpoint, val_loss
 from .models import n_params
@@ -93,26 +94,36 @@ def recipe_bits(label: str) -> dict:
 
 
 def plot(runs: list[dict], model_name: str, path) -> None:
+    """Left: training loss (running mean), first seed. Right: validation loss minus the same seed's FP32
+    run at each evaluation (the paired gap), per seed (thin) and averaged (thick)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    mine = [r for r in runs if r["model"] == model_name]
+    seeds = sorted({r["seed"] for r in mine})
+    base = {r["seed"]: r for r in mine if r["recipe"] == "fp32"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {}
-    for r in (r for r in runs if r["model"] == model_name):
-        c = colors.setdefault(r["recipe"], f"C{len(colors)}")
-        tl = torch.tensor(r["train_loss"])
-        k = max(1, len(tl) // 40)
+    for i, recipe in enumerate(dict.fromkeys(r["recipe"] for r in mine)):
+        c = f"C{i}"
+        rs = [r for r in mine if r["recipe"] == recipe]
+        first = next(r for r in rs if r["seed"] == seeds[0])
+        tl = torch.tensor(first["train_loss"])
+        k = max(1, len(tl) // 30)
         smooth = torch.nn.functional.avg_pool1d(tl[None, None], k, stride=1)[0, 0]
-        label = r["recipe"] if r["seed"] == runs[0]["seed"] else None
-        ax1.plot(range(k, len(tl) + 1), smooth, color=c, lw=1, alpha=0.8, label=label)
-        ax2.plot(r["val_steps"], r["val_loss"], "o-", color=c, ms=3, lw=1, alpha=0.8, label=label)
-    ax1.set(title=f"{model_name}: train loss (running mean)", xlabel="step", ylabel="nats / byte")
-    ax2.set(title=f"{model_name}: validation loss, all seeds", xlabel="step", ylabel="nats / byte")
+        ax1.plot(range(k, len(tl) + 1), smooth, color=c, lw=1, label=recipe)
+        gaps = [[v - b for v, b in zip(r["val_loss"], base[r["seed"]]["val_loss"])] for r in rs if r["seed"] in base]
+        for g in gaps:
+            ax2.plot(rs[0]["val_steps"], g, color=c, lw=0.6, alpha=0.5)
+        ax2.plot(rs[0]["val_steps"], torch.tensor(gaps).mean(0), "o-", color=c, ms=3, lw=1.8, label=recipe)
+    ax1.set(title=f"{model_name}: training loss (running mean, seed {seeds[0]})", xlabel="step",
+            ylabel="nats / byte")
+    ax1.set_ylim(top=float(torch.tensor(mine[0]["train_loss"][len(mine[0]["train_loss"]) // 10:]).max()))
+    ax2.axhline(0, color="k", lw=0.8)
+    ax2.set(title=f"{model_name}: validation loss − FP32 (paired; thin: each seed)", xlabel="step",
+            ylabel="Δ nats / byte")
     for ax in (ax1, ax2):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    lo = min(min(r["val_loss"]) for r in runs if r["model"] == model_name)
-    ax2.set_ylim(lo - 0.05, lo + 0.6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -195,6 +206,9 @@ def main(argv=None):
         runs = run_jobs(jobs, args.jobs)
     runs.sort(key=lambda r: (models.index(r["model"]), r["seed"], mx.TRAIN_RECIPES.index(r["recipe"])))
     rows = summarize(runs)
+    for r in rows:  # storage of the trained model: Linear weights in the recipe's weight format
+        w_fmt = mx.recipe_formats(r["recipe"])[0]
+        r["model_bytes"] = model_bytes(build_gpt(preset.gpt_sizes[r["model"]], 0), None if w_fmt == "none" else w_fmt)
     result = {"preset": preset.name, "environment": environment(), "corpus": corpus.summary(),
               "models": {m: {"config": preset.gpt_sizes[m], "params": next(r["params"] for r in runs
                                                                             if r["model"] == m),

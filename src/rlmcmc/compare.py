@@ -36,10 +36,11 @@ def pilot(problem: InverseProblem, n_chains: int, n_steps: int = 4000, seed: int
 
 
 def train_rl(problem: InverseProblem, pilot_info: dict, n_agents: int = 4, n_iters: int = 300,
-             delta_max: float = 0.5, seed: int = 0, checkpoint: str | None = None, progress: bool = True):
+             delta_max: float = 0.5, reward: str = "esjd", seed: int = 0, checkpoint: str | None = None,
+             progress: bool = True):
     """Train the multi-agent policy on the coarse posterior, starting from the pilot's pCN step."""
     _, coarse = problem.posteriors()
-    train = TrainConfig(n_iters=n_iters, seed=seed)
+    train = TrainConfig(n_iters=n_iters, reward=reward, seed=seed)
     inits = np.repeat(pilot_info["inits"], int(np.ceil(train.n_envs / len(pilot_info["inits"]))), axis=0)
     config = AgentConfig(dim=problem.fine.dim, n_agents=n_agents, beta0=float(pilot_info["step"]),
                          delta_max=delta_max)
@@ -68,8 +69,9 @@ def run_methods(problem: InverseProblem, pilot_info: dict, policy, methods=METHO
                             n_burn=n_burn, tune=tune, init=pilot_info["inits"], progress=progress, desc=method)
         summary = summarize(chains)
         summary["wall_seconds"] = time.perf_counter() - t0
-        summary["misfit_trace"] = [c.misfit.tolist() for c in chains]
-        summary["trace_theta0"] = [c.samples[:, 0].tolist() for c in chains]
+        # Chain 0 only (the plots use it); all chains would make the JSON tens of MB.
+        summary["misfit_trace"] = [np.round(chains[0].misfit, 4).tolist()]
+        summary["trace_theta0"] = [np.round(chains[0].samples[:, 0], 5).tolist()]
         out[method] = summary
     return out
 
@@ -100,7 +102,8 @@ def plot_results(problem: InverseProblem, results: dict, path: str, history: dic
     n = mesh.n
     best = max(results, key=lambda m: results[m]["ess_per_fine_solve"])
     for ax, theta, title in ((axes[0, 0], problem.theta_true, "true log κ"),
-                             (axes[0, 1], np.array(results[best]["posterior_mean"]), f"posterior mean log κ ({best})")):
+                             (axes[0, 1], np.array(results[best]["posterior_mean"]),
+                              f"posterior mean log κ ({best})")):
         im = ax.imshow(fields.log_kappa(theta).reshape(n, n), origin="lower", extent=(0, 1, 0, 1), cmap="viridis")
         ax.plot(problem.fine.points[:, 0], problem.fine.points[:, 1], "w.", ms=4)
         ax.set_title(title)

@@ -116,7 +116,8 @@ class Q1Mesh:
         """Validate a per-element coefficient: shape (n*n,), finite and positive."""
         kappa = np.asarray(kappa, dtype=float)
         if kappa.shape != (self.n_elements,):
-            raise ValueError(f"kappa must have one value per fine element, shape ({self.n_elements},), got {kappa.shape}")
+            raise ValueError(
+                f"kappa must have one value per fine element, shape ({self.n_elements},), got {kappa.shape}")
         if not np.all(np.isfinite(kappa)) or np.any(kappa <= 0):
             raise ValueError("kappa must be finite and positive everywhere")
         return kappa

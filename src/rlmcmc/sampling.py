@@ -131,7 +131,8 @@ def run_chain(fine: Posterior, proposal: GaussianProposal, theta0, n_samples: in
         ok, prob1 = _log_accept(log_r1, rng)
         if tune and it < n_burn:
             log_step += (prob1 - target_accept) / np.sqrt(it + 1.0)
-            proposal = proposal.with_step(float(np.clip(np.exp(log_step), 1e-4, 0.999 if proposal.name == "pcn" else 10.0)))
+            upper = 0.999 if proposal.name == "pcn" else 10.0
+            proposal = proposal.with_step(float(np.clip(np.exp(log_step), 1e-4, upper)))
             log_step = np.log(proposal.step)
         if ok:
             acc1 += 1
