@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))  # uninstalled checkouts
 
 from rlmcmc.compare import METHODS, markdown_table, pilot, plot_results, run_methods, train_rl  # noqa: E402
 from rlmcmc.diagnostics import ess_rhat  # noqa: E402
@@ -115,9 +115,11 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=5000, help="kept draws per chain")
     ap.add_argument("--burn", type=int, default=500)
     ap.add_argument("--agents", type=int, default=4)
-    ap.add_argument("--iters", type=int, default=300, help="RL training iterations (x32 parallel coarse chains)")
+    ap.add_argument("--iters", type=int, default=200, help="RL training iterations (x64 parallel coarse chains)")
+    ap.add_argument("--no-coupling", action="store_true",
+                    help="block-diagonal step factor S (agents do not share exploration noise)")
     ap.add_argument("--delta-max", type=float, default=0.0,
-                    help="RL mean-shift bound in units of the step (0: actors learn per-block steps only)")
+                    help="bound of the actors' state-dependent drift in units of the step (0: no drift)")
     ap.add_argument("--reward", choices=("esjd", "min-block"), default="esjd",
                     help="RL training reward: whitened ESJD, or the smallest per-agent-block whitened ESJD")
     ap.add_argument("--methods", nargs="*", default=list(METHODS),
@@ -139,8 +141,11 @@ def main(argv=None):
     policy = history = None
     if any(m.startswith("rl") for m in args.methods):
         policy, history = train_rl(problem, info, n_agents=args.agents, n_iters=args.iters,
-                                   delta_max=args.delta_max, reward=args.reward,
+                                   delta_max=args.delta_max, reward=args.reward, coupled=not args.no_coupling,
                                    checkpoint=os.path.join(args.out, "policy.pt"))
+        print("RL training: coarse ESJD pCN init %.4f -> trained %.4f (%.0f CPU s, %d coarse solves)" % (
+            history["coarse_esjd_pcn_init"]["esjd"], history["coarse_esjd_trained"]["esjd"],
+            history["cpu_seconds"], history["coarse_solves"]))
     results = run_methods(problem, info, policy, methods=args.methods, n_chains=args.chains,
                           n_samples=args.samples, n_burn=args.burn)
     if not args.no_tinyda:
@@ -149,7 +154,8 @@ def main(argv=None):
             results["tinyda-pcn-2"] = row
     meta = {"args": vars(args), "problem": problem.describe(), "offline_fine_solves": offline,
             "pilot_step": info["step"], "pilot_coarse_solves": info["coarse_solves"],
-            "train": None if history is None else {k: history[k] for k in ("cpu_seconds", "coarse_solves")},
+            "train": None if history is None else {k: history[k] for k in (
+                "cpu_seconds", "coarse_solves", "coarse_esjd_pcn_init", "coarse_esjd_trained")},
             "wall_seconds": time.perf_counter() - t_start}
     write_outputs(args.out, problem, results, meta, history)
     print(f"total {meta['wall_seconds']:.0f} s")

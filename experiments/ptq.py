@@ -113,10 +113,17 @@ def run_model(tm, preset, formats) -> list[dict]:
             rec["qat"] = evaluate_in(tm, finetune(model, tm, fmt, preset.qat_steps, preset.qat_lr, tm.seed), fmt)
         rec["wall_s"]["qat"] = t.seconds
         for m in ("error_diffusion", "qat"):
-            gap = rec["direct"][_loss_key(tm)] - fp32[_loss_key(tm)]
-            rec[f"share_{m}"] = (rec["direct"][_loss_key(tm)] - rec[m][_loss_key(tm)]) / gap if gap else None
+            rec[f"share_{m}"] = recovered_share(fp32[_loss_key(tm)], rec["direct"][_loss_key(tm)],
+                                                rec[m][_loss_key(tm)])
         recs.append(rec)
     return recs
+
+
+def recovered_share(fp32: float, direct: float, method: float) -> float | None:
+    """(direct − method) / (direct − FP32): the share of the direct-cast loss gap a method recovers;
+    None when direct cast is not worse than FP32 (no gap to recover)."""
+    gap = direct - fp32
+    return (direct - method) / gap if gap > 0 else None
 
 
 def _loss_key(tm_or_name) -> str:
@@ -137,10 +144,9 @@ def summarize(recs: list[dict]) -> list[dict]:
             row[m] = statistics.fmean(r[m][k] for r in rs)
             if "accuracy" in rs[0][m]:
                 row[m + "_accuracy"] = statistics.fmean(r[m]["accuracy"] for r in rs)
-        for m in ("error_diffusion", "qat"):
-            shares = [r[f"share_{m}"] for r in rs if r[f"share_{m}"] is not None]
-            row[f"share_{m}"] = statistics.fmean(shares) if shares else None
-            row[f"share_{m}_per_seed"] = shares
+        for m in ("error_diffusion", "qat"):  # share of the seed-mean gap; per seed where a seed has a gap
+            row[f"share_{m}"] = recovered_share(row["fp32"], row["direct"], row[m])
+            row[f"share_{m}_per_seed"] = [recovered_share(r["fp32"][k], r["direct"][k], r[m][k]) for r in rs]
         row["wall_s"] = {m: statistics.fmean(r["wall_s"][m] for r in rs) for m in rs[0]["wall_s"]}
         rows.append(row)
     return rows
@@ -149,8 +155,8 @@ def summarize(recs: list[dict]) -> list[dict]:
 def table(rows: list[dict]) -> str:
     def share(r, m):
         v = r[f"share_{m}"]
-        per = ", ".join(f"{s:.2f}" for s in r[f"share_{m}_per_seed"])
-        return "—" if v is None else f"{100 * v:.0f}% ({per})"
+        per = ", ".join("n/a" if s is None else f"{s:.2f}" for s in r[f"share_{m}_per_seed"])
+        return "— (no gap)" if v is None else f"{100 * v:.0f}% ({per})"
 
     body = []
     for r in rows:

@@ -85,7 +85,8 @@ def cmd_train(args):
     info = pilot(problem, args.chains, n_steps=args.pilot_steps)
     ckpt = os.path.join(args.out, "policy.pt")
     _, history = train_rl(problem, info, n_agents=args.agents, n_iters=args.iters,
-                          delta_max=args.delta_max, reward=args.reward, checkpoint=ckpt)
+                          delta_max=args.delta_max, reward=args.reward, coupled=not args.no_coupling,
+                          checkpoint=ckpt)
     print(f"wrote {ckpt}")
     _dump({"problem": problem.describe(), "pilot_step": info["step"], "history": history},
           os.path.join(args.out, "train.json"))
@@ -114,7 +115,7 @@ def cmd_compare(args):
     problem, offline = _build(args)
     info = pilot(problem, args.chains, n_steps=args.pilot_steps)
     policy, history = train_rl(problem, info, n_agents=args.agents, n_iters=args.iters,
-                               delta_max=args.delta_max, reward=args.reward,
+                               delta_max=args.delta_max, reward=args.reward, coupled=not args.no_coupling,
                                checkpoint=os.path.join(args.out, "policy.pt"))
     results = run_methods(problem, info, policy, n_chains=args.chains, n_samples=args.samples, n_burn=args.burn)
     table = markdown_table(results)
@@ -142,9 +143,11 @@ def main(argv=None) -> int:
         _problem_args(p)
         p.add_argument("--chains", type=int, default=4)
         p.add_argument("--agents", type=int, default=4)
-        p.add_argument("--iters", type=int, default=300, help="RL training iterations")
+        p.add_argument("--iters", type=int, default=200, help="RL training iterations")
         p.add_argument("--delta-max", type=float, default=0.0,
-                       help="RL mean-shift bound in units of the step (0: actors learn per-block steps only)")
+                       help="bound of the actors' state-dependent drift in units of the step (0: no drift)")
+        p.add_argument("--no-coupling", action="store_true",
+                       help="block-diagonal step factor (agents do not share exploration noise)")
         p.add_argument("--reward", choices=("esjd", "min-block"), default="esjd", help="RL training reward")
         if name != "train":
             p.add_argument("--samples", type=int, default=2000, help="kept draws per chain")

@@ -19,7 +19,7 @@ import numpy as np
 from .diagnostics import summarize
 from .problem import InverseProblem
 from .proposals import make_proposal
-from .rl import AgentConfig, RLProposal, TrainConfig, train_agents
+from .rl import AgentConfig, RLProposal, TrainConfig, coarse_esjd, train_agents
 from .sampling import run_chains
 
 METHODS = ("rw-1", "pcn-1", "rl-1", "rw-2", "pcn-2", "rl-2")
@@ -35,17 +35,28 @@ def pilot(problem: InverseProblem, n_chains: int, n_steps: int = 4000, seed: int
             "coarse_solves": coarse.n_evals}
 
 
-def train_rl(problem: InverseProblem, pilot_info: dict, n_agents: int = 4, n_iters: int = 300,
-             delta_max: float = 0.5, reward: str = "esjd", seed: int = 0, checkpoint: str | None = None,
-             progress: bool = True):
-    """Train the multi-agent policy on the coarse posterior, starting from the pilot's pCN step."""
+def train_rl(problem: InverseProblem, pilot_info: dict, n_agents: int = 4, n_iters: int = 200,
+             delta_max: float = 0.0, reward: str = "esjd", coupled: bool = True, seed: int = 0,
+             checkpoint: str | None = None, progress: bool = True):
+    """Train the multi-agent policy on the coarse posterior, starting from pCN with the pilot's step.
+
+    The training chains start at the pilot's chain starting points (repeated); the reward is whitened by
+    the pilot's coarse-posterior std. Returns (policy, history); the history also holds the coarse ESJD
+    of the pCN initialization and of the trained policy (exact MH on the coarse posterior, same seeds).
+    """
     _, coarse = problem.posteriors()
     train = TrainConfig(n_iters=n_iters, reward=reward, seed=seed)
     inits = np.repeat(pilot_info["inits"], int(np.ceil(train.n_envs / len(pilot_info["inits"]))), axis=0)
     config = AgentConfig(dim=problem.fine.dim, n_agents=n_agents, beta0=float(pilot_info["step"]),
-                         delta_max=delta_max)
-    return train_agents(coarse, config, train, init=inits[: train.n_envs], scale=pilot_info["scale"],
-                        progress=progress, checkpoint=checkpoint)
+                         delta_max=delta_max, coupled=coupled)
+    policy, history = train_agents(coarse, config, train, init=inits[: train.n_envs], scale=pilot_info["scale"],
+                                   progress=progress, checkpoint=checkpoint)
+    _, coarse = problem.posteriors()
+    for name, prop in (("pcn_init", make_proposal("pcn", problem.fine.dim, float(pilot_info["step"]))),
+                       ("trained", RLProposal(policy))):
+        history[f"coarse_esjd_{name}"] = coarse_esjd(coarse, prop, pilot_info["inits"], 250, pilot_info["scale"],
+                                                     seed=seed + 1)
+    return policy, history
 
 
 def run_methods(problem: InverseProblem, pilot_info: dict, policy, methods=METHODS, n_chains: int = 4,

@@ -1,16 +1,6 @@
-"""Make ``import rlmcmc`` work from a source checkout without an install."""
+"""Per-test thread limits for the rlmcmc tests (the package itself is installed in the venv)."""
 
-import os
-import sys
-
-SRC = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "src"))
-try:
-    import rlmcmc  # noqa: F401
-except ImportError:
-    sys.path.insert(0, SRC)
-
-
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(autouse=True)

@@ -26,12 +26,18 @@ def _check_moments(draws, n_ess):
 
 
 def _random_policy(dim, seed=0):
+    """Untrained but non-trivial, *state-dependent* actors: m ≠ 0, full lower-triangular S ≠ β I, per-block
+    β, state-dependent step factor and drift, so the proposal is neither symmetric nor prior-reversible."""
     torch.manual_seed(seed)
     policy = MultiAgentPolicy(AgentConfig(dim=dim, n_agents=2, beta0=0.5, delta_max=0.5))
     with torch.no_grad():
-        for actor in policy.actors:  # untrained but *state-dependent* actors: non-symmetric proposal
-            actor[-1].weight.normal_(0, 0.5)
-            actor[-1].bias.normal_(0, 0.3)
+        for actor in policy.actors:
+            actor.mean_raw.normal_(0, 0.3)
+            actor.log_diag.copy_(torch.log(torch.full_like(actor.log_diag, 0.4)) + 0.2 * torch.randn_like(actor.log_diag))
+            actor.rows.normal_(0, 0.15)
+            actor.beta_logit.add_(torch.randn(()))
+            actor.net[-1].weight.normal_(0, 0.3)
+            actor.net[-1].bias.normal_(0, 0.2)
     return policy
 
 
@@ -86,36 +92,65 @@ def test_proposal_densities_are_normalized_gaussians():
 def test_untrained_rl_policy_is_exactly_pcn():
     policy = MultiAgentPolicy(AgentConfig(dim=5, n_agents=2, beta0=0.3))
     rl, pcn = RLProposal(policy), PCNProposal(5, 0.3)
-    theta = np.random.default_rng(1).standard_normal(5)
+    rng = np.random.default_rng(1)
+    theta, to = rng.standard_normal(5), rng.standard_normal(5)
     m_rl, s_rl = rl.mean_std(theta, 12.0)
     m_pc, s_pc = pcn.mean_std(theta, 12.0)
     np.testing.assert_allclose(m_rl, m_pc, rtol=1e-6)
     np.testing.assert_allclose(s_rl, s_pc, rtol=1e-6)
+    assert rl.log_density(to, theta, 12.0) == pytest.approx(pcn.log_density(to, theta, 12.0), rel=1e-6)
 
 
 def test_numpy_actor_matches_torch_policy():
-    policy = _random_policy(6, seed=9)
+    policy = _random_policy(6, seed=9).double()
     rl = RLProposal(policy)
-    theta = np.random.default_rng(4).standard_normal(6)
-    state = torch.as_tensor(np.concatenate([theta, [misfit_feature(7.5)]]), dtype=torch.float64)[None]
+    rng = np.random.default_rng(4)
+    theta, to = rng.standard_normal(6), rng.standard_normal(6)
+    state = torch.as_tensor(np.concatenate([theta, [misfit_feature(7.5)]]))[None]
     with torch.no_grad():
-        mean_t, std_t = policy.double().proposal_params(state[:, :-1], policy.double()(state))
-    mean, std = rl.mean_std(theta, 7.5)
+        mean_t, fac_t, _ = policy.proposal(state)
+        logq_t = policy.log_density(torch.as_tensor(to)[None], state)
+    mean, fac = rl.mean_factor(theta, 7.5)
     np.testing.assert_allclose(mean, mean_t[0].numpy(), rtol=1e-12)
-    np.testing.assert_allclose(std, std_t[0].numpy(), rtol=1e-12)
+    np.testing.assert_allclose(fac, fac_t[0].numpy(), rtol=1e-12)
+    assert rl.log_density(to, theta, 7.5) == pytest.approx(float(logq_t[0]), rel=1e-10)
 
 
-def test_rl_density_matches_manual_gaussian():
+def test_rl_density_matches_full_covariance_gaussian():
+    from scipy.stats import multivariate_normal
+
     policy = _random_policy(4, seed=5)
     rl = RLProposal(policy)
     rng = np.random.default_rng(2)
     theta, to = rng.standard_normal(4), rng.standard_normal(4)
-    mean, std = rl.mean_std(theta, 3.0)
-    assert np.all(std > 0) and np.all(std < 1)
-    manual = np.sum(-0.5 * ((to - mean) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi))
-    assert rl.log_density(to, theta, 3.0) == pytest.approx(manual)
+    mean, fac = rl.mean_factor(theta, 3.0)
+    cov = (fac[:, None] * rl.chol) @ (fac[:, None] * rl.chol).T
+    assert np.abs(cov - np.diag(np.diag(cov))).max() > 1e-3  # genuinely correlated proposal
+    assert rl.log_density(to, theta, 3.0) == pytest.approx(multivariate_normal(mean, cov).logpdf(to))
+    # Sampling follows that covariance.
+    draws = np.array([rl.sample(theta, 3.0, rng) for _ in range(20000)])
+    np.testing.assert_allclose(np.cov(draws.T), cov, atol=0.05 * np.abs(cov).max())
     # State dependence: a different misfit feature changes the proposal.
-    assert not np.allclose(rl.mean_std(theta, 300.0)[0], mean)
+    assert not np.allclose(rl.mean_factor(theta, 300.0)[0], mean)
+
+
+def test_trained_policy_is_exact_two_level():
+    """A policy trained on a (wrong) coarse linear model, used frozen in two-level MH, recovers the
+    exact fine posterior."""
+    from rlmcmc.rl import TrainConfig, train_agents
+
+    fine = Posterior(LinearForward(G), Y, SIGMA)
+    coarse = Posterior(LinearForward(G * 1.1 + 0.05), Y, SIGMA)
+    policy, _ = train_agents(coarse, AgentConfig(dim=3, n_agents=2, beta0=0.3, hidden=16, delta_max=0.3),
+                             TrainConfig(n_envs=16, n_iters=60, actor_steps=5, batch_size=256, seed=1),
+                             scale=np.full(3, 0.3), progress=False)
+    rl = RLProposal(policy)
+    assert not np.allclose(rl.chol, 0.3 * np.eye(3))  # training moved it away from pCN
+    chains = run_chains(fine, rl, 2, 5000, seed=4, coarse=coarse, n_burn=200, progress=False)
+    draws = np.stack([c.samples for c in chains])
+    ess, rhat = ess_rhat(draws)
+    assert rhat.max() < 1.05
+    _check_moments(draws.reshape(-1, 3), ess.min())
 
 
 def test_tuning_reaches_target_acceptance():
