@@ -209,15 +209,6 @@ def spec_of(value: MXTensor | torch.Tensor) -> MXSpec | PlainSpec:
     return PlainSpec(value.dtype, tuple(value.shape))
 
 
-def _mx_parts(q: MXTensor) -> dict[str, torch.Tensor]:
-    parts = {"codes": q.codes, "scales": q.scales}
-    if q.micro is not None:
-        parts["micro"] = q.micro
-    if q.tensor_scale is not None:
-        parts["tensor_scale"] = q.tensor_scale
-    return parts
-
-
 # ---- writing --------------------------------------------------------------------------------------
 def _check_name(name) -> str:
     if not isinstance(name, str):
@@ -339,7 +330,7 @@ class SafetensorsWriter:
             if got != spec:
                 raise ValueError(f"tensor {name!r}: planned {spec.format.name} {list(spec.shape)} axis "
                                  f"{spec.axis}, got {got.format.name} {list(got.shape)} axis {got.axis}")
-            parts = {f"{name}.{sfx}": t for sfx, t in _mx_parts(value).items()}
+            parts = {f"{name}.{sfx}": t for sfx, t in value.components().items()}
         else:
             if not isinstance(value, torch.Tensor) or isinstance(value, MXTensor):
                 raise TypeError(f"tensor {name!r}: planned as a plain tensor, got {type(value).__name__}")

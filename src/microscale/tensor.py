@@ -109,6 +109,12 @@ class MXTensor:
                 raise ValueError(f"{self.format.name} tensor of shape {self.shape} along axis {self.axis} needs "
                                  f"{name} as {dtype} of shape {shape}, got {value.dtype} {tuple(value.shape)}")
 
+    def components(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name (codes, scales, and micro / tensor_scale where the format has them),
+        in the order of :func:`component_specs`."""
+        given = {"codes": self.codes, "scales": self.scales, "micro": self.micro, "tensor_scale": self.tensor_scale}
+        return {name: given[name] for name in component_specs(self.shape, self.axis, self.format)}
+
     @property
     def nbytes(self) -> int:
         """Bytes of packed storage: codes + scales (+ microexponents + tensor scale)."""

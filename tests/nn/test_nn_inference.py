@@ -89,3 +89,22 @@ def test_torch_compile_tiny_model():
     assert torch.allclose(l1, l2, rtol=1e-6)
     for a, b in zip(eager.parameters(), compiled.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["mx9", "mx6", "mx4", "nvfp4", "vsq_int4", "int8_channel", "fp8_e4m3_tensor"])
+def test_packed_inference_for_every_block_format(fmt, tmp_path):
+    # two-level (microexponents) and tensor-scaled formats store every MXTensor component as a buffer
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8))
+    x = torch.randn(5, 40)
+    fake = mnn.quantize_model(copy.deepcopy(plain), fmt)
+    packed = mnn.quantize_model(copy.deepcopy(plain), fmt, inference=True)
+    q = packed[0].packed_weight()
+    assert {n for n, _ in packed[0].named_buffers()} == {"weight_" + c for c in q.components()}
+    assert "weight" not in dict(packed[0].named_parameters())
+    assert torch.equal(packed(x), fake(x))
+    assert mnn.resident_bytes(packed) == sum(m.packed_weight().nbytes for m in (packed[0], packed[2])) + 4 * (24 + 8)
+    mnn.save_quantized(packed, tmp_path / "m.safetensors")
+    again = mnn.load_quantized(nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8)),
+                               tmp_path / "m.safetensors", recipe=fmt)
+    assert torch.equal(again(x), packed(x))

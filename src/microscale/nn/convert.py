@@ -153,7 +153,7 @@ def quantized_state(model: nn.Module) -> dict[str, MXTensor | torch.Tensor]:
     for name, m in packed.items():
         pre = f"{name}." if name else ""
         out[pre + "weight"] = m.packed_weight()
-        skip.update({pre + "weight_codes", pre + "weight_scales"})
+        skip.update(pre + "weight_" + part for part in m._mx_parts)
     for k, v in model.state_dict().items():
         if k not in skip:
             out[k] = v
@@ -189,8 +189,8 @@ def load_quantized(model: nn.Module, path, recipe: str | Recipe | None = None) -
             if q.format.name != want.format.name or q.shape != want.shape or q.axis != want.axis:
                 raise ValueError(f"{pre}weight in {path} is {q.format.name} {q.shape} axis {q.axis}; the model "
                                  f"expects {want.format.name} {want.shape} axis {want.axis}")
-            state[pre + "weight_codes"] = q.codes
-            state[pre + "weight_scales"] = q.scales
+            for part, t in q.components().items():
+                state[pre + "weight_" + part] = t
     for k, v in data.items():
         state[k] = v.dequantize() if isinstance(v, MXTensor) else v
     model.load_state_dict(state, strict=True)

@@ -57,30 +57,19 @@ class MXCommState:
                 f"fp32_bytes={self.fp32_bytes}, compression={self.compression:.2f}x)")
 
 
-def _parts(q: MXTensor) -> list[torch.Tensor]:
-    parts = [q.codes, q.scales.contiguous().view(torch.uint8)]
-    if q.micro is not None:
-        parts.append(q.micro)
-    if q.tensor_scale is not None:
-        parts.append(q.tensor_scale.reshape(1).to(torch.float32).view(torch.uint8))
-    return parts
-
-
 def pack_payload(q: MXTensor) -> torch.Tensor:
-    """All storage of an MXTensor as one flat uint8 tensor (codes, scales[, micro][, tensor scale])."""
-    return torch.cat(_parts(q))
+    """All storage of an MXTensor as one flat uint8 tensor (its components in order, as raw bytes)."""
+    return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in q.components().values()])
 
 
 def unpack_payload(payload: torch.Tensor, like: MXTensor) -> MXTensor:
     """Inverse of :func:`pack_payload` for a tensor with the same shape/axis/format as ``like``."""
-    out, at = [], 0
-    for p in _parts(like):
-        out.append(payload[at:at + p.numel()])
-        at += p.numel()
-    codes, scales = out[0], out[1].view(like.scales.dtype)
-    micro = out[2] if like.micro is not None else None
-    ts = out[-1].view(torch.float32).reshape(()) if like.tensor_scale is not None else None
-    return MXTensor(codes, scales, like.shape, like.axis, like.format, micro, ts)
+    parts, at = {}, 0
+    for name, t in like.components().items():
+        n = t.numel() * t.element_size()
+        parts[name] = payload[at:at + n].view(t.dtype).reshape(t.shape)
+        at += n
+    return MXTensor(shape=like.shape, axis=like.axis, format=like.format, **parts)
 
 
 def mx_allreduce_hook(state: MXCommState, bucket) -> torch.futures.Future[torch.Tensor]:

@@ -15,9 +15,10 @@ them), its state_dict keys and its hooks; :func:`microscale.nn.dequantize_model`
   (they check ``has_torch_function``), so their internal F.linear calls (in_proj, and out_proj, a
   NonDynamicallyQuantizableLinear that is used through F.linear, never called) are quantized too.
 
-Inference mode (``inference=True``): the GEMM weight is stored packed (``weight_codes`` and
-``weight_scales`` uint8 buffers, an :class:`~microscale.MXTensor` of the 2-D [out, K] weight blocked
-along K) and the ``weight`` Parameter is removed; each forward dequantizes it on the fly.
+Inference mode (``inference=True``): the GEMM weight is stored packed (buffers ``weight_codes``,
+``weight_scales`` and, for formats that have them, ``weight_micro`` / ``weight_tensor_scale``: the
+components of an :class:`~microscale.MXTensor` of the 2-D [out, K] weight blocked along K) and the
+``weight`` Parameter is removed; each forward dequantizes it on the fly.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class QuantizedModule:
         """The packed weight (inference mode only) as an MXTensor of shape [out, K], blocked along K."""
         if not self._mx_packed:
             raise RuntimeError("this module keeps an FP32 master weight; quantize with inference=True to pack")
-        return MXTensor(self.weight_codes, self.weight_scales, self._mx_weight_2d, 1, self.recipe.fwd_weight.format)
+        parts = {name: getattr(self, "weight_" + name) for name in self._mx_parts}
+        return MXTensor(shape=self._mx_weight_2d, axis=1, format=self.recipe.fwd_weight.format, **parts)
 
     def _pack(self) -> None:
         spec = self.recipe.fwd_weight
@@ -76,13 +78,15 @@ class QuantizedModule:
         self._mx_weight_shape = tuple(self.weight.shape)
         self._mx_weight_2d = tuple(w2.shape)
         del self.weight  # the Parameter goes; packed buffers replace it
-        self.register_buffer("weight_codes", q.codes)
-        self.register_buffer("weight_scales", q.scales)
+        self._mx_parts = tuple(q.components())
+        for name, t in q.components().items():
+            self.register_buffer("weight_" + name, t)
         self._mx_packed = True
 
     def _unpack(self) -> None:
         w = self.packed_weight().dequantize(torch.float32).reshape(self._mx_weight_shape)
-        del self.weight_codes, self.weight_scales
+        for name in self._mx_parts:
+            delattr(self, "weight_" + name)
         self.weight = nn.Parameter(w)
         self._mx_packed = False
 
