@@ -108,3 +108,13 @@ def test_packed_inference_for_every_block_format(fmt, tmp_path):
     again = mnn.load_quantized(nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8)),
                                tmp_path / "m.safetensors", recipe=fmt)
     assert torch.equal(again(x), packed(x))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mx6", "nvfp4", "vsq_int4", "int8_channel"])
+def test_ddp_payload_round_trip(fmt):
+    from microscale.nn.ddp import pack_payload, unpack_payload
+    q = ms.quantize(torch.randn(24, 70), fmt)
+    payload = pack_payload(q)
+    assert payload.dtype == torch.uint8 and payload.numel() == q.nbytes
+    back = unpack_payload(payload.clone(), q)
+    assert all(torch.equal(a, b) for a, b in zip(back.components().values(), q.components().values()))
