@@ -2,7 +2,6 @@
 plain model (acceptance items 1, 2, 7 of issue 4), plus microxcaling's mx.Linear golden vectors."""
 
 import copy
-import pathlib
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from microscale import nn as mnn
 from microscale.nn.models import CausalSelfAttention, GPTConfig, TinyGPT
 from mx_nn_reference import RefLinear, conv2d_ref, linear_ref, sdpa_causal_ref
 
-GOLDEN = pathlib.Path(__file__).resolve().parents[3] / "shared" / "golden"
 
 # A different format in every slot, so an operand routed to the wrong slot or axis shows up.
 MIXED = mnn.Recipe(fwd_input="mxfp8_e4m3", fwd_weight="mxfp4_e2m1", dgrad_grad_output="mxfp8_e5m2",
@@ -177,10 +175,10 @@ def test_transformer_encoder_layer_eval_is_quantized():
 
 
 # ---- microxcaling compatibility -------------------------------------------------------------------
-def test_microxcaling_linear_golden():
+def test_microxcaling_linear_golden(golden_dir):
     """mx.Linear(96, 64), fp6_e3m2 everywhere, round "nearest": our rounding "away", floor scales.
     Exact: each output is a K<=96 dot product of the same quantized values summed by the same BLAS."""
-    d = {k: torch.from_numpy(v) for k, v in np.load(GOLDEN / "microxcaling_linear_mxfp6.npz").items()}
+    d = {k: torch.from_numpy(v) for k, v in np.load(golden_dir / "microxcaling_linear_mxfp6.npz").items()}
     spec = mnn.OperandSpec("mxfp6_e3m2", rounding="away", scale_mode="floor")
     r = mnn.Recipe(*[spec] * 6)
     lin = nn.Linear(96, 64)
