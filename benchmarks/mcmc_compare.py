@@ -3,13 +3,15 @@ the same multiscale Darcy posterior, plus tinyDA's delayed-acceptance sampler wi
 reference (optional: skipped with a message if tinyDA is not importable).
 
 Writes <out>/mcmc_compare.json, mcmc_compare.md (table of ESS per fine solve and per CPU second) and
-mcmc_compare.png. Example (≈15 min on 2 idle cores; on a shared machine split it in two processes):
+mcmc_compare.png (and <out>/policy.pt when an RL method runs). The measured run of docs/rlmcmc.md, as
+parallel processes on a shared 2-core machine, then merged (training is deterministic, so every part
+trains the same policy):
 
-    python benchmarks/mcmc_compare.py --chains 4 --samples 5000 --burn 500 --out results/mcmc
-
-    python benchmarks/mcmc_compare.py --methods rw-1 pcn-1 rl-1 --no-tinyda --out results/mcmc/part1 &
-    python benchmarks/mcmc_compare.py --methods rw-2 pcn-2 rl-2 --out results/mcmc/part2
-    python benchmarks/mcmc_compare.py --merge results/mcmc/part1 results/mcmc/part2 --out results/mcmc
+    python benchmarks/mcmc_compare.py --methods rl-2 pcn-2 --samples 15000 --burn 1000 --no-tinyda --out results/mcmc/v2_a &
+    python benchmarks/mcmc_compare.py --methods rw-2 --samples 15000 --burn 1000 --out results/mcmc/v2_b
+    python benchmarks/mcmc_compare.py --methods rl-1 --samples 5000 --burn 500 --no-tinyda --out results/mcmc/v2_c
+    python benchmarks/mcmc_compare.py --merge results/mcmc/part1 results/mcmc/v2_a results/mcmc/v2_b \
+        results/mcmc/v2_c --out results/mcmc/v2
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def test_training_improves_coarse_esjd_over_pcn_init_and_checkpoint_round_trips(
     ckpt = tmp_path / "policy.pt"
     init = np.random.default_rng(1).normal(0.0, 0.1, (16, 4))
     policy, hist = train_agents(post, AgentConfig(dim=4, n_agents=2, beta0=0.05, hidden=16),
-                                TrainConfig(n_envs=16, n_iters=80, actor_steps=5, batch_size=256, seed=0),
+                                TrainConfig(n_envs=16, n_iters=80, actor_steps=5, critic_steps=5, batch_size=256, seed=0),
                                 init=init, scale=np.full(4, 0.2), progress=False, checkpoint=str(ckpt))
     assert len(hist["reward"]) == 80 and hist["coarse_solves"] == 16 * 81
     # β₀ = 0.05 pCN is far too timid for this posterior: the agents must learn to move further.
