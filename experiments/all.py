@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from . import direct_cast, ptq, report, train_digits, train_lm
-from .common import Timer, add_common_args, environment, setup, write_json
+from .common import Timer, add_common_args, environment, read_json, setup, write_json
 
 STAGES = {"train_digits": train_digits.main, "train_lm": train_lm.main, "direct_cast": direct_cast.main,
           "ptq": ptq.main, "report": report.main}
@@ -26,20 +26,29 @@ def main(argv=None):
     common = (["--quick"] if args.quick else []) + (["--out", str(args.out)] if args.out else []) \
         + (["--threads", str(args.threads)] if args.threads else [])
     extra = {"train_lm": ["--jobs", str(args.jobs)] + (["--fresh"] if args.fresh else [])}
-    walls = {}
+    walls, results = {}, {}
+    previous = read_json(out / "all.json") if (out / "all.json").exists() else {}
     with Timer() as total:
         for name, fn in STAGES.items():
             if name == "report":  # the report reads all.json for the wall times: write it first
-                write_json(out / "all.json", {"preset": preset.name, "environment": environment(),
-                                              "stage_wall_s": walls, "wall_s": sum(walls.values())})
+                write_json(out / "all.json", _record(preset, walls, sum(walls.values()), results, previous))
             print(f"== {name}", flush=True)
             with Timer() as t:
-                fn(common + extra.get(name, []))
+                results[name] = fn(common + extra.get(name, []))
             walls[name] = t.seconds
-    write_json(out / "all.json", {"preset": preset.name, "environment": environment(), "stage_wall_s": walls,
-                                  "wall_s": total.seconds})
+    write_json(out / "all.json", _record(preset, walls, total.seconds, results, previous))
     print(f"done in {total.seconds / 60:.1f} min; stage wall times: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items()))
+
+
+def _record(preset, walls: dict, wall_s: float, results: dict, previous: dict) -> dict:
+    """all.json: this invocation's wall times, and those of the last invocation that reused no cached
+    training run (kept from ``previous`` when this one did reuse some)."""
+    tr = results.get("train_lm") or {}
+    cached_runs = sum(bool(r.get("cached")) for r in tr.get("runs", []))
+    this = {"wall_s": wall_s, "stage_wall_s": dict(walls), "cached_training_runs": cached_runs}
+    uncached = this if tr and not cached_runs else previous.get("last_uncached_run")
+    return {"preset": preset.name, "environment": environment(), **this, "last_uncached_run": uncached}
 
 
 if __name__ == "__main__":

@@ -119,11 +119,16 @@ def run_model(tm, preset, formats) -> list[dict]:
     return recs
 
 
+#: A share is computed only where direct cast is worse than FP32 by at least this fraction of the FP32
+#: loss; below it direct cast already matches FP32 and a ratio of two tiny differences is noise.
+MIN_GAP_REL = 1e-3
+
+
 def recovered_share(fp32: float, direct: float, method: float) -> float | None:
     """(direct − method) / (direct − FP32): the share of the direct-cast loss gap a method recovers;
-    None when direct cast is not worse than FP32 (no gap to recover)."""
+    None when direct cast is within MIN_GAP_REL of FP32 (no gap to recover)."""
     gap = direct - fp32
-    return (direct - method) / gap if gap > 0 else None
+    return (direct - method) / gap if gap >= MIN_GAP_REL * abs(fp32) else None
 
 
 def _loss_key(tm_or_name) -> str:
@@ -216,7 +221,8 @@ def main(argv=None):
     rows = summarize(recs)
     write_json(out / "ptq.json", {"preset": preset.name, "environment": environment(), "formats": args.formats,
                                   "calibration_batches": preset.calib_batches, "qat_steps": preset.qat_steps,
-                                  "qat_lr": preset.qat_lr, "damp": 0.01, "records": recs, "summary": rows,
+                                  "qat_lr": preset.qat_lr, "damp": 0.01, "min_gap_rel": MIN_GAP_REL,
+                                  "records": recs, "summary": rows,
                                   "wall_s": total.seconds})
     (out / "ptq.md").write_text(table(rows))
     plot(rows, out / "ptq.png")
