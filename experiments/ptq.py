@@ -3,7 +3,7 @@
 
 For each FP32 model and each of MXFP6 E2M3, MXFP6 E3M2 and MXFP4 (weights and activations in the format):
 - direct cast (no data),
-- error diffusion (``experiments.error_diffusion``, GPTQ-style, Hessians from a small calibration set,
+- error diffusion (``microscale.ptq``, GPTQ-style, Hessians from a small calibration set,
   layers in order, each seeing the already-quantized earlier layers),
 - QAT: ``qat_steps`` AdamW steps from the FP32 weights with the model quantized by
   ``microscale.nn.quantize_model`` (weights and activations in the format in every pass, output gradients
@@ -19,7 +19,6 @@ Writes results/ptq.{json,md} and results/ptq.png.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 
 import torch
@@ -30,41 +29,11 @@ import microscale as ms
 
 from . import mx
 from .common import Timer, add_common_args, cached, environment, markdown_table, setup, write_json
-from .error_diffusion import error_diffusion_quantize, layer_error
+from microscale.ptq import error_diffusion_model
 from .lm import lr_at
 
 PTQ_FORMATS = ("mxfp6_e2m3", "mxfp6_e3m2", "mxfp4_e2m1")
 METHODS = ("direct", "error_diffusion", "qat")
-
-
-@torch.no_grad()
-def error_diffusion_model(model: nn.Module, calibration: list, fmt: str, damp: float = 0.01
-                          ) -> tuple[nn.Module, list[dict]]:
-    """A copy of ``model`` whose Linear weights are error-diffusion quantized to ``fmt``, layer by layer
-    in module order; each layer's Hessian XᵀX comes from its inputs on ``calibration`` with the earlier
-    layers already quantized (GPTQ's sequential scheme). Returns the model and per-layer proxy errors."""
-    model = copy.deepcopy(model).eval()
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    stats = []
-    for name, lin in layers:
-        h = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64)
-
-        def hook(mod, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-            h.add_(x.T @ x)
-
-        handle = lin.register_forward_hook(hook)
-        for batch in calibration:
-            model(batch)
-        handle.remove()
-        w = lin.weight.detach().clone()
-        q = error_diffusion_quantize(w, h, fmt, damp=damp)
-        direct = ms.fake_quantize(w, fmt, axis=-1)
-        stats.append({"layer": name, "proxy_error_direct": layer_error(w, direct, h),
-                      "proxy_error_ed": layer_error(w, q, h),
-                      "requantize_changes": int((ms.fake_quantize(q, fmt, axis=-1) != q).sum())})
-        lin.weight.copy_(q)
-    return model, stats
 
 
 def finetune(model: nn.Module, tm, fmt: str | None, steps: int, lr: float, seed: int) -> nn.Module:

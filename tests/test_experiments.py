@@ -14,10 +14,8 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import microscale as ms  # noqa: E402
 from experiments import data  # noqa: E402
 from experiments.common import markdown_table, parse_markdown_table  # noqa: E402
-from experiments.error_diffusion import error_diffusion_quantize, layer_error  # noqa: E402
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -66,33 +64,6 @@ def test_batches_are_fixed_by_seed():
     assert torch.equal(data.train_starts(s, 16, 4, 3, seed=5), data.train_starts(s, 16, 4, 3, seed=5))
     x, y = data.batch_windows(s, torch.tensor([0, 10]), 16)
     assert torch.equal(x[:, 1:], y[:, :-1]) and int(x[1, 0]) == 10
-
-
-# ---- error diffusion -------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", ["mxfp4_e2m1", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxint8"])
-def test_error_diffusion_with_identity_hessian_is_direct_cast(fmt):
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(24, 80, generator=g)  # 80 columns: a ragged last block
-    q = error_diffusion_quantize(w, torch.eye(80), fmt)
-    assert torch.equal(q, ms.fake_quantize(w, fmt, axis=-1))
-
-
-@pytest.mark.parametrize("fmt", ["mxfp4_e2m1", "mxfp6_e2m3"])
-def test_error_diffusion_lowers_layer_error_on_correlated_inputs(fmt):
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(32, 64, generator=g)
-    x = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g) * 0.3 + torch.randn(512, 64, generator=g)
-    h = x.T @ x
-    q = error_diffusion_quantize(w, h, fmt)
-    assert torch.equal(ms.fake_quantize(q, fmt, axis=-1), q)  # on the format's grid
-    assert layer_error(w, q, h) < 0.9 * layer_error(w, ms.fake_quantize(w, fmt, axis=-1), h)
-
-
-def test_error_diffusion_rejects_non_mx_formats_and_bad_shapes():
-    with pytest.raises(ValueError, match="single-level MX"):
-        error_diffusion_quantize(torch.randn(4, 32), torch.eye(32), "mx9")
-    with pytest.raises(ValueError, match="hessian"):
-        error_diffusion_quantize(torch.randn(4, 32), torch.eye(16), "mxfp4")
 
 
 def test_markdown_table_round_trip():

@@ -23,12 +23,16 @@ the sub-block exponents fixed the same way, and are not handled.
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from torch import nn
 
-import microscale as ms
-from microscale.reference import round_to_element, shared_exponent
+from ..formats import get_format
+from ..quantize import fake_quantize
+from ..reference import round_to_element, shared_exponent
 
-__all__ = ["error_diffusion_quantize", "layer_error"]
+__all__ = ["error_diffusion_quantize", "error_diffusion_model", "layer_error"]
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -48,7 +52,7 @@ def error_diffusion_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt, d
     always zero (zero diagonal) get a unit diagonal so H stays invertible, as in GPTQ. Returns the
     dequantized weight (on the format's grid, same dtype as ``weight``).
     """
-    fmt = ms.get_format(fmt)
+    fmt = get_format(fmt)
     if not fmt.is_mx:
         raise ValueError(f"error diffusion handles single-level MX formats; {fmt.name!r} is not one")
     if weight.ndim != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
@@ -86,3 +90,33 @@ def layer_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Te
     w = weight.to(torch.float64)
     h = hessian.to(torch.float64)
     return float(torch.einsum("oi,ij,oj->", d, h, d) / torch.einsum("oi,ij,oj->", w, h, w))
+
+
+@torch.no_grad()
+def error_diffusion_model(model: nn.Module, calibration: list, fmt: str, damp: float = 0.01
+                          ) -> tuple[nn.Module, list[dict]]:
+    """A copy of ``model`` whose Linear weights are error-diffusion quantized to ``fmt``, layer by layer
+    in module order; each layer's Hessian XᵀX comes from its inputs on ``calibration`` with the earlier
+    layers already quantized (GPTQ's sequential scheme). Returns the model and per-layer proxy errors."""
+    model = copy.deepcopy(model).eval()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    stats = []
+    for name, lin in layers:
+        h = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64)
+
+        def hook(mod, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+            h.add_(x.T @ x)
+
+        handle = lin.register_forward_hook(hook)
+        for batch in calibration:
+            model(batch)
+        handle.remove()
+        w = lin.weight.detach().clone()
+        q = error_diffusion_quantize(w, h, fmt, damp=damp)
+        direct = fake_quantize(w, fmt, axis=-1)
+        stats.append({"layer": name, "proxy_error_direct": layer_error(w, direct, h),
+                      "proxy_error_ed": layer_error(w, q, h),
+                      "requantize_changes": int((fake_quantize(q, fmt, axis=-1) != q).sum())})
+        lin.weight.copy_(q)
+    return model, stats
