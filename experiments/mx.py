@@ -64,19 +64,10 @@ def quantized(model: nn.Module, recipe, inference: bool = False, copy_model: boo
 
 def inference_model(model: nn.Module, fmt: str | None) -> tuple[nn.Module, bool]:
     """A copy of ``model`` for direct-cast evaluation in ``fmt`` (None: FP32) and whether its weights are
-    packed. Weights are packed (``inference=True``) where microscale.nn can pack the format; two-level BDR
-    formats (mx9/mx6/mx4) cannot be packed by it yet, so they run fake-quantized from the FP32 weights,
-    which computes the same numbers."""
+    packed: every block format is packed by ``quantize_model(..., inference=True)``."""
     if fmt is None:
         return copy.deepcopy(model), False
-    try:
-        q = quantized(model, inference_recipe(fmt), inference=True)
-        for m in q.modules():  # packing can succeed and decoding fail (BDR microexponents are not kept)
-            if getattr(m, "_mx_packed", False):
-                m.packed_weight()
-        return q, True
-    except (ValueError, TypeError):
-        return quantized(model, inference_recipe(fmt), inference=False), False
+    return quantized(model, inference_recipe(fmt), inference=True), True
 
 
 def stored_bytes(model: nn.Module) -> int:

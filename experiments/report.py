@@ -94,9 +94,9 @@ def direct_cast_section(dc: dict, img) -> tuple[str, dict]:
         names = {"val_loss": "val loss", "accuracy": "test accuracy", "loss": "test loss"}
         out.append(f"**{m}** ({mine[0]['n_seeds']} seeds)\n\n" + markdown_table(
             ["format", "bits/elem", "model bytes"] + [names[k] for k in keys] + ["cast + eval wall", "paper"], body))
-    out.append("† `quantize_model(..., inference=True)` cannot pack two-level BDR formats yet (their microexponents "
-               "are not stored), so these ran with fake-quantized weights (same numbers, FP32 storage at run time); "
-               "model bytes are the exact packed sizes from `microscale.quantize(...).nbytes`.\n")
+    if any(not r["packed"] and r["format"] != "fp32" for r in rows):
+        out.append("† ran with fake-quantized weights (same numbers, FP32 storage at run time); model bytes are "
+                   "the exact packed sizes from `microscale.quantize(...).nbytes`.\n")
     out.append(f"![direct cast]({img('direct_cast.png')})\n")
     if dc.get("skipped_formats"):
         out.append(f"Not run (not registered in this checkout): {', '.join(dc['skipped_formats'])}.\n")
