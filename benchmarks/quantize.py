@@ -5,7 +5,7 @@ packed MXTensor, dequantize it, bf16 fake-quantize) prints our best-of-N time, t
 ``y.copy_(x)`` into a preallocated fp32 tensor of the same shape, their ratio, and the ratios to
 microsoft/microxcaling (``--microxcaling PATH`` to a local checkout; its ``_quantize_mx`` fake-quantize
 is compared with our fake-quantize) and torchao (``to_mx``, compared with our packed quantize) when
-they can be imported. "kernel" columns time the same kernels writing into preallocated outputs, i.e.
+they can be imported. "out=" columns time the same verbs writing into preallocated outputs (``out=``), i.e.
 without the page faults that any freshly allocated output pays.
 
     python benchmarks/quantize.py                    # 4096 x 4096 fp32, all formats
@@ -118,8 +118,8 @@ def main(argv=None):
     print(f"# copy: {copy * 1e3:.2f} ms ({2 * x.numel() * 4 / copy / 1e9:.1f} GB/s)")
 
     rows = []
-    hdr = (f"| {'format':11s} | {'op':18s} | {'ours ms':>8s} | {'x copy':>6s} | {'kernel ms':>9s} | "
-           f"{'kern x copy':>11s} | {'microxcaling/ours':>17s} | {'torchao/ours':>12s} |")
+    hdr = (f"| {'format':11s} | {'op':18s} | {'ours ms':>8s} | {'x copy':>6s} | {'out= ms':>9s} | "
+           f"{'out= x copy':>11s} | {'microxcaling/ours':>17s} | {'torchao/ours':>12s} |")
     print(hdr)
     print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
     for fmt in a.formats:
@@ -128,15 +128,14 @@ def main(argv=None):
         out, outb = torch.empty_like(x), torch.empty_like(xb)
         params = kernels._params(f)
 
-        def kern_fq(t, o, axis):
-            return lambda: kernels._run_quantize(0, t, o.data_ptr(), 0, 0, params, axis, "even", "floor", None,
-                                                 kernels._load())
+        def into(t, o, axis):  # the public verb writing into a preallocated output (out=)
+            return lambda: ms.fake_quantize(t, fmt, axis=axis, out=o)
 
-        ops = [("fake-quant axis -1", lambda: ms.fake_quantize(x, fmt, axis=-1), kern_fq(x, out, 1)),
-               ("fake-quant axis 0", lambda: ms.fake_quantize(x, fmt, axis=0), kern_fq(x, out, 0)),
+        ops = [("fake-quant axis -1", lambda: ms.fake_quantize(x, fmt, axis=-1), into(x, out, -1)),
+               ("fake-quant axis 0", lambda: ms.fake_quantize(x, fmt, axis=0), into(x, out, 0)),
                ("quantize packed", lambda: ms.quantize(x, fmt), None),
-               ("dequantize", lambda: q.dequantize(), None),
-               ("bf16 fake-quant", lambda: ms.fake_quantize(xb, fmt), kern_fq(xb, outb, 1))]
+               ("dequantize", lambda: q.dequantize(), lambda: q.dequantize(out=out)),
+               ("bf16 fake-quant", lambda: ms.fake_quantize(xb, fmt), into(xb, outb, -1))]
         for op, fn, kfn in ops:
             t = best_of(fn, a.repeat)
             kt = best_of(kfn, a.repeat) if kfn and params else None

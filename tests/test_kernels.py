@@ -275,3 +275,38 @@ def test_extension_is_built():
         pytest.skip("kernels disabled")
     info = kernels.info()
     assert info is not None and info["openmp"] in (0, 1) and info["isa"] in ("avx512", "avx2", "baseline")
+
+
+_VARIANT_CHECK = r"""
+import itertools, torch, microscale as ms
+from microscale import kernels
+from microscale.reference import fake_quantize_reference
+assert kernels.available()
+g = torch.Generator().manual_seed(5)
+x = torch.randn(40, 96, generator=g) * torch.exp2(torch.randint(-30, 30, (40, 1), generator=g).float())
+x[0, 3], x[1, 5], x[2] = float("nan"), float("inf"), 0.0
+x[3, :4] = torch.tensor([1e-40, -3e-39, 2.0 ** -149, -0.0])
+for fmt, rnd, sm, ax, dt in itertools.product(
+        ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8"],
+        ["even", "away", "zero", "stochastic"], ["floor", "rceil"], [-1, 0], [torch.float32, torch.bfloat16]):
+    xi = x.to(dt)
+    ref = fake_quantize_reference(xi, fmt, ax, rnd, sm, seed=9)
+    got = kernels.fake_quantize(xi, ms.get_format(fmt), ax, rnd, sm, 9, None)
+    ints = torch.int32 if dt == torch.float32 else torch.int16
+    assert torch.equal(ref.view(ints), got.view(ints)), (fmt, rnd, sm, ax, dt)
+    q = ms.quantize(xi, fmt, axis=ax, rounding=rnd, scale_mode=sm, seed=9)
+    assert torch.equal(q.dequantize(dt).view(ints), ref.view(ints)), ("packed", fmt, rnd, sm, ax, dt)
+print(kernels.info()["isa"])
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_every_compiled_isa_variant_matches_the_reference(isa):
+    # the default run uses the best variant this CPU has; the others are only reachable by capping it
+    import subprocess
+    import sys
+    env = dict(os.environ, MICROSCALE_KERNELS_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", _VARIANT_CHECK], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got_isa = out.stdout.strip().splitlines()[-1]
+    assert got_isa == isa or (isa == "avx2" and got_isa == "baseline")  # a CPU without AVX2 falls back

@@ -124,3 +124,22 @@ def test_nan_blocks_write_the_canonical_nan_whatever_the_length(dtype, nan_bits)
         for y in (ms.fake_quantize(x, "mxfp8_e4m3"), fake_quantize_reference(x, "mxfp8_e4m3"),
                   ms.quantize(x, "mxfp8_e4m3").dequantize(dtype)):
             assert set((y[:32].view(ints).to(torch.int64) & mask).tolist()) == {nan_bits}
+
+
+@pytest.mark.parametrize("name", ["mxfp4_e2m1", "mxfp6_e2m3", "mx6"])  # kernel path and reference path
+def test_out_argument_writes_in_place(name):
+    x = _data((6, 100))
+    out = torch.empty_like(x)
+    y = ms.fake_quantize(x, name, out=out)
+    assert y is out and same_bits(out, ms.fake_quantize(x, name))
+    q = ms.quantize(x, name)
+    buf = torch.empty(6, 100, dtype=torch.bfloat16)
+    assert q.dequantize(torch.bfloat16, out=buf) is buf and same_bits(buf, q.dequantize(torch.bfloat16))
+    with pytest.raises(ValueError, match="contiguous torch.float32 tensor of shape \\(6, 100\\)"):
+        ms.fake_quantize(x, name, out=torch.empty(100, 6).t())
+    with pytest.raises(ValueError, match="contiguous torch.float32"):
+        q.dequantize(out=torch.empty(6, 100, dtype=torch.float16))
+    with pytest.raises(ValueError, match="automatic differentiation"):
+        ms.fake_quantize(x.clone().requires_grad_(), name, out=out)
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        ms.fake_quantize(x, name, out=np.empty((6, 100)))

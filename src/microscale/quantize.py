@@ -14,7 +14,7 @@ from .formats import BlockFormat, get_format
 from .reference import (COMPAT_MODES, cast_values, check_rounding, check_scale_mode, dequantize_blocks, draw_seed,
                         quantize_reference)
 from .layout import from_blocks, make_layout
-from .tensor import MXTensor
+from .tensor import MXTensor, check_out
 
 __all__ = ["quantize", "dequantize", "fake_quantize"]
 
@@ -73,12 +73,13 @@ def dequantize(q: MXTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return q.dequantize(dtype)
 
 
-def _fake_quantize_impl(x, fmt, axis, rounding, scale_mode, s, compat):
-    fast = kernels.fake_quantize(x, fmt, axis, rounding, scale_mode, s, compat)
+def _fake_quantize_impl(x, fmt, axis, rounding, scale_mode, s, compat, out=None):
+    fast = kernels.fake_quantize(x, fmt, axis, rounding, scale_mode, s, compat, out)
     if fast is not None:
         return fast
     q, layout = quantize_reference(x, fmt, axis, rounding, scale_mode, compat=compat, seed=s)
-    return cast_values(from_blocks(dequantize_blocks(q, fmt), layout), x.dtype)
+    y = cast_values(from_blocks(dequantize_blocks(q, fmt), layout), x.dtype)
+    return y if out is None else out.copy_(y)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
@@ -95,15 +96,20 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
 def fake_quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, rounding: str = "even",
                   scale_mode: str | None = None, generator: torch.Generator | None = None,
-                  compat: str | None = None, seed: int | None = None) -> torch.Tensor:
+                  compat: str | None = None, seed: int | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize then dequantize: same shape and dtype as ``x``, equal bit for bit to
     ``quantize(x, ...).dequantize(x.dtype)``. Differentiable with a straight-through gradient.
-    Format "none" returns ``x`` itself.
+    Format "none" returns ``x`` itself. ``out``: a preallocated contiguous tensor like ``x`` to write
+    into (saves the page faults of a fresh allocation in loops; not differentiable).
     """
     fmt, scale_mode = _check_args(x, fmt, axis, rounding, scale_mode, compat)
+    check_out(out, x.shape, x.dtype)
     if fmt.element is None:
-        return x
+        return x if out is None else out.copy_(x)
     s = _seed(rounding, generator, seed)
     if x.requires_grad and torch.is_grad_enabled():
+        if out is not None:
+            raise ValueError("out= does not support automatic differentiation (x requires grad)")
         return _FakeQuantizeSTE.apply(x, fmt, axis, rounding, scale_mode, s, compat)
-    return _fake_quantize_impl(x.detach(), fmt, axis, rounding, scale_mode, s, compat)
+    return _fake_quantize_impl(x.detach(), fmt, axis, rounding, scale_mode, s, compat, out)

@@ -25,7 +25,7 @@ from .layout import BlockLayout, from_blocks, make_layout
 from .packing import pack_codes, packed_nbytes, unpack_codes
 from .reference import QuantizedBlocks
 
-__all__ = ["MXTensor", "component_specs"]
+__all__ = ["MXTensor", "component_specs", "check_out"]
 
 _OUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -51,6 +51,19 @@ def component_specs(shape, axis: int, fmt: str | BlockFormat) -> dict[str, tuple
         per_vector = fmt.tensor_scale_granularity != "tensor"
         out["tensor_scale"] = (torch.float32, (lay.n_vectors,) if per_vector else ())
     return out
+
+
+def check_out(out: torch.Tensor | None, shape, dtype: torch.dtype) -> None:
+    """``out=`` must be a contiguous CPU tensor of the result's shape and dtype (it is written in place)."""
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, got "
+                         f"{out.dtype} {tuple(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
+    if out.requires_grad:
+        raise ValueError("out= does not support automatic differentiation (out requires grad)")
 
 
 @dataclass(eq=False)
@@ -153,16 +166,19 @@ class MXTensor:
         """Unpacked element codes in the tensor's own shape (padding dropped)."""
         return from_blocks(self.to_blocks().codes, self.layout)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Decode to a dense tensor of ``dtype`` (float32 by default) and the original shape."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode to a dense tensor of ``dtype`` (float32 by default) and the original shape; ``out``: a
+        preallocated contiguous tensor of that shape and dtype to write into."""
         if dtype not in _OUT_DTYPES:
             raise TypeError(f"dtype must be one of {_OUT_DTYPES}, got {dtype}")
+        check_out(out, self.shape, dtype)
         from . import kernels
-        out = kernels.dequantize(self, dtype)
-        if out is not None:
-            return out
+        fast = kernels.dequantize(self, dtype, out)
+        if fast is not None:
+            return fast
         from .reference import cast_values, dequantize_blocks
-        return cast_values(from_blocks(dequantize_blocks(self.to_blocks(), self.format), self.layout), dtype)
+        y = cast_values(from_blocks(dequantize_blocks(self.to_blocks(), self.format), self.layout), dtype)
+        return y if out is None else out.copy_(y)
 
     # ---- interop ------------------------------------------------------------------------------------
     def scales_as_e8m0(self) -> torch.Tensor:

@@ -158,14 +158,16 @@ def _run_quantize(mode, x, out_ptr, codes_ptr, scales_ptr, params, axis, roundin
 
 
 def fake_quantize(x: torch.Tensor, fmt, axis: int, rounding: str, scale_mode: str, seed: int | None,
-                  compat: str | None) -> torch.Tensor | None:
-    """quantize + dequantize of ``x`` in its own dtype, or None when not covered."""
+                  compat: str | None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """quantize + dequantize of ``x`` in its own dtype (into ``out`` when given: contiguous, same shape
+    and dtype, checked by the caller), or None when not covered."""
     covered = _covered(x, fmt, rounding, scale_mode, compat)
     if covered is None:
         return None
     params, lib = covered
     x = x.detach().contiguous()
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel():
         _run_quantize(0, x, out.data_ptr(), 0, 0, params, axis, rounding, scale_mode, seed, lib)
     return out
@@ -190,8 +192,9 @@ def quantize(x: torch.Tensor, fmt, axis: int, rounding: str, scale_mode: str, se
     return codes, scales, layout
 
 
-def dequantize(q, dtype: torch.dtype) -> torch.Tensor | None:
-    """Dense tensor from an MXTensor, or None when not covered."""
+def dequantize(q, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Dense tensor from an MXTensor (into ``out`` when given: contiguous, q.shape, ``dtype``, checked by
+    the caller), or None when not covered.""" 
     fmt = q.format
     params = _params(fmt)
     if params is None or dtype not in _DTYPE_CODES or q.micro is not None or q.tensor_scale is not None:
@@ -201,7 +204,8 @@ def dequantize(q, dtype: torch.dtype) -> torch.Tensor | None:
     lib = _load()
     if lib is None:
         return None
-    out = torch.empty(q.shape, dtype=dtype)
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype)
     if out.numel():
         codes, scales = q.codes.contiguous(), q.scales.contiguous()
         outer, L, inner = _geometry(q.shape, q.axis)

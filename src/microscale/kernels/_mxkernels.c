@@ -22,6 +22,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -118,7 +119,7 @@ AINLINE uint32_t lowbias32(uint32_t x) {
 }
 
 /* Shared exponent X of a block from its amax bits (finite, >= 0); see reference.shared_exponent. */
-static int32_t shared_exp(uint32_t amax, int smode, const fmt_t *f) {
+AINLINE int32_t shared_exp(uint32_t amax, int smode, const fmt_t *f) {
     if (amax == 0) return f->s_emin;
     int32_t fl; uint32_t sig;
     if (amax >> 23) { fl = (int32_t)(amax >> 23) - 127; sig = (amax & 0x7FFFFFu) | 0x800000u; }
@@ -182,8 +183,108 @@ AINLINE void quant_elem(uint32_t b, int32_t X, uint32_t u, const int RND, const 
     *code = f->enc == ENC_TWOS ? twos : ((uint32_t)cm | (sign >> (32 - f->bits)));
 }
 
+
+/* Fast deterministic path (RND != R_STOCH) for blocks whose element-subnormal threshold is a normal fp32
+ * exponent: T = X + emin + 127 >= 1. Then every fp32-subnormal input lies below the element's normal
+ * range, so all inputs share one formulation without normalizing subnormals: with E the biased exponent
+ * field, Ee = max(E, 1) and sig = mantissa | (E ? 2^23 : 0), |v| = sig * 2^(Ee - 150), d = Ee - T, and
+ * the element rounds sig at sh = 23 - mb + max(-d, 0) bits (same rounding as quant_elem). The rounded
+ * value is (Ee - 1) * 2^23 + (r << sh) as fp32 bits (a carry into the exponent is exact), 0 when r == 0;
+ * saturation is a clamp at the fp32 bits of the largest element value times 2^X (monotone). */
+AINLINE void quant_fast(uint32_t b, int32_t T, uint32_t maxb, const fmt_t *f, uint32_t *code, uint32_t *val,
+                        const int WANTV, const int WANTC) {
+    const int32_t mb = f->mbits;
+    const uint32_t fpm = f->enc == ENC_FP ? ~0u : 0u;
+    uint32_t sign = b & 0x80000000u, a = b & 0x7FFFFFFFu;
+    uint32_t hasimp = (uint32_t)((int32_t)(0x7FFFFFu - a) >> 31) & 0x800000u;   /* a >= 2^23 */
+    uint32_t am = a > 0x800000u ? a : 0x800000u;
+    int32_t Ee = (int32_t)(am >> 23);
+    uint32_t sig = (a & 0x7FFFFFu) | hasimp;
+    int32_t d = Ee - T;
+    int32_t nd = -d;
+    nd = nd > 0 ? nd : 0;
+    int32_t sh = 23 - mb + nd;
+    sh = sh < 25 ? sh : 25;
+    uint32_t half = (1u << (sh - 1)) & f->half_mask;
+    uint32_t r = (sig + half - f->even + ((sig >> sh) & f->even)) >> sh;
+    if (WANTV) {
+        uint32_t rz = (uint32_t)((int32_t)(0u - r) >> 31);                     /* r != 0 */
+        uint32_t v = (((uint32_t)(Ee - 1) << 23) + (r << sh)) & rz;
+        v = v < maxb ? v : maxb;
+        uint32_t vz = (uint32_t)((int32_t)(0u - v) >> 31);                     /* v != 0 */
+        *val = v | (sign & (fpm | vz));
+    }
+    if (WANTC) {
+        int32_t dd = d > 0 ? d : 0;
+        int32_t cm = (dd << mb) + (int32_t)r;
+        cm = cm < f->maxmag ? cm : f->maxmag;
+        uint32_t twos = (sign ? (uint32_t)(-cm) : (uint32_t)cm) & ((1u << f->bits) - 1u);
+        *code = f->enc == ENC_TWOS ? twos : ((uint32_t)cm | (sign >> (32 - f->bits)));
+    }
+}
+
+/* Store of a quant_fast value (or the NaN 0x7FC00000): element values have at most 7 significant bits,
+ * so they (and Inf/NaN) are exact in bf16 and the bf16 rounding reduces to taking the high half. */
+AINLINE void store_fast(void *p, int64_t i, uint32_t u, const int dt) {
+    if (dt == DT_BF16) ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
+    else store_bits(p, i, u, dt);
+}
+
+/* fp32 bits of the largest element value times 2^X (Inf when it overflows fp32). */
+static uint32_t max_bits(int32_t X, const fmt_t *f) {
+    uint32_t N = (uint32_t)f->nmax;
+    int32_t P = f->pmaxbase + X;
+    uint32_t nb = f2u((float)(int32_t)N);
+    int32_t fe = (int32_t)(nb >> 23) + P;
+    int32_t s2 = P + 149; s2 = s2 < 0 ? 0 : (s2 > 31 ? 31 : s2);
+    uint32_t v = fe >= 1 ? nb + ((uint32_t)P << 23) : (N << s2);
+    v = fe >= 255 ? 0x7F800000u : v;
+    return N == 0 ? 0u : v;
+}
+
 /* ---- packing of one block's codes (k codes, k * bits a multiple of 8) ------------------------- */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define MX_LE 1
+#else
+#define MX_LE 0
+#endif
+
+/* SWAR packing of 8 codes held in the bytes of a little-endian word: 8 x 6 bits -> 48 bits, 8 x 4 -> 32. */
+AINLINE uint64_t pack8x6(uint64_t x) {
+    x = (x & 0x003F003F003F003Full) | ((x >> 2) & 0x0FC00FC00FC00FC0ull);
+    x = (x & 0x00000FFF00000FFFull) | ((x >> 4) & 0x00FFF00000FFF000ull);
+    return (x & 0x0000000000FFFFFFull) | ((x >> 8) & 0x0000FFFFFF000000ull);
+}
+AINLINE uint64_t pack8x4(uint64_t x) {
+    x = (x & 0x000F000F000F000Full) | ((x >> 4) & 0x00F000F000F000F0ull);
+    x = (x & 0x000000FF000000FFull) | ((x >> 8) & 0x0000FF000000FF00ull);
+    return (x & 0x000000000000FFFFull) | ((x >> 16) & 0x00000000FFFF0000ull);
+}
+AINLINE uint64_t unpack8x6(uint64_t x) {
+    x = (x & 0x0000000000FFFFFFull) | ((x << 8) & 0x00FFFFFF00000000ull);
+    x = (x & 0x00000FFF00000FFFull) | ((x << 4) & 0x0FFF00000FFF0000ull);
+    return (x & 0x003F003F003F003Full) | ((x << 2) & 0x3F003F003F003F00ull);
+}
+AINLINE uint64_t unpack8x4(uint64_t x) {
+    x = (x & 0x000000000000FFFFull) | ((x << 16) & 0x0000FFFF00000000ull);
+    x = (x & 0x000000FF000000FFull) | ((x << 8) & 0x00FF000000FF0000ull);
+    return (x & 0x000F000F000F000Full) | ((x << 4) & 0x0F000F000F000F00ull);
+}
+
 AINLINE void pack_block(const uint8_t *c, int64_t stride, int k, int bits, uint8_t *dst) {
+    if (MX_LE && stride == 1 && (bits == 6 || bits == 4) && k % 8 == 0) {
+        /* groups of 8 codes; every group but the last is stored as a full 8-byte word that the next
+         * group overwrites (stays inside this block's bytes) */
+        const int nbytes = bits;       /* bytes per group of 8 codes */
+        for (int g = 0; g < k / 8; g++) {
+            uint64_t x, y;
+            memcpy(&x, c + 8 * g, 8);
+            y = bits == 6 ? pack8x6(x) : pack8x4(x);
+            if (g + 1 < k / 8) memcpy(dst + nbytes * g, &y, 8);
+            else memcpy(dst + nbytes * g, &y, (size_t)nbytes);
+        }
+        return;
+    }
     if (bits == 8) { for (int j = 0; j < k; j++) dst[j] = c[j * stride]; }
     else if (bits == 4) {
         for (int j = 0; j < k / 2; j++) dst[j] = (uint8_t)(c[2 * j * stride] | (c[(2 * j + 1) * stride] << 4));
@@ -203,6 +304,18 @@ AINLINE void pack_block(const uint8_t *c, int64_t stride, int k, int bits, uint8
 }
 
 AINLINE void unpack_block(const uint8_t *src, int k, int bits, uint8_t *c) {
+    if (MX_LE && (bits == 6 || bits == 4) && k % 8 == 0) {
+        const int nbytes = bits;
+        for (int g = 0; g < k / 8; g++) {
+            uint64_t x = 0, y;
+            if (g + 1 < k / 8) memcpy(&x, src + nbytes * g, 8);   /* inside this block's bytes */
+            else memcpy(&x, src + nbytes * g, (size_t)nbytes);
+            x &= bits == 6 ? 0x0000FFFFFFFFFFFFull : 0x00000000FFFFFFFFull;
+            y = bits == 6 ? unpack8x6(x) : unpack8x4(x);
+            memcpy(c + 8 * g, &y, 8);
+        }
+        return;
+    }
     if (bits == 8) { for (int j = 0; j < k; j++) c[j] = src[j]; }
     else if (bits == 4) {
         for (int j = 0; j < k / 2; j++) { c[2 * j] = src[j] & 15; c[2 * j + 1] = src[j] >> 4; }
@@ -258,58 +371,87 @@ AINLINE void decode_elem(uint32_t code, int32_t X, const int WANT64, const fmt_t
 
 /* ---- the block loops ---------------------------------------------------------------------------
  * MODE 0: fake-quantize (write values), MODE 1: quantize (write packed codes + scales). */
-AINLINE void rows_impl(const job_t *J, int64_t b0, int64_t b1, const int MODE, const int DT, const int RND) {
-    const fmt_t F = J->f, *f = &F;   /* local copy: no aliasing with the output */
-    const int k = f->k;
-    const int64_t L = J->L, nb = J->nb;
+/* One block of rows_impl: n elements (n == k except for a ragged last block) from flat index base. */
+AINLINE void row_block(const job_t *J, const fmt_t *f, int64_t b, int64_t base, const int n, const int k,
+                       uint32_t *buf, uint32_t *val, uint8_t *cod, const int MODE, const int DT, const int RND) {
     const void *in = J->in; void *out = J->out;
     const uint32_t seed = J->seed;
-    uint32_t buf[MAXK], val[MAXK];
-    uint8_t cod[MAXK];
-    for (int64_t b = b0; b < b1; b++) {
-        int64_t v = b / nb, lb = b - v * nb;
-        int64_t base = v * L + lb * k;
-        int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
-        uint32_t m = 0;
+    uint32_t m = 0;
 #pragma omp simd reduction(max:m)
-        for (int j = 0; j < n; j++) {
-            uint32_t x = load_bits(in, base + j, DT);
-            buf[j] = x;
-            uint32_t ax = x & 0x7FFFFFFFu;
-            m = ax > m ? ax : m;
+    for (int j = 0; j < n; j++) {
+        uint32_t x = load_bits(in, base + j, DT);
+        buf[j] = x;
+        uint32_t ax = x & 0x7FFFFFFFu;
+        m = ax > m ? ax : m;
+    }
+    for (int j = n; j < k; j++) buf[j] = 0;
+    int special = m >= 0x7F800000u;
+    int32_t X = shared_exp(m, J->smode, f);
+    if (MODE == 0) {
+        if (special) {
+            for (int j = 0; j < n; j++) store_bits(out, base + j, 0x7FC00000u, DT);
+            return;
         }
-        for (int j = n; j < k; j++) buf[j] = 0;
-        int special = m >= 0x7F800000u;
-        int32_t X = shared_exp(m, J->smode, f);
-        if (MODE == 0) {
-            if (special) {
-                for (int j = 0; j < n; j++) store_bits(out, base + j, 0x7FC00000u, DT);
-                continue;
-            }
+        const int32_t T = X + f->emin + 127;
+        if (RND != R_STOCH && T >= 1) {
+            const uint32_t maxb = max_bits(X, f);
 #pragma omp simd
             for (int j = 0; j < n; j++) {
-                uint32_t u = 0, c;
-                if (RND == R_STOCH) u = lowbias32((uint32_t)(base + j) * 0x9E3779B9u + seed);
-                quant_elem(buf[j], X, u, RND, f, &c, &val[j]);
+                uint32_t c, vv;
+                quant_fast(buf[j], T, maxb, f, &c, &vv, 1, 0);
+                store_fast(out, base + j, vv, DT);
             }
-#pragma omp simd
-            for (int j = 0; j < n; j++) store_bits(out, base + j, val[j], DT);
-        } else {
-            if (special) {
-                memset(cod, 0, (size_t)k);
-                J->scales[b] = (uint8_t)f->s_nan;
-            } else {
-#pragma omp simd
-                for (int j = 0; j < k; j++) {
-                    uint32_t u = 0, c, vv;
-                    if (RND == R_STOCH) u = lowbias32((uint32_t)(base + j) * 0x9E3779B9u + seed);
-                    quant_elem(buf[j], X, u, RND, f, &c, &vv);
-                    cod[j] = (uint8_t)c;
-                }
-                J->scales[b] = (uint8_t)(X + f->s_bias);
-            }
-            pack_block(cod, 1, k, f->bits, J->codes + b * (int64_t)(k * f->bits / 8));
+            return;
         }
+#pragma omp simd
+        for (int j = 0; j < n; j++) {
+            uint32_t u = 0, c;
+            if (RND == R_STOCH) u = lowbias32((uint32_t)(base + j) * 0x9E3779B9u + seed);
+            quant_elem(buf[j], X, u, RND, f, &c, &val[j]);
+        }
+#pragma omp simd
+        for (int j = 0; j < n; j++) store_bits(out, base + j, val[j], DT);
+    } else {
+        if (special) {
+            memset(cod, 0, (size_t)k);
+            J->scales[b] = (uint8_t)f->s_nan;
+        } else if (RND != R_STOCH && X + f->emin + 127 >= 1) {
+            const int32_t T = X + f->emin + 127;
+#pragma omp simd
+            for (int j = 0; j < k; j++) {
+                uint32_t c, vv;
+                quant_fast(buf[j], T, 0u, f, &c, &vv, 0, 1);
+                cod[j] = (uint8_t)c;
+            }
+            J->scales[b] = (uint8_t)(X + f->s_bias);
+        } else {
+#pragma omp simd
+            for (int j = 0; j < k; j++) {
+                uint32_t u = 0, c, vv;
+                if (RND == R_STOCH) u = lowbias32((uint32_t)(base + j) * 0x9E3779B9u + seed);
+                quant_elem(buf[j], X, u, RND, f, &c, &vv);
+                cod[j] = (uint8_t)c;
+            }
+            J->scales[b] = (uint8_t)(X + f->s_bias);
+        }
+        pack_block(cod, 1, k, f->bits, J->codes + b * (int64_t)(k * f->bits / 8));
+    }
+}
+
+AINLINE void rows_impl(const job_t *J, int64_t b0, int64_t b1, const int MODE, const int DT, const int RND,
+                       const int KC) {
+    const fmt_t F = J->f, *f = &F;   /* local copy: no aliasing with the output */
+    const int k = KC ? KC : f->k;    /* KC: compile-time block size (the caller checked f->k == KC), or 0 */
+    const int64_t L = J->L, nb = J->nb;
+    uint32_t buf[MAXK], val[MAXK];
+    uint8_t cod[MAXK];
+    int64_t v = nb ? b0 / nb : 0, lb = b0 - v * nb;   /* (vector, block in vector) of b, kept incrementally */
+    for (int64_t b = b0; b < b1; b++, lb++) {
+        if (lb == nb) { lb = 0; v++; }
+        int64_t base = v * L + lb * k;
+        int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
+        if (KC && n == KC) row_block(J, f, b, base, KC, KC, buf, val, cod, MODE, DT, RND);
+        else row_block(J, f, b, base, n, k, buf, val, cod, MODE, DT, RND);
     }
 }
 
@@ -322,8 +464,8 @@ AINLINE void tiles_impl(const job_t *J, int64_t t0, int64_t t1, const int MODE, 
     const int64_t ntile = (inner + TILE - 1) / TILE;
     const void *in = J->in; void *out = J->out;
     const uint32_t seed = J->seed;
-    uint32_t amax[TILE];
-    int32_t X[TILE];
+    uint32_t amax[TILE], maxb[TILE];
+    int32_t X[TILE], Tc[TILE];
     uint8_t cod[TILE * MAXK > 65536 ? 65536 : TILE * MAXK];  /* [row][col] codes of one tile (MODE 1) */
     for (int64_t t = t0; t < t1; t++) {
         int64_t it = t % ntile, ol = t / ntile, lb = ol % nb, o = ol / nb;
@@ -339,7 +481,32 @@ AINLINE void tiles_impl(const job_t *J, int64_t t0, int64_t t1, const int MODE, 
                 amax[c] = ax > amax[c] ? ax : amax[c];
             }
         }
-        for (int c = 0; c < w; c++) X[c] = shared_exp(amax[c], J->smode, f);
+        int fast = RND != R_STOCH;
+        for (int c = 0; c < w; c++) {
+            X[c] = shared_exp(amax[c], J->smode, f);
+            Tc[c] = X[c] + f->emin + 127;
+            fast &= Tc[c] >= 1;
+            /* special (Inf/NaN) columns get NaN values / zero codes below; maxb only has to be defined */
+            maxb[c] = amax[c] >= 0x7F800000u ? 0x7FC00000u : max_bits(X[c], f);
+        }
+        if (fast) {
+            for (int j = 0; j < (MODE == 0 ? n : k); j++) {
+                int64_t row = base + j * inner;
+#pragma omp simd
+                for (int c = 0; c < w; c++) {
+                    uint32_t x = j < n ? load_bits(in, row + c, DT) : 0u;
+                    uint32_t code, vv;
+                    if (MODE == 0) {
+                        quant_fast(x, Tc[c], maxb[c], f, &code, &vv, 1, 0);
+                        vv = amax[c] >= 0x7F800000u ? 0x7FC00000u : vv;
+                        store_fast(out, row + c, vv, DT);
+                    } else {
+                        quant_fast(x, Tc[c], 0u, f, &code, &vv, 0, 1);
+                        cod[j * TILE + c] = amax[c] >= 0x7F800000u ? 0 : (uint8_t)code;
+                    }
+                }
+            }
+        } else
         for (int j = 0; j < (MODE == 0 ? n : k); j++) {
             int64_t row = base + j * inner;
 #pragma omp simd
@@ -389,6 +556,30 @@ AINLINE uint32_t shift_exp(uint32_t t, int32_t X) {
     return (a - 1u < 0x7F7FFFFFu) ? t + ((uint32_t)X << 23) : t;   /* zero, Inf and NaN stay */
 }
 
+/* Arithmetic decode (no table lookup, vectorizes without gathers) for blocks whose values are all normal
+ * fp32 numbers or zero/Inf/NaN: c1 = (emin + X + 126) << 23, c2 = (emin + X - mb) << 23 (mod 2^32).
+ * Codes with an exponent field >= 1 map to (cm << (23 - mb)) + c1, subnormal codes to float(cm) + c2.
+ * deq_impl checks it against the decode_elem table at X = 0 before using it. */
+AINLINE uint32_t decode_fast(uint32_t code, uint32_t c1, uint32_t c2, const fmt_t *f) {
+    const int32_t mb = f->mbits, bits = f->bits;
+    const uint32_t fpm = f->enc == ENC_FP ? ~0u : 0u;
+    uint32_t sbit = (code >> (bits - 1)) & 1u;
+    int32_t sv = (int32_t)code - (int32_t)((code & (1u << (bits - 1))) << 1);
+    int32_t asv = sv < 0 ? -sv : sv;
+    uint32_t cm = f->enc == ENC_TWOS ? (uint32_t)asv : code & ((1u << (bits - 1)) - 1u);
+    uint32_t fb = f2u((float)(int32_t)cm) + c2;
+    uint32_t nb = (cm << (23 - mb)) + c1;
+    uint32_t v = cm >= (1u << mb) ? nb : fb;
+    uint32_t nz = (uint32_t)((int32_t)(0u - cm) >> 31);               /* cm != 0 */
+    v &= nz;
+    uint32_t special = fpm & (uint32_t)((int32_t)((uint32_t)f->maxmag - cm) >> 31);   /* cm > maxmag */
+    uint32_t isinf = special & (cm == (uint32_t)f->inf_mag ? ~0u : 0u);
+    uint32_t isnan = special & ~isinf;
+    v = (v & ~special) | (isinf & 0x7F800000u) | (isnan & 0x7FC00000u);
+    uint32_t sg = (sbit << 31) & (fpm | nz) & ~isnan;
+    return v | sg;
+}
+
 AINLINE void deq_impl(const job_t *J, int64_t t0, int64_t t1, const int ODT) {
     const fmt_t F = J->f, *f = &F;
     const int k = f->k;
@@ -406,6 +597,9 @@ AINLINE void deq_impl(const job_t *J, int64_t t0, int64_t t1, const int ODT) {
             elo = e < elo ? e : elo; ehi = e > ehi ? e : ehi;
         }
     }
+    int arith = f->mbits <= 23;
+    for (uint32_t c = 0; c < (1u << f->bits); c++)
+        arith &= decode_fast(c, (uint32_t)(f->emin + 126) << 23, (uint32_t)(f->emin - f->mbits) << 23, f) == T[c];
     const uint32_t NANB = 0x7FC00000u;
     uint8_t cod[MAXK];
     if (inner == 1) {
@@ -416,6 +610,10 @@ AINLINE void deq_impl(const job_t *J, int64_t t0, int64_t t1, const int ODT) {
             unpack_block(J->codes + b * bytes, k, f->bits, cod);
             if (J->scales[b] == f->s_nan) {
                 for (int j = 0; j < n; j++) store_deq(out, base + j, NANB, 0, 0, 0, ODT, f);
+            } else if (arith && X + elo >= 1 && X + ehi <= 254) {
+                const uint32_t c1 = (uint32_t)(f->emin + X + 126) << 23, c2 = (uint32_t)(f->emin + X - f->mbits) << 23;
+#pragma omp simd
+                for (int j = 0; j < n; j++) store_deq(out, base + j, decode_fast(cod[j], c1, c2, f), 0, 0, 0, ODT, f);
             } else if (X + elo >= 1 && X + ehi <= 254) {
 #pragma omp simd
                 for (int j = 0; j < n; j++) store_deq(out, base + j, shift_exp(T[cod[j]], X), 0, 0, 0, ODT, f);
@@ -464,7 +662,8 @@ AINLINE void deq_impl(const job_t *J, int64_t t0, int64_t t1, const int ODT) {
  * {deterministic, stochastic} rounding x {rows, tiles}. The element encoding and the deterministic
  * rounding mode are runtime values inside the loops (a few selects), which keeps the build small. */
 AINLINE void quant_dispatch(const job_t *J, int64_t a, int64_t b, const int MODE) {
-#define Q_CALL_R(DT, R) do { if (J->inner == 1) rows_impl(J, a, b, MODE, DT, R); \
+#define Q_CALL_R(DT, R) do { if (J->inner == 1) { if (R != R_STOCH && J->f.k == 32) rows_impl(J, a, b, MODE, DT, R, 32); \
+                                                   else rows_impl(J, a, b, MODE, DT, R, 0); } \
                              else tiles_impl(J, a, b, MODE, DT, R); } while (0)
 #define Q_CALL_D(DT) do { if (J->rnd == R_STOCH) Q_CALL_R(DT, R_STOCH); else Q_CALL_R(DT, R_EVEN); } while (0)
     switch (J->idt) {
@@ -502,13 +701,17 @@ DEFINE_WORKERS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq
 static worker_fn W_FQ = fq_base, W_QZ = qz_base, W_DQ = dq_base;
 static const char *ISA = "baseline";
 
+/* MICROSCALE_KERNELS_ISA=avx2|baseline caps the variant (so tests can run every variant on one CPU). */
 static void select_isa(void) {
 #ifdef HAVE_X86_VARIANTS
+    const char *cap = getenv("MICROSCALE_KERNELS_ISA");
+    int allow512 = !cap || !strcmp(cap, "avx512"), allow2 = allow512 || (cap && !strcmp(cap, "avx2"));
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+    if (allow512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
         W_FQ = fq_avx512; W_QZ = qz_avx512; W_DQ = dq_avx512; ISA = "avx512";
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")) {
+    } else if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("bmi2")) {
         W_FQ = fq_avx2; W_QZ = qz_avx2; W_DQ = dq_avx2; ISA = "avx2";
     }
 #endif
