@@ -12,5 +12,6 @@ from .tensor import MXTensor  # noqa: F401
 from .io import load_file, save_file  # noqa: F401
 from . import layout  # noqa: F401
 from . import nn  # noqa: F401  (microscale.nn: quantized training/inference)
+from . import bdr, ptq  # noqa: F401  (block-format analysis; post-training quantization)
 
 __version__ = "0.1.0"

@@ -1,0 +1,22 @@
+"""The public API named in DESIGN.md / README works as written, from `import microscale as ms` alone."""
+
+import torch
+
+import microscale as ms
+
+
+def test_readme_quickstart(tmp_path):
+    x = torch.randn(64, 4096, generator=torch.Generator().manual_seed(0))
+    q = ms.quantize(x, "mxfp4", axis=-1, rounding="even", scale_mode="floor")
+    assert q.nbytes == 64 * 4096 // 2 + 64 * 4096 // 32 and q.bits_per_element == 4.25
+    assert (q.shape, q.axis, q.format.name) == ((64, 4096), 1, "mxfp4_e2m1")
+    assert torch.equal(q.dequantize(), ms.fake_quantize(x, "mxfp4"))
+    assert ms.get_format("mxfp8_e4m3").bits_per_element == 8.25
+    ms.save_file({"w": q, "b": torch.arange(3.0)}, tmp_path / "m.safetensors")
+    back = ms.load_file(tmp_path / "m.safetensors")
+    assert torch.equal(back["w"].codes, q.codes) and torch.equal(back["b"], torch.arange(3.0))
+    model = ms.nn.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 8)), "mxfp4-w+mxfp6")
+    assert "mxfp4_e2m1" in repr(model)
+    qsnr = ms.bdr.qsnr(x, "mx6")
+    assert 25 < qsnr < 32 and 0 < ms.bdr.cost("mx6") < ms.bdr.cost("mx9")
+    assert callable(ms.ptq.error_diffusion_quantize)
