@@ -129,7 +129,7 @@ def ptq_section(pq: dict, img, dc: dict) -> tuple[str, dict]:
            f"The control finetunes FP32 the same way: a small "
            f"model keeps improving with more steps, so QAT's share can exceed 100%; the control-adjusted share "
            f"1 − (QAT − control)/(direct − FP32) removes that. Loss = validation loss (GPTs) or test loss "
-           f"(digits, with test accuracy after the slash). Mean over {rows[0]['n_seeds']} seeds; shares are of the "
+           f"(digits, with test accuracy after the slash). Mean over seeds (" + ", ".join(f"{m}: {n}" for m, n in dict((r['model'], r['n_seeds']) for r in rows).items()) + "); shares are of the "
            f"seed-mean gap (per seed in parentheses) and are computed only where direct cast is worse than FP32 by "
            f"at least {100 * pq.get('min_gap_rel', 1e-3):.1f}% (\"no gap\" otherwise: direct cast already ≈ FP32).\n"]
     body = []
@@ -224,7 +224,7 @@ def discussion(train_v, dc_c, ptq_c) -> str:
   of Python source, not per BPE token, so absolute values are not comparable; only gaps and orderings are.
 - **Noise.** At this scale the quantization gaps are of the same order as seed-to-seed differences, which
   is why every recipe is trained as a paired run (same initialization, same batches) and the gap is the
-  paired difference; the per-seed gaps are shown so the reader can judge the spread. Two seeds give a range,
+  paired difference; the per-seed gaps are shown so the reader can judge the spread. Two seeds (five for the cheap digits MLP) give a range,
   not a confidence interval.
 - **Under-training.** The models are far from converged, so quantization noise during training can act as a
   regularizer or as a small change in effective learning rate; a recipe can land slightly *below* FP32 by

@@ -70,7 +70,7 @@ def main(argv=None):
     from .lm import save_checkpoint
     data = load_digits_split()
     runs = []
-    for seed in preset.seeds:
+    for seed in preset.digits_seeds:
         with Timer() as t:
             model = train_mlp(data, seed, preset.digits_epochs, desc=f"digits s{seed}")
         save_checkpoint(model, checkpoint_path(out, seed))

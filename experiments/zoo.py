@@ -67,7 +67,7 @@ def trained_models(preset, out: pathlib.Path) -> list[TrainedModel]:
 
             models.append(TrainedModel(name, "lm", seed, lambda p=path, kw=kw: lm.load_gpt(kw, p), evaluate,
                                        calibration, finetune, lambda m, x, y: m.loss(x, y), path))
-    for seed in preset.seeds:
+    for seed in preset.digits_seeds:
         path = train_digits.checkpoint_path(out, seed)
 
         def calibration(n):
