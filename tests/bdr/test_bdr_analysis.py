@@ -83,48 +83,79 @@ def test_cost_components():
     assert bdr.cost("mx6") == pytest.approx(bdr.area("mx6") / bdr.baseline_area() * 6 / 8)
 
 
-def _step(m, a, b, memory=True):
-    """Relative cost increase from BDR (k1=16, d1=8, k2, d2) = a to b, sign + m magnitude elements."""
-    c = lambda k2, d2: bdr.cost(bdr_format(m, 16, 8, k2, d2), memory=memory)  # noqa: E731
-    return c(*b) / c(*a) - 1
+def test_structural_model_is_the_count_without_overhead():
+    assert "lane_overhead" not in bdr.area_breakdown("mx6", bdr.STRUCTURAL_MODEL)
+    parts = bdr.area_breakdown("mx6")
+    assert parts["lane_overhead"] == bdr.DEFAULT_MODEL.lane_overhead
+    assert bdr.area("mx6") == pytest.approx(bdr.area("mx6", bdr.STRUCTURAL_MODEL) + parts["lane_overhead"])
+    assert bdr.baseline_area() == pytest.approx(bdr.baseline_area(bdr.STRUCTURAL_MODEL)
+                                                + bdr.DEFAULT_MODEL.lane_overhead)
 
 
-# The paper's relations (Rouhani et al., ISCA 2023), read strictly (docs/bdr.md): a relative increase
-# must lie within +-25 % (relative) of the paper's, the +3 % one at <= 6 %. Cases the structural model
-# misses are strict xfails: they document the gap and fail loudly if a model change closes it.
-_MISS = pytest.mark.xfail(strict=True, reason="structural model misses the paper's relation (docs/bdr.md)")
+def test_default_model_is_the_calibration():
+    fitted = bdr.calibrate()
+    assert fitted.lane_overhead == pytest.approx(bdr.DEFAULT_MODEL.lane_overhead, abs=0.05)
+    # the fit is a minimum of the misfit: moving the overhead either way fits the relations worse
+    from dataclasses import replace
+    misfit = bdr.cost.__globals__["_misfit"]
+    for step in (-3.0, 3.0):
+        assert misfit(replace(fitted, lane_overhead=fitted.lane_overhead + step)) > misfit(fitted)
+    assert misfit(fitted) < misfit(bdr.STRUCTURAL_MODEL)
 
 
-@pytest.mark.parametrize("name,lo,hi", [
-    ("mx6", 1.5, 2.5),                                                  # paper: MX6 ~2x cheaper than FP8
-    pytest.param("mx4", 3.0, 5.0, marks=_MISS),                         # paper: MX4 ~4x; model 5.6x
-])
-def test_cost_vs_fp8(name, lo, hi):
-    assert lo <= 1 / bdr.cost(name) <= hi
+def test_cost_model_rejects_bad_constants():
+    with pytest.raises(ValueError, match="lanes must be a power of two"):
+        bdr.CostModel(lanes=48)
+    with pytest.raises(ValueError, match="lane_overhead must be >= 0"):
+        bdr.CostModel(lane_overhead=-1.0)
+    with pytest.raises(ValueError, match="mux must be > 0"):
+        bdr.CostModel(mux=0.0)
 
 
-@pytest.mark.parametrize("m", [pytest.param(7, marks=_MISS), 4, 2])   # MX9 / MX6 / MX4 elements
-def test_cost_d2_1_to_2(m):
-    assert 0.30 * 0.75 <= _step(m, (2, 1), (2, 2)) <= 0.50 * 1.25     # paper: +30-50 %
+_ROWS = {(r["relation"], r["format"]): r for r in bdr.relations()}
 
 
-@pytest.mark.parametrize("m", [pytest.param(7, marks=_MISS), pytest.param(4, marks=_MISS), 2])
-def test_cost_k2_2_to_1(m):
-    assert 0.30 * 0.75 <= _step(m, (2, 1), (1, 1)) <= 0.40 * 1.25     # paper: +30-40 %
+@pytest.mark.parametrize("key", list(_ROWS), ids=[f"{a}|{b}" for a, b in _ROWS])
+def test_relation_ratio_within_25_percent(key):
+    # cost ratio within +-25 % of the paper's (BDR, Rouhani et al. ISCA 2023, as the issue states them)
+    r = _ROWS[key]
+    lo, hi = r["paper"]
+    assert 0.75 * lo <= r["model"] <= 1.25 * hi
 
 
-@pytest.mark.parametrize("memory", [pytest.param(True, marks=_MISS), pytest.param(False, marks=_MISS)])
-@pytest.mark.parametrize("m", [7, 4, 2])
-def test_cost_k2_8_to_2(m, memory):
-    assert 0 < _step(m, (8, 1), (2, 1), memory) <= 0.06                # paper: +3 %
+# The stricter reading: the relative *increase* of a step within +-25 % of the paper's increase. The
+# calibrated model meets it for the MX6/MX4 headline ratios and for MX4's d2 and k2 2->1 steps; the
+# rest are strict xfails (docs/bdr.md explains them), so a model change that closes one fails loudly.
+_MET_STRICTLY = {("MX6 ~2x cheaper than FP8", "mx6"), ("MX4 ~4x cheaper than FP8", "mx4"),
+                 ("d2 1 -> 2 costs 30-50 % more", "MX4"), ("k2 2 -> 1 costs 30-40 % more", "MX4")}
+_MISS = pytest.mark.xfail(strict=True, reason="increment reading missed by the calibrated model (docs/bdr.md)")
+
+
+@pytest.mark.parametrize("key", [k if k in _MET_STRICTLY else pytest.param(k, marks=_MISS) for k in _ROWS],
+                         ids=[f"{a}|{b}" for a, b in _ROWS])
+def test_relation_increment_within_25_percent(key):
+    assert _ROWS[key]["increment_ok"]
+
+
+def test_relations_report_both_readings_consistently():
+    for r in bdr.relations(bdr.STRUCTURAL_MODEL) + bdr.relations():
+        lo, hi = r["paper"]
+        if r["increment_ok"] and lo > 1:
+            assert r["ratio_ok"]                      # the increment reading is the stricter one
+    # the structural count alone (no overhead) misses MX4's ~4x: 5.6x
+    structural = {(r["relation"], r["format"]): r for r in bdr.relations(bdr.STRUCTURAL_MODEL)}
+    assert structural[("MX4 ~4x cheaper than FP8", "mx4")]["model"] > 5.0
 
 
 def test_cost_k2_8_to_2_memory_alone_exceeds_paper():
-    # why the +3 % cannot hold for the area-memory product: bits/element alone rise by 0.375 / (bits at k2=8)
+    # why the +3 % cannot hold for the area-memory product: bits/element alone rise by 0.375 / (bits at k2=8),
+    # above the +3.75 % the increment reading allows, and no model's area falls when sub-blocks shrink
     for m, want in ((7, 0.375 / 8.625), (4, 0.375 / 5.625), (2, 0.375 / 3.625)):
         f8, f2 = bdr_format(m, 16, 8, 8, 1), bdr_format(m, 16, 8, 2, 1)
         assert f2.bits_per_element / f8.bits_per_element - 1 == pytest.approx(want)
-        assert want > 0.04
+        assert want > 0.03 * 1.25
+        for model in (bdr.DEFAULT_MODEL, bdr.STRUCTURAL_MODEL):
+            assert bdr.area(f2, model) > bdr.area(f8, model)
 
 
 def test_cost_extra_mantissa_bit_grows_multiplier_quadratically():
@@ -154,3 +185,28 @@ def test_explore_small_and_report(tmp_path):
 def test_cli_explore_registered():
     from microscale.cli import COMMANDS
     assert "explore" in COMMANDS
+
+
+def test_design_space_ranges():
+    fmts = bdr.design_space(m=[4], k1=[16], d1=[8], k2=[2, 32], d2=[1], fp=[])
+    assert [f.name for f in fmts] == [bdr_format(4, 16).name, bdr_format(4, 16, 8, 2, 1).name]  # k2 < k1 only
+    with pytest.raises(ValueError, match="unknown design-space range 'k3'"):
+        bdr.design_space(k3=[2])
+    with pytest.raises(ValueError, match="range 'k1' must be positive ints"):
+        bdr.design_space(k1=[0])
+    with pytest.raises(ValueError, match="fp elements must be among"):
+        bdr.design_space(fp=["e9m9"])
+
+
+def test_explore_other_data_and_cli(tmp_path, capsys):
+    res = bdr.explore(quick=True, n_vectors=2, length=256, data="laplace", progress=False,
+                      ranges={"m": [2, 4], "k1": [16], "k2": [2]})
+    assert res["settings"]["data"] == "laplace" and res["settings"]["ranges"]["m"] == [2, 4]
+    assert len(res["points"]) == 2 * 2 + 2 + len(bdr.explore.__globals__["NAMED_FORMATS"])
+    with pytest.raises(ValueError, match="distribution must be one of"):
+        bdr.explore(quick=True, n_vectors=2, data="uniform", progress=False)
+    from microscale.cli import main
+    assert main(["explore", "--quick", "--vectors", "2", "--k1", "16", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert all(line.split(":")[0] in ("mx9", "mx6", "mx4") for line in out.splitlines()[:3])
+    assert (tmp_path / "explore.png").stat().st_size > 10_000

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from ..formats import E2M1, E2M3, E3M2, E4M3, E5M2, BlockFormat, bdr_format, get_format
-from .cost import DEFAULT_MODEL, CostModel, area, cost
-from .qsnr import gaussian_vectors, vectors_qsnr
+from .cost import DEFAULT_MODEL, CostModel, area, cost, relations
+from .qsnr import sample_vectors, vectors_qsnr
 
-__all__ = ["Point", "design_space", "explore", "pareto_front", "frontier_gap", "write_report",
+__all__ = ["Point", "design_space", "FULL_SPACE", "QUICK_SPACE", "explore", "pareto_front", "frontier_gap", "write_report",
            "NAMED_FORMATS", "PAPER_FORMATS"]
 
 #: Registered formats added to every sweep (labelled in the plot).
@@ -50,14 +50,33 @@ class Point:
     gap_db: float = 0.0          # frontier QSNR at this cost minus this point's QSNR
 
 
-def design_space(quick: bool = False) -> list[BlockFormat]:
-    """The swept (unregistered) BDR formats; ``quick`` is a small subset that keeps MX9/MX6/MX4's rows."""
-    ms_ = (2, 3, 4, 7) if quick else (2, 3, 4, 5, 6, 7)
-    k1s = (16, 32) if quick else (8, 16, 32, 64)
-    d1s = (8,) if quick else (6, 8)
-    k2s = (2, 8) if quick else (1, 2, 4, 8)
-    d2s = (1,) if quick else (1, 2)
-    fps = ("e2m1", "e4m3") if quick else tuple(_FP_ELEMENTS)
+#: The full sweep's ranges (``design_space(quick=False)``) and the quick subset's.
+FULL_SPACE = {"m": (2, 3, 4, 5, 6, 7), "k1": (8, 16, 32, 64), "d1": (6, 8), "k2": (1, 2, 4, 8), "d2": (1, 2),
+              "fp": tuple(_FP_ELEMENTS)}
+QUICK_SPACE = {"m": (2, 3, 4, 7), "k1": (16, 32), "d1": (8,), "k2": (2, 8), "d2": (1,), "fp": ("e2m1", "e4m3")}
+
+
+def design_space(quick: bool = False, **ranges) -> list[BlockFormat]:
+    """The swept (unregistered) BDR formats: sign + m magnitude elements with every (k1, d1) and every
+    second level (k2 < k1, d2), and small-float elements (``fp``) with every (k1, d1), single level and
+    (full sweep) k2 = 2, d2 = 1. ``quick`` is a small subset that keeps MX9/MX6/MX4's rows. Keyword
+    ``m``, ``k1``, ``d1``, ``k2``, ``d2``, ``fp`` (sequences) replace that range of :data:`FULL_SPACE`
+    (or :data:`QUICK_SPACE`)."""
+    space = dict(QUICK_SPACE if quick else FULL_SPACE)
+    for key, values in ranges.items():
+        if key not in space:
+            raise ValueError(f"unknown design-space range {key!r}; expected one of {sorted(space)}")
+        if values is None:
+            continue
+        values = tuple(values)
+        if key == "fp":
+            bad = [v for v in values if v not in _FP_ELEMENTS]
+            if bad:
+                raise ValueError(f"fp elements must be among {sorted(_FP_ELEMENTS)}, got {bad}")
+        elif not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise ValueError(f"range {key!r} must be positive ints, got {values!r}")
+        space[key] = values
+    ms_, k1s, d1s, k2s, d2s, fps = (space[k] for k in ("m", "k1", "d1", "k2", "d2", "fp"))
     out = []
     for k1 in k1s:
         for d1 in d1s:
@@ -104,25 +123,38 @@ def frontier_gap(front: list[Point], c: float, q: float) -> float:
     return max(0.0, best - q)
 
 
+_DATA_DESCRIPTION = {"gaussian": "Gaussian vectors, log2(sigma) ~ U(-4, 4) per vector (the BDR paper's setting)",
+                     "laplace": "Laplace vectors, log2(sigma) ~ U(-4, 4) per vector",
+                     "student_t": "Student-t (3 dof) vectors, log2(sigma) ~ U(-4, 4) per vector"}
+
+
 def explore(quick: bool = False, n_vectors: int | None = None, length: int = 1024, seed: int = 0,
-            model: CostModel = DEFAULT_MODEL, formats: list | None = None, progress: bool = True) -> dict:
-    """Sweep the design space, compute QSNR (mean per-vector dB on :func:`gaussian_vectors`) and cost,
-    and return {"points", "frontier", "settings"} (points as :class:`Point`)."""
+            model: CostModel = DEFAULT_MODEL, formats: list | None = None, progress: bool = True,
+            data: str = "gaussian", ranges: dict | None = None) -> dict:
+    """Sweep the design space, compute QSNR (mean per-vector dB on ``n_vectors`` rows of ``length`` drawn
+    by ``sample_vectors(data)``: the paper's Gaussian setting by default) and cost, and return
+    {"points", "frontier", "settings"} (points as :class:`Point`). ``ranges`` overrides ranges of the
+    design space (see :func:`design_space`); ``formats`` replaces it."""
     from tqdm import tqdm
 
+    if n_vectors is not None and (not isinstance(n_vectors, int) or n_vectors < 1):
+        raise ValueError(f"n_vectors must be a positive int, got {n_vectors!r}")
     n_vectors = n_vectors or (32 if quick else 256)
-    x = gaussian_vectors(n_vectors, length, seed=seed)
-    fmts = [(f, False) for f in (formats if formats is not None else design_space(quick))]
+    x = sample_vectors(data, n=n_vectors, length=length, seed=seed)
+    swept = formats if formats is not None else design_space(quick, **(ranges or {}))
+    fmts = [(f, False) for f in swept]
     fmts += [(get_format(n), True) for n in NAMED_FORMATS]
     points, t0 = [], time.perf_counter()
     for fmt, named in tqdm(fmts, desc="explore", unit="format", disable=not progress):
         points.append(_point(fmt, vectors_qsnr(x, fmt), model, named))
     front = pareto_front(points)
-    settings = {"quick": quick, "n_vectors": n_vectors, "length": length, "seed": seed,
-                "distribution": "gaussian, log2(sigma) ~ U(-4, 4)", "cost_model": asdict(model) | {
+    settings = {"quick": quick, "n_vectors": n_vectors, "length": length, "seed": seed, "data": data,
+                "distribution": _DATA_DESCRIPTION.get(data, f"{data} (captured model tensors)"),
+                "ranges": {k: list(v) for k, v in (ranges or {}).items() if v is not None},
+                "cost_model": asdict(model) | {
                     "baseline": [e.name for e in model.baseline]},
                 "seconds": round(time.perf_counter() - t0, 2)}
-    return {"points": points, "frontier": front, "settings": settings}
+    return {"points": points, "frontier": front, "settings": settings, "relations": relations(model)}
 
 
 def _markdown(result: dict) -> str:
@@ -137,9 +169,57 @@ def _markdown(result: dict) -> str:
                     f"{p.gap_db:.2f} |")
     s = result["settings"]
     head = (f"# BDR design-space sweep\n\n{len(pts)} formats, QSNR = mean per-vector dB on {s['n_vectors']} "
-            f"Gaussian vectors of {s['length']} ({s['distribution']}); cost = area x bits, FP8 unit = 1. "
+            f"vectors of {s['length']} ({s['distribution']}); cost = area x bits, FP8 unit = 1 "
+            f"(calibrated lane overhead {s['cost_model']['lane_overhead']:g} FA). "
             f"Rows: the Pareto frontier and the named formats (*).\n\n")
-    return head + "\n".join(rows) + "\n"
+    return head + "\n".join(rows) + "\n" + relations_markdown(result.get("relations", []))
+
+
+def relations_markdown(rows: list[dict]) -> str:
+    """The cost model against the BDR paper's relations (:func:`~microscale.bdr.cost.relations`), as markdown."""
+    if not rows:
+        return ""
+    out = ["\n## The cost model against the paper's relations\n",
+           "Area x memory, sign + m elements (MX9 / MX6 / MX4: m = 7 / 4 / 2), k1 = 16, d1 = 8. 'ratio' = "
+           "the cost ratio within +-25 % of the paper's; 'increment' = the relative increase within +-25 % "
+           "of the paper's.\n",
+           "| relation | format | paper | model | ratio +-25 % | increment +-25 % |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["paper"]
+        paper = f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+        out.append(f"| {r['relation']} | {r['format']} | {paper} | {r['model']:.3f} | "
+                   f"{'yes' if r['ratio_ok'] else 'no'} | {'yes' if r['increment_ok'] else 'no'} |")
+    return "\n".join(out) + "\n"
+
+
+_LABEL_OFFSETS = [(5, 3), (5, -11), (-5, 3), (-5, -11), (5, 13), (5, -21), (-5, 13), (-5, -21), (5, 23),
+                  (5, -31), (-5, 23), (-5, -31)]
+
+
+def _label_points(fig, ax, points: list[Point], avoid: list[Point] = ()) -> None:
+    """Name every point, moving a label among candidate offsets until it overlaps no earlier label and no
+    marker of ``points`` or ``avoid`` (greedy; paper formats placed first, in bold)."""
+    ordered = sorted(points, key=lambda p: (p.name not in PAPER_FORMATS, p.cost))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    taken = []
+    for q in list(points) + list(avoid):  # markers, ~5 px radius
+        x, y = ax.transData.transform((q.cost, q.qsnr))
+        taken.append((x - 5, y - 5, x + 5, y + 5))
+    for p in ordered:
+        bold = p.name in PAPER_FORMATS
+        for dx, dy in _LABEL_OFFSETS:
+            ann = ax.annotate(p.name, (p.cost, p.qsnr), textcoords="offset points", xytext=(dx, dy),
+                              ha="left" if dx > 0 else "right", fontsize=9 if bold else 7.5,
+                              fontweight="bold" if bold else "normal",
+                              bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75})
+            b = ann.get_window_extent(renderer)
+            box = (b.x0 - 1, b.y0 - 1, b.x1 + 1, b.y1 + 1)
+            if not any(box[0] < t[2] and t[0] < box[2] and box[1] < t[3] and t[1] < box[3] for t in taken):
+                break
+            if (dx, dy) != _LABEL_OFFSETS[-1]:
+                ann.remove()
+        taken.append(box)
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -161,21 +241,16 @@ def _plot(result: dict, path: Path) -> None:
         ys += [p.qsnr] if i == 0 else [front[i - 1].qsnr, p.qsnr]
     ax.plot(xs, ys, c="tab:red", lw=1.2, label="Pareto frontier", zorder=2)
     ax.scatter([p.cost for p in front], [p.qsnr for p in front], s=14, c="tab:red", zorder=4)
-    placed: list[Point] = []
-    for p in named:
-        bold = p.name in PAPER_FORMATS
-        # twins (e.g. int8_tensor / int8_channel) would print on top of each other: stack their labels
-        twins = sum(1 for o in placed if abs(math.log(o.cost / p.cost)) < 0.02 and abs(o.qsnr - p.qsnr) < 0.6)
-        placed.append(p)
-        ax.annotate(p.name, (p.cost, p.qsnr), textcoords="offset points", xytext=(4, 3 - 10 * twins),
-                    fontsize=9 if bold else 7.5, fontweight="bold" if bold else "normal")
     ax.set_xscale("log")
     ax.set_xlabel("normalised area x memory cost (FP8 E4M3+E5M2 dot-product unit = 1, log scale)")
-    ax.set_ylabel("QSNR (dB), Gaussian vectors with varying variance")
+    ax.set_ylabel(f"QSNR (dB), {result['settings'].get('data', 'gaussian')} vectors")
     ax.set_title("Block data representations: QSNR vs hardware cost")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
+    ax.set_xlim(ax.get_xlim())  # freeze the limits so label placement sees the final transform
+    ax.set_ylim(ax.get_ylim())
+    _label_points(fig, ax, named, avoid=front)
     fig.savefig(path)
     plt.close(fig)
 
@@ -186,7 +261,7 @@ def write_report(result: dict, out: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "explore.json", "md": out / "explore.md", "png": out / "explore.png"}
     data = {"settings": result["settings"], "points": [asdict(p) for p in result["points"]],
-            "frontier": [p.name for p in result["frontier"]]}
+            "frontier": [p.name for p in result["frontier"]], "relations": result.get("relations", [])}
     paths["json"].write_text(json.dumps(data, indent=1))
     paths["md"].write_text(_markdown(result))
     _plot(result, paths["png"])

@@ -6,7 +6,9 @@ The paper compares formats on many independent vectors drawn from a Gaussian who
 vector to vector. :func:`gaussian_vectors` draws n vectors x_v ~ N(0, sigma_v^2 I) with log2(sigma_v)
 uniform on ``log2_sigma`` (default [-4, 4]); :func:`vectors_qsnr` quantizes every vector on its own
 (per-tensor scales become per-vector scales) and averages the per-vector QSNR in dB, so a vector's
-variance does not weight its vote. Laplace and Student-t vectors are drawn the same way.
+variance does not weight its vote. Laplace and Student-t vectors are drawn the same way. The paper's
+other setting, real weights / activations / gradients, is :mod:`microscale.bdr.tensors`, reachable here by
+name (``sample_vectors("activations", n=64, length=1024)``).
 """
 
 from __future__ import annotations
@@ -74,11 +76,29 @@ def student_t_vectors(n: int = 1024, length: int = 1024, df: float = 3.0,
     return (z / torch.sqrt(w / df) * _sigmas(n, log2_sigma, g)).float()
 
 
-DISTRIBUTIONS = {"gaussian": gaussian_vectors, "laplace": laplace_vectors, "student_t": student_t_vectors}
+def _real_tensor_vectors(kind: str):
+    """A sampler with the synthetic ones' keywords for rows of captured real tensors of ``kind``
+    (:func:`microscale.bdr.tensors.tensor_vectors`; BDR §4). ``n=None`` (default) gives every row;
+    ``log2_sigma`` is accepted and ignored (real tensors bring their own scales); other keywords go to
+    :func:`~microscale.bdr.tensors.capture_tensors`."""
+    def sample(n: int | None = None, length: int = 1024, log2_sigma: tuple[float, float] | None = None,
+               seed: int = 0, **capture_kwargs) -> torch.Tensor:
+        from .tensors import tensor_vectors  # lazy: tensors.py trains a model, qsnr.py must stay light
+        return tensor_vectors(kind, n=n, length=length, seed=seed, **capture_kwargs)
+    sample.__name__ = sample.__qualname__ = f"{kind}_tensor_vectors"
+    return sample
+
+
+#: name -> sampler(n=..., length=..., log2_sigma=..., seed=...) -> [n, length] float32. "weights",
+#: "activations", "gradients" and "tensors" (all three kinds) are rows of real tensors captured from a
+#: TinyGPT trained here (:mod:`microscale.bdr.tensors`; the first call trains it, later calls hit a cache).
+DISTRIBUTIONS = {"gaussian": gaussian_vectors, "laplace": laplace_vectors, "student_t": student_t_vectors,
+                 "weights": _real_tensor_vectors("weight"), "activations": _real_tensor_vectors("activation"),
+                 "gradients": _real_tensor_vectors("gradient"), "tensors": _real_tensor_vectors("all")}
 
 
 def sample_vectors(distribution: str = "gaussian", **kwargs) -> torch.Tensor:
-    """Vectors from one of :data:`DISTRIBUTIONS` by name."""
+    """Vectors from one of :data:`DISTRIBUTIONS` by name (synthetic, or rows of real captured tensors)."""
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {sorted(DISTRIBUTIONS)}, got {distribution!r}")
     return DISTRIBUTIONS[distribution](**kwargs)

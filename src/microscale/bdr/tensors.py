@@ -1,0 +1,350 @@
+"""QSNR on real tensors: weights, activations and gradients captured from a small model trained here.
+
+The BDR paper (Rouhani et al., ISCA 2023, §4) compares block formats on Gaussian vectors *and* on real
+weight / activation / gradient tensors of trained models, because real tensors have outliers and
+channel structure that i.i.d. samples lack (and that penalize large blocks). This module produces such
+tensors offline, deterministically, in seconds:
+
+* :func:`capture_tensors` trains :class:`~microscale.nn.models.TinyGPT` (plain FP32 AdamW, next-byte
+  prediction) on a byte corpus made of the running interpreter's standard-library sources (the sorted
+  ``*.py`` files of :data:`CORPUS_PACKAGES` under ``sysconfig.get_paths()["stdlib"]``; every tenth file
+  is held out), then runs one forward/backward pass on a held-out batch and records, for every
+  ``nn.Linear``: its weight ``[out, in]``, its input activation ``[tokens, in]`` and the gradient of the
+  (mean cross-entropy) loss with respect to its output ``[tokens, out]``. In each the last axis is the
+  one a matmul reduces over when the tensor is an operand (``in`` for the forward pass and for the weight,
+  ``out`` for the backward pass's ``dY @ W``), i.e. the axis MX blocks run along.
+* The capture is cached (safetensors) under ``$MICROSCALE_CACHE`` or ``~/.cache/microscale``; see
+  :func:`cache_path`.
+* :func:`tensor_vectors` cuts the captured tensors into ``[n, length]`` rows along that axis, the input of
+  :func:`~microscale.bdr.qsnr.vectors_qsnr`; ``sample_vectors("activations", n=..., length=...)`` and
+  ``"weights"``, ``"gradients"``, ``"tensors"`` (all three) reach it by name.
+
+Gradients of a mean loss over ~10^3 tokens are small (default capture: median |g| 2.5e-6, max 1e-3);
+QSNR does not depend on scale for power-of-two block scales within their range, but unscaled formats
+(``fp8_e4m3``) underflow on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["CORPUS_PACKAGES", "KINDS", "CapturedTensors", "capture_tensors", "capture_linear_tensors", "cache_dir",
+           "cache_path", "corpus_bytes", "tensor_rows", "tensor_vectors"]
+
+#: Standard-library packages whose ``*.py`` sources (recursively, sorted) form the training corpus.
+CORPUS_PACKAGES = ("asyncio", "collections", "concurrent", "email", "http", "json", "logging", "urllib")
+#: The captured tensor kinds, in order.
+KINDS = ("weight", "activation", "gradient")
+#: Files with sorted index % _HOLDOUT_EVERY == _HOLDOUT_EVERY - 1 feed the capture batch, not training.
+_HOLDOUT_EVERY = 10
+#: Byte 0 separates files in the streams (it does not occur in the sources).
+_SEPARATOR = b"\x00"
+#: Bump when the capture procedure changes, so old cache files are not reused.
+_CAPTURE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CapturedTensors:
+    """``tensors[kind][layer]``: float32 tensors, kind in :data:`KINDS`, layer = the ``nn.Linear``'s name
+    in ``model.named_modules()`` (module order); ``meta``: config, steps, losses, corpus facts, cache key."""
+
+    tensors: dict[str, dict[str, torch.Tensor]]
+    meta: dict = field(default_factory=dict)
+
+
+# ---- corpus ---------------------------------------------------------------------------------------
+def corpus_bytes(packages: tuple[str, ...] = CORPUS_PACKAGES, stdlib: str | None = None):
+    """``(train, holdout, sha256, n_files)``: uint8 byte streams of the stdlib sources of ``packages``.
+
+    Files are the sorted relative paths of ``*.py`` files under ``<stdlib>/<package>``; index % 10 == 9
+    goes to ``holdout``. ``sha256`` covers every relative path and its bytes, in order (it depends on the
+    Python version), so it identifies the text a capture was trained on.
+    """
+    if isinstance(packages, str) or not all(isinstance(p, str) for p in packages):
+        raise TypeError(f"packages must be a tuple of package names, got {packages!r}")
+    root = stdlib or sysconfig.get_paths()["stdlib"]
+    files = []
+    for pkg in packages:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, pkg)):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            files += [os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+                      for f in filenames if f.endswith(".py")]
+    files.sort()
+    if len(files) < _HOLDOUT_EVERY:
+        raise FileNotFoundError(f"need at least {_HOLDOUT_EVERY} *.py files under packages {list(packages)} "
+                                f"of the standard library {root!r}, found {len(files)}")
+    h = hashlib.sha256()
+    train, holdout = [], []
+    for i, rel in enumerate(files):
+        with open(os.path.join(root, rel), "rb") as fh:
+            data = fh.read()
+        h.update(rel.encode() + _SEPARATOR + data + _SEPARATOR)
+        (holdout if i % _HOLDOUT_EVERY == _HOLDOUT_EVERY - 1 else train).append(data)
+
+    def stream(parts):
+        return torch.from_numpy(np.frombuffer(_SEPARATOR.join(parts), dtype=np.uint8).copy())
+
+    return stream(train), stream(holdout), h.hexdigest(), len(files)
+
+
+def _windows(stream: torch.Tensor, batch: int, ctx: int, g: torch.Generator):
+    starts = torch.randint(0, stream.numel() - ctx - 1, (batch,), generator=g)
+    w = stream[starts[:, None] + torch.arange(ctx + 1)[None, :]].to(torch.int64)
+    return w[:, :-1], w[:, 1:]
+
+
+# ---- capture --------------------------------------------------------------------------------------
+def _settings(steps, seed, n_layer, n_head, n_embd, block_size, batch_size, capture_batch, lr,
+              weight_decay, packages) -> dict:
+    for name, v in (("steps", steps), ("seed", seed), ("n_layer", n_layer), ("n_head", n_head),
+                    ("n_embd", n_embd), ("block_size", block_size), ("batch_size", batch_size),
+                    ("capture_batch", capture_batch)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        if v < (0 if name in ("steps", "seed") else 1):
+            raise ValueError(f"{name} must be {'>= 0' if name in ('steps', 'seed') else '>= 1'}, got {v}")
+    if n_embd % n_head:
+        raise ValueError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+    if not lr > 0 or not weight_decay >= 0:
+        raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr!r}, weight_decay={weight_decay!r}")
+    return {"config": {"vocab_size": 256, "block_size": block_size, "n_layer": n_layer, "n_head": n_head,
+                       "n_embd": n_embd, "bias": True},
+            "steps": steps, "seed": seed, "batch_size": batch_size, "capture_batch": capture_batch,
+            "lr": float(lr), "weight_decay": float(weight_decay), "packages": list(packages)}
+
+
+def _cache_key(settings: dict, corpus_sha256: str) -> str:
+    ident = {"version": _CAPTURE_VERSION, "torch": torch.__version__, "corpus_sha256": corpus_sha256,
+             **settings}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def cache_dir() -> str:
+    """``$MICROSCALE_CACHE`` if set and non-empty, else ``~/.cache/microscale``."""
+    return os.environ.get("MICROSCALE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "microscale")
+
+
+def cache_path(key: str) -> str:
+    """``<cache_dir()>/bdr_tensors/capture-<key>.safetensors`` for a capture's settings key."""
+    return os.path.join(cache_dir(), "bdr_tensors", f"capture-{key}.safetensors")
+
+
+def _save(path: str, captured: CapturedTensors) -> None:
+    from safetensors.torch import save_file
+    flat = {f"{kind}/{layer}": t.contiguous() for kind, d in captured.tensors.items() for layer, t in d.items()}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".capture-", suffix=".tmp", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        save_file(flat, tmp, metadata={"meta": json.dumps(captured.meta, sort_keys=True)})
+        os.replace(tmp, path)   # atomic: readers see the old file or the whole new one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load(path: str, key: str) -> CapturedTensors | None:
+    """The cached capture, or None when the file is missing, unreadable, or not this key's."""
+    if not os.path.exists(path):
+        return None
+    from safetensors import safe_open
+    try:
+        tensors: dict[str, dict[str, torch.Tensor]] = {k: {} for k in KINDS}
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["meta"])
+            names = meta["layers"]
+            for kind in KINDS:
+                for layer in names:
+                    tensors[kind][layer] = f.get_tensor(f"{kind}/{layer}")
+        if meta.get("cache_key") != key or not all(t.dtype == torch.float32 for d in tensors.values()
+                                                   for t in d.values()):
+            raise ValueError("cache key or dtype mismatch")
+    except Exception as e:  # any corruption (truncated, garbage, wrong content): recapture, never crash
+        warnings.warn(f"ignoring unreadable tensor cache {path!r} ({type(e).__name__}: {e}); recapturing",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return CapturedTensors(tensors, meta)
+
+
+def capture_tensors(steps: int = 300, seed: int = 0, *, n_layer: int = 2, n_head: int = 4, n_embd: int = 128,
+                    block_size: int = 64, batch_size: int = 32, capture_batch: int = 16, lr: float = 2e-3,
+                    weight_decay: float = 0.01, packages: tuple[str, ...] = CORPUS_PACKAGES,
+                    cache: bool = True) -> CapturedTensors:
+    """Train a byte-level TinyGPT and capture every ``nn.Linear``'s weight, input and output gradient.
+
+    The real-tensor setting of the BDR paper (Rouhani et al., ISCA 2023, §4: QSNR on weights, activations
+    and gradients of trained models), scaled down to train on CPU: ``steps`` AdamW steps (FP32, constant
+    ``lr``, gradient norm clipped to 1) of next-byte prediction on :func:`corpus_bytes`' training stream,
+    ``batch_size`` windows of ``block_size`` bytes per step, initialization fixed by
+    ``torch.manual_seed(seed)`` and batches by a ``torch.Generator`` seeded with ``seed``. Then one forward
+    and backward pass on ``capture_batch`` held-out windows records (:func:`capture_linear_tensors`), for
+    each ``nn.Linear`` in module order, with tokens = ``capture_batch * block_size``:
+
+    * ``"weight"``: ``W`` ``[out, in]``;
+    * ``"activation"``: its input ``[tokens, in]`` (forward hook);
+    * ``"gradient"``: dloss/d(its output) ``[tokens, out]``, loss = the mean next-byte cross-entropy
+      over the capture batch.
+
+    The model and optimizer state are not kept. With ``cache`` (default) the result is read from / written
+    to :func:`cache_path` (key: every setting above, the torch version and the corpus SHA-256); an
+    unreadable cache file is recaptured with a RuntimeWarning. ``meta`` holds the settings, ``losses`` (train
+    loss per step), ``initial_loss``, ``final_loss`` (mean of the last 10 steps), ``capture_loss``,
+    ``corpus_sha256``, ``corpus_files``, ``layers``, ``cache_key`` and ``torch``.
+    """
+    from ..nn.models import GPTConfig, TinyGPT
+
+    packages = tuple(packages) if not isinstance(packages, str) else packages
+    settings = _settings(steps, seed, n_layer, n_head, n_embd, block_size, batch_size, capture_batch, lr,
+                         weight_decay, packages)
+    train, holdout, sha, n_files = corpus_bytes(packages)
+    key = _cache_key(settings, sha)
+    path = cache_path(key)
+    if cache:
+        hit = _load(path, key)
+        if hit is not None:
+            return hit
+
+    torch.manual_seed(seed)
+    cfg = GPTConfig(**settings["config"])
+    model = TinyGPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        x, y = _windows(train, batch_size, block_size, g)
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+
+    x, y = _windows(holdout, capture_batch, block_size, g)
+    tensors, capture_loss = capture_linear_tensors(model, x, y)
+    layers = list(tensors["weight"])
+    tail = losses[-10:]
+    meta = {**settings, "losses": losses, "initial_loss": losses[0] if losses else capture_loss,
+            "final_loss": sum(tail) / len(tail) if tail else capture_loss, "capture_loss": capture_loss,
+            "corpus_sha256": sha, "corpus_files": n_files, "layers": layers, "cache_key": key,
+            "torch": torch.__version__}
+    captured = CapturedTensors(tensors, meta)
+    if cache:
+        try:
+            _save(path, captured)
+        except OSError as e:  # a read-only or full cache directory must not stop the analysis
+            warnings.warn(f"could not write tensor cache {path!r}: {e}", RuntimeWarning, stacklevel=2)
+    return captured
+
+
+def capture_linear_tensors(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor):
+    """``(tensors, loss)`` of one forward/backward pass of ``model(idx, targets) -> (logits, loss)``.
+
+    ``tensors[kind][name]`` for every ``nn.Linear`` in ``model.named_modules()`` order, float32 copies:
+    "weight" ``[out, in]``; "activation", its input (forward hook) flattened to ``[tokens, in]``;
+    "gradient", dloss/d(its output) ``[tokens, out]`` (the outputs are kept by the same hook and
+    differentiated with ``torch.autograd.grad``, so the parameters' ``.grad`` are left untouched; a layer
+    the loss does not depend on gets zeros; a layer called twice keeps its last call). ``loss`` is a float.
+    """
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layers to capture")
+    acts: dict[str, torch.Tensor] = {}
+    outs: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def forward_hook(module, inputs, output):
+            acts[name] = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().clone()
+            outs[name] = output
+        return forward_hook
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in linears]
+    try:
+        with torch.enable_grad():
+            out = model(idx, targets)
+    finally:
+        for hd in handles:
+            hd.remove()
+    if not (isinstance(out, tuple) and len(out) == 2 and torch.is_tensor(out[1]) and out[1].dim() == 0):
+        raise TypeError("model(idx, targets) must return (logits, scalar loss), as TinyGPT does")
+    loss = out[1]
+    layers = [name for name, _ in linears]
+    missing = [n for n in layers if n not in outs]
+    if missing:
+        raise ValueError(f"nn.Linear layers {missing} did not run in the forward pass; cannot capture them")
+    grads = torch.autograd.grad(loss, [outs[n] for n in layers], allow_unused=True)
+    gradient = {n: (torch.zeros_like(outs[n]) if gr is None else gr).detach().reshape(-1, outs[n].shape[-1])
+                .float().clone() for n, gr in zip(layers, grads)}
+    tensors = {"weight": {n: m.weight.detach().float().clone() for n, m in linears},
+               "activation": {n: acts[n] for n in layers}, "gradient": gradient}
+    return tensors, loss.item()
+
+
+# ---- rows along the reduction axis ----------------------------------------------------------------
+def tensor_rows(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``[r, length]`` rows of ``length`` consecutive elements along ``t``'s last (reduction) axis.
+
+    Last dim d >= length: each reduction row is cut into d // length pieces (the remainder of each row is
+    dropped). d < length: whole reduction rows are concatenated in order (``t.reshape(-1)`` cut into
+    ``length`` pieces, the remainder dropped); when d divides ``length`` a row is exactly length // d whole
+    reduction rows, so blocks of any size dividing d line up with the tensor's own. Rows never mix tensors.
+    """
+    if t.dim() < 1 or t.numel() == 0:
+        raise ValueError(f"need a non-empty tensor, got shape {tuple(t.shape)}")
+    d = t.shape[-1]
+    if d >= length:
+        return t.reshape(-1, d)[:, :d - d % length].reshape(-1, length)
+    flat = t.reshape(-1)
+    return flat[:flat.numel() - flat.numel() % length].reshape(-1, length)
+
+
+def _kind_rows(captured: CapturedTensors, kind: str, length: int) -> torch.Tensor:
+    rows = torch.cat([tensor_rows(t, length) for t in captured.tensors[kind].values()]).float()
+    return rows[rows.ne(0).any(dim=1)]     # QSNR is undefined on an all-zero row
+
+
+def tensor_vectors(kind: str = "all", n: int | None = None, length: int = 1024, seed: int = 0,
+                   **capture_kwargs) -> torch.Tensor:
+    """``[n, length]`` float32 rows of captured real tensors (BDR, Rouhani et al., ISCA 2023, §4).
+
+    ``kind``: "weight", "activation", "gradient" or "all". Rows come from :func:`tensor_rows` of every
+    captured tensor of that kind (layers in module order), all-zero rows dropped. ``n=None``: all rows (for
+    "all": every row of every kind, weights first). Otherwise ``n`` rows drawn without replacement by a
+    ``torch.Generator`` seeded with ``seed`` (kept in their original order); "all" takes n // 3 of each
+    kind, the remainder from weights. ``capture_kwargs`` go to :func:`capture_tensors` (``steps``,
+    ``seed`` is the capture's as ``capture_seed``, ``n_embd``, ``cache``...).
+    """
+    if kind != "all" and kind not in KINDS:
+        raise ValueError(f"kind must be one of {['all', *KINDS]}, got {kind!r}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise ValueError(f"n must be None or an int >= 0, got {n!r}")
+    if "capture_seed" in capture_kwargs:
+        capture_kwargs["seed"] = capture_kwargs.pop("capture_seed")
+    captured = capture_tensors(**capture_kwargs)
+    kinds = list(KINDS) if kind == "all" else [kind]
+    if n is None:
+        return torch.cat([_kind_rows(captured, k, length) for k in kinds])
+    counts = [n // len(kinds)] * len(kinds)
+    counts[0] += n - sum(counts)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k, c in zip(kinds, counts):
+        rows = _kind_rows(captured, k, length)
+        if c > rows.shape[0]:
+            raise ValueError(f"asked for {c} {k} rows of length {length} but the capture has only "
+                             f"{rows.shape[0]} nonzero ones; ask for fewer, use a shorter length, or "
+                             f"capture a larger model / batch (capture_batch, n_layer, n_embd)")
+        pick = torch.randperm(rows.shape[0], generator=g)[:c].sort().values
+        out.append(rows[pick])
+    return torch.cat(out)
