@@ -154,6 +154,11 @@ def explore(quick: bool = False, n_vectors: int | None = None, length: int = 102
                 "cost_model": asdict(model) | {
                     "baseline": [e.name for e in model.baseline]},
                 "seconds": round(time.perf_counter() - t0, 2)}
+    if data in ("weights", "activations", "gradients", "tensors"):
+        from .tensors import capture_tensors  # cached: the capture that produced x
+        meta = capture_tensors().meta
+        settings["capture"] = {k: meta.get(k) for k in ("steps", "initial_loss", "final_loss", "capture_loss",
+                                                        "corpus_sha256", "corpus_files", "cache_key", "torch")}
     return {"points": points, "frontier": front, "settings": settings, "relations": relations(model)}
 
 
