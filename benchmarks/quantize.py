@@ -1,10 +1,10 @@
 """Speed of microscale's quantization kernels relative to a plain memory copy, measured in one run.
 
-For each MX format and op (fake-quantize along the last axis and along the first axis, quantize to a
-packed MXTensor, dequantize it, bf16 fake-quantize) prints our best-of-N time, the best-of-N time of
-``y.copy_(x)`` into a preallocated fp32 tensor of the same shape, their ratio, and the ratios to
-microsoft/microxcaling (``--microxcaling PATH`` to a local checkout; its ``_quantize_mx`` fake-quantize
-is compared with our fake-quantize) and torchao (``to_mx``, compared with our packed quantize) when
+For each MX format (and BDR's MX9 / MX6 / MX4) and op (fake-quantize along the last axis and along the
+first axis, quantize to a packed MXTensor, dequantize it, bf16 fake-quantize) prints our best-of-N time,
+the best-of-N time of ``y.copy_(x)`` into a preallocated fp32 tensor of the same shape, their ratio, and
+the ratios to microsoft/microxcaling (``--microxcaling PATH`` to a local checkout; its ``_quantize_mx``
+fake-quantize is compared with our fake-quantize) and torchao (``to_mx``, compared with our packed quantize) when
 they can be imported. "out=" columns time the same verbs writing into preallocated outputs (``out=``), i.e.
 without the page faults that any freshly allocated output pays.
 
@@ -26,7 +26,7 @@ import torch
 import microscale as ms
 from microscale import kernels
 
-FORMATS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8"]
+FORMATS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8", "mx9", "mx6", "mx4"]
 MX_ELEM = {"mxfp8_e4m3": "fp8_e4m3", "mxfp8_e5m2": "fp8_e5m2", "mxfp6_e3m2": "fp6_e3m2",
            "mxfp6_e2m3": "fp6_e2m3", "mxfp4_e2m1": "fp4_e2m1", "mxint8": "int8"}
 
@@ -140,7 +140,7 @@ def main(argv=None):
             t = best_of(fn, a.repeat)
             kt = best_of(kfn, a.repeat) if kfn and params else None
             r_mx = r_ao = None
-            if mx is not None and op == "fake-quant axis -1":
+            if mx is not None and op == "fake-quant axis -1" and fmt in MX_ELEM:
                 r_mx = best_of(lambda: mx(x, 8, MX_ELEM[fmt], axes=[-1], block_size=32, round="even"),
                                max(2, a.repeat // 3)) / t
             if ao is not None and op == "quantize packed" and ao_info[1].get(fmt) is not None:

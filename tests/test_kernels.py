@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 
 import microscale as ms
 from microscale import kernels
+from microscale.formats import E2M1, bdr_format, bfp_format
 from microscale.layout import from_blocks
+from microscale.packing import pack_codes, unpack_codes
 from microscale.reference import cast_values, dequantize_blocks, fake_quantize_reference, quantize_reference
 from microscale.tensor import MXTensor
 
@@ -166,6 +168,20 @@ def test_element_ties_and_every_code():
             check_all(x, fmt, -1, rounding, "floor")
 
 
+def random_bits(shape, dtype, data_seed):
+    """A tensor of random bit patterns of ``dtype``, mostly finite: the top exponent bit of most words is
+    cleared so few blocks are NaN/Inf."""
+    n = int(np.prod(shape))
+    rng = np.random.default_rng(data_seed)
+    if dtype == torch.float32:
+        raw = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+        raw &= np.where(rng.random(n) < 0.995, np.uint32(0xBFFFFFFF), np.uint32(0xFFFFFFFF))
+        return torch.from_numpy(raw.view(np.float32).copy()).reshape(shape)
+    raw = rng.integers(0, 2**16, n, dtype=np.uint32).astype(np.uint16)
+    raw &= np.where(rng.random(n) < 0.995, np.uint16(0xBFFF), np.uint16(0xFFFF))
+    return torch.from_numpy(raw.view(np.int16).copy()).view(dtype).reshape(shape)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 3).flatmap(lambda nd: st.tuples(st.lists(st.integers(1, 70), min_size=nd, max_size=nd),
                                                      st.integers(0, nd - 1))),
@@ -173,17 +189,7 @@ def test_element_ties_and_every_code():
        st.sampled_from(DTYPES), st.integers(0, 2**32 - 1), st.integers(0, 2**31))
 def test_random_bit_patterns(geom, fmt, rounding, scale_mode, dtype, seed, data_seed):
     shape, axis = geom
-    n = int(np.prod(shape))
-    rng = np.random.default_rng(data_seed)
-    if dtype == torch.float32:
-        raw = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
-        # mostly finite: clear the top exponent bit of most words so few blocks are NaN/Inf
-        raw &= np.where(rng.random(n) < 0.995, np.uint32(0xBFFFFFFF), np.uint32(0xFFFFFFFF))
-        x = torch.from_numpy(raw.view(np.float32).copy()).reshape(shape)
-    else:
-        raw = rng.integers(0, 2**16, n, dtype=np.uint32).astype(np.uint16)
-        raw &= np.where(rng.random(n) < 0.995, np.uint16(0xBFFF), np.uint16(0xFFFF))
-        x = torch.from_numpy(raw.view(np.int16).copy()).view(dtype).reshape(shape)
+    x = random_bits(shape, dtype, data_seed)
     check_all(x, fmt, axis, rounding, scale_mode, seed=seed, out_dtypes=(torch.float32, torch.bfloat16))
 
 
@@ -300,13 +306,298 @@ print(kernels.info()["isa"])
 """
 
 
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
-def test_every_compiled_isa_variant_matches_the_reference(isa):
+def run_variant_check(script: str, isa: str) -> None:
+    """Run ``script`` in a subprocess with the kernels capped at ``isa``; it prints the ISA it ran last."""
     # the default run uses the best variant this CPU has; the others are only reachable by capping it
     import subprocess
     import sys
     env = dict(os.environ, MICROSCALE_KERNELS_ISA=isa)
-    out = subprocess.run([sys.executable, "-c", _VARIANT_CHECK], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     got_isa = out.stdout.strip().splitlines()[-1]
     assert got_isa == isa or (isa == "avx2" and got_isa == "baseline")  # a CPU without AVX2 falls back
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_every_compiled_isa_variant_matches_the_reference(isa):
+    run_variant_check(_VARIANT_CHECK, isa)
+
+
+# ---- two-level (BDR microexponent) formats and single-level BFP/MSFP --------------------------------------
+# docs/bdr.md "Two-level rules"; reference._quantize_two_level. The kernels cover any sign + m (or small fp)
+# element with k1 <= 256, a d1-bit power-of-two scale and k2-element sub-blocks with d2-bit microexponents.
+TWO_LEVEL = ["mx9", "mx6", "mx4",
+             bdr_format(3, 8, 6, 1, 1), bdr_format(5, 32, 8, 4, 2), bdr_format(2, 16, 6, 8, 2),
+             bdr_format(7, 32, 6, 2, 1), bdr_format(4, 8, 8, 8, 1), bdr_format(6, 16, 8, 1, 2),
+             bdr_format(1, 16, 8, 2, 3), bdr_format(E2M1, 16, 8, 2, 1)]
+TWO_LEVEL_IDS = [f if isinstance(f, str) else f.name for f in TWO_LEVEL]
+BFP = ["msfp12", "msfp16", bfp_format(3, 16, 6), bfp_format(2, 8, 4), bfp_format(6, 32, 5)]
+
+
+def check_two_level(x, fmt, axis, rounding, scale_mode, seed=None, out_dtypes=(torch.float32,)):
+    """fake_quantize, quantize (codes, scales, microexponents) and dequantize against the reference."""
+    f = ms.get_format(fmt)
+    seed = 4321 if rounding == "stochastic" and seed is None else seed
+    what = f"{f.name} {rounding} {scale_mode} {x.dtype} {tuple(x.shape)} axis={axis}"
+    ref = fake_quantize_reference(x, f, axis, rounding, scale_mode, seed=seed)
+    assert_same(ref, kernels.fake_quantize(x, f, axis, rounding, scale_mode, seed, None), "fake " + what)
+    q, layout = quantize_reference(x, f, axis, rounding, scale_mode, seed=seed)
+    mref = MXTensor.from_blocks(q, layout, f)
+    fast = kernels.quantize(x, f, axis, rounding, scale_mode, seed, None)
+    assert fast is not None, what
+    codes, scales, klayout, micro = fast
+    assert klayout == layout
+    assert torch.equal(mref.codes, codes), "codes " + what
+    assert torch.equal(mref.scales, scales), "scales " + what
+    assert torch.equal(mref.micro, micro), "microexponents " + what
+    for odt in out_dtypes:
+        dref = cast_values(from_blocks(dequantize_blocks(mref.to_blocks(), f), mref.layout), odt)
+        assert_same(dref, kernels.dequantize(mref, odt), f"dequantize->{odt} " + what)
+
+
+@pytest.mark.parametrize("fmt", TWO_LEVEL, ids=TWO_LEVEL_IDS)
+def test_two_level_every_rounding_and_scale_mode(fmt):
+    x = sample((6, 96), torch.float32, seed=11)
+    for rounding, scale_mode in itertools.product(ROUNDINGS, SCALE_MODES):
+        check_two_level(x, fmt, -1, rounding, scale_mode)
+
+
+# rows of whole blocks (chunks that run across rows), long rows (several chunks), ragged rows, tiles
+TWO_LEVEL_GEOMETRIES = GEOMETRIES + [((8, 64), -1), ((3, 1040), -1), ((2, 5, 96), 2), ((37, 130), 0)]
+
+
+@pytest.mark.parametrize("fmt", TWO_LEVEL, ids=TWO_LEVEL_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_two_level_dtypes_axes_and_ragged_lengths(fmt, dtype):
+    for i, (shape, axis) in enumerate(TWO_LEVEL_GEOMETRIES):
+        rounding = ["even", "stochastic", "away", "zero"][i % 4]
+        check_two_level(sample(shape, dtype, seed=12 + i), fmt, axis, rounding, SCALE_MODES[i % 4],
+                        out_dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
+
+
+def _special_rows(k1):
+    x = torch.randn(9, 2 * k1)
+    x[0, 3] = float("nan")
+    x[1, 4] = float("inf")
+    x[2, k1 + 5] = float("-inf")                     # second block of the row only
+    x[3] = 0.0
+    x[4] = -0.0
+    x[5] = torch.randn(2 * k1) * 1e-41               # fp32 subnormals: smallest scale
+    x[6] = torch.randn(2 * k1) * 2.0**126             # near the top of fp32
+    x[7, 0] = torch.finfo(torch.float32).max         # ceil/even/rceil scales can round this up
+    x[8, ::2] = 0.0                                  # zero sub-blocks next to non-zero ones (k2 = 1, 2)
+    x[8, :k1 // 2] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("fmt", TWO_LEVEL, ids=TWO_LEVEL_IDS)
+def test_two_level_special_blocks(fmt):
+    x = _special_rows(ms.get_format(fmt).block_size)
+    for rounding, scale_mode in itertools.product(ROUNDINGS, SCALE_MODES):
+        check_two_level(x, fmt, -1, rounding, scale_mode, out_dtypes=(torch.float32, torch.bfloat16))
+        check_two_level(x.t().contiguous(), fmt, 0, rounding, scale_mode)
+
+
+def test_two_level_every_microexponent_and_exponent():
+    """Sub-block maxima 0..5 binades below the block maximum (every microexponent and its clamp), next to
+    block maxima of every fp32 exponent, subnormals included, for d2 = 1, 2, 3."""
+    g = torch.Generator().manual_seed(13)
+    e = torch.arange(-149, 128)
+    rows = []
+    for top in e.tolist():
+        drops = torch.randint(0, 7, (8,), generator=g)
+        mags = torch.exp2((top - drops).clamp(min=-149).double()) * (1 + torch.rand(8, generator=g, dtype=torch.float64))
+        rows.append(torch.stack([mags, mags * torch.rand(8, generator=g, dtype=torch.float64)], 1).reshape(16))
+    x = torch.stack(rows).float()
+    x = torch.where(torch.isfinite(x), x, torch.finfo(torch.float32).max)
+    x = x * torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0)
+    x[::7, 4:6] = 0.0
+    for fmt in ["mx9", "mx4", bdr_format(3, 16, 8, 2, 2), bdr_format(5, 16, 8, 4, 3)]:
+        for rounding, scale_mode in itertools.product(ROUNDINGS, ["floor", "even"]):
+            check_two_level(x, fmt, -1, rounding, scale_mode)
+
+
+def test_two_level_element_ties():
+    """Every magnitude code at every microexponent, the midpoints between neighbours and their fp32
+    neighbours, with the block scale pinned to 2^0 by a maximal element in sub-block 0."""
+    for fmt in ["mx9", "mx6", "mx4"]:
+        f = ms.get_format(fmt)
+        m = f.element.int_bits - 1
+        mag = np.arange(1 << m) * 2.0 ** (1 - m)
+        mids = (mag[1:] + mag[:-1]) / 2
+        v = np.concatenate([mag, mids, np.nextafter(mids.astype(np.float32), 0), np.nextafter(mids.astype(np.float32), 9)])
+        cols = []
+        for s in range(2):                       # microexponent 0 or 1: values scaled down by 2^-s
+            w = np.concatenate([v, -v]) * 2.0**-s
+            w = np.concatenate([w, np.zeros((-w.size) % 14)]).reshape(-1, 14)
+            lead = np.full((w.shape[0], 2), f.element.max_normal)   # sub-block 0: pins X = 0
+            cols.append(np.concatenate([lead, w], 1))
+        x = torch.tensor(np.concatenate(cols), dtype=torch.float32)
+        for rounding in ROUNDINGS:
+            check_two_level(x, fmt, -1, rounding, "floor")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 3).flatmap(lambda nd: st.tuples(st.lists(st.integers(1, 70), min_size=nd, max_size=nd),
+                                                     st.integers(0, nd - 1))),
+       st.sampled_from(TWO_LEVEL), st.sampled_from(ROUNDINGS), st.sampled_from(SCALE_MODES),
+       st.sampled_from(DTYPES), st.integers(0, 2**32 - 1), st.integers(0, 2**31))
+def test_two_level_random_bit_patterns(geom, fmt, rounding, scale_mode, dtype, seed, data_seed):
+    shape, axis = geom
+    x = random_bits(shape, dtype, data_seed)
+    check_two_level(x, fmt, axis, rounding, scale_mode, seed=seed, out_dtypes=(torch.float32, torch.bfloat16))
+
+
+def test_two_level_public_verbs_out_and_idempotence(monkeypatch):
+    x = sample((12, 80), torch.float32, seed=14, specials=False)
+    calls = []
+    real = kernels.quantize
+
+    def spy(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(kernels, "quantize", spy)
+    for fmt in ["mx9", "mx6", "mx4"]:
+        q = ms.quantize(x, fmt, rounding="stochastic", seed=3)
+        q_ref, layout = quantize_reference(x, fmt, -1, "stochastic", seed=3)
+        ref = MXTensor.from_blocks(q_ref, layout, fmt)
+        for name, t in ref.components().items():
+            assert torch.equal(q.components()[name], t), (fmt, name)
+        y = ms.fake_quantize(x, fmt, rounding="stochastic", seed=3)
+        assert_same(q.dequantize(), y, fmt)
+        out = torch.empty_like(x)
+        assert ms.fake_quantize(x, fmt, rounding="stochastic", seed=3, out=out) is out
+        assert_same(y, out, fmt + " out=")
+        deq_out = torch.empty(x.shape, dtype=torch.bfloat16)
+        assert q.dequantize(torch.bfloat16, out=deq_out) is deq_out
+        assert_same(cast_values(y.double(), torch.bfloat16), deq_out, fmt + " dequantize out=")
+        z = ms.fake_quantize(x, fmt)                 # floor scales: quantized values are fixed points
+        assert_same(z, ms.fake_quantize(z, fmt), fmt + " idempotence")
+        assert_same(z, ms.fake_quantize(z.t(), fmt, axis=0).t(), fmt + " axis")
+    assert len(calls) == 3
+
+
+def test_two_level_multithreaded_matches_single_thread():
+    x = sample((128, 1000), torch.bfloat16, seed=15)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = [ms.fake_quantize(x, "mx6", axis=ax, rounding=r, seed=5) for ax in (0, 1) for r in ("even", "stochastic")]
+        qa = ms.quantize(x, "mx4", axis=0)
+        torch.set_num_threads(1)
+        b = [ms.fake_quantize(x, "mx6", axis=ax, rounding=r, seed=5) for ax in (0, 1) for r in ("even", "stochastic")]
+        qb = ms.quantize(x, "mx4", axis=0)
+    finally:
+        torch.set_num_threads(old)
+    for u, v in zip(a, b):
+        assert torch.equal(bits(u), bits(v))
+    for name, t in qa.components().items():
+        assert torch.equal(t, qb.components()[name]), name
+    assert_same(fake_quantize_reference(x[:, :48], "mx6", 1, "stochastic", seed=5),
+                kernels.fake_quantize(x[:, :48].contiguous(), ms.get_format("mx6"), 1, "stochastic", "floor", 5, None))
+
+
+def test_two_level_not_covered_falls_back_to_the_reference():
+    x = torch.randn(4, 64)
+    wide = bdr_format(7, 16, 8, 2, 5)            # 2^(1-7) * 2^(-127-31): values below fp32's range
+    big = bdr_format(4, 512, 8, 2, 1)            # k1 above the kernels' two-level limit
+    for f in (wide, big):
+        assert kernels._params(f) is None
+        assert kernels.fake_quantize(x, f, -1, "even", "floor", None, None) is None
+        assert kernels.quantize(x, f, -1, "even", "floor", None, None) is None
+    assert_same(fake_quantize_reference(x, wide), ms.fake_quantize(x, wide))
+    q = ms.quantize(x, wide)
+    assert q.micro is not None and kernels.dequantize(q, torch.float32) is None
+    assert_same(fake_quantize_reference(x, wide), q.dequantize())
+    for fmt in TWO_LEVEL + BFP:
+        assert kernels._params(ms.get_format(fmt)) is not None, fmt
+
+
+@pytest.mark.parametrize("fmt", BFP, ids=lambda f: f if isinstance(f, str) else f.name)
+def test_single_level_bfp_formats(fmt):
+    """MSFP / BFP (sign-magnitude elements, d1-bit shared exponents, odd element widths) through the
+    single-level kernels."""
+    for rounding, scale_mode in itertools.product(ROUNDINGS, SCALE_MODES):
+        check_all(sample((6, 96), torch.float32, seed=16), fmt, -1, rounding, scale_mode)
+    for (shape, axis), dtype in zip(GEOMETRIES, DTYPES + [torch.float32]):
+        check_all(sample(shape, dtype, seed=17), fmt, axis, "stochastic", "floor",
+                  out_dtypes=(torch.float32, torch.bfloat16, torch.float64))
+    k = ms.get_format(fmt).block_size
+    check_all(_special_rows(k), fmt, -1, "even", "ceil")
+
+
+_TWO_LEVEL_VARIANT_CHECK = r"""
+import itertools, torch, microscale as ms
+from microscale import kernels
+from microscale.reference import fake_quantize_reference, quantize_reference
+from microscale.tensor import MXTensor
+from microscale.formats import bdr_format
+assert kernels.available()
+g = torch.Generator().manual_seed(6)
+x = torch.randn(24, 160, generator=g) * torch.exp2(torch.randint(-30, 30, (24, 1), generator=g).float())
+x[0, 3], x[1, 5], x[2] = float("nan"), float("inf"), 0.0
+x[3, :4] = torch.tensor([1e-40, -3e-39, 2.0 ** -149, -0.0])
+x[4, ::2] = 0.0
+fmts = ["mx9", "mx6", "mx4", bdr_format(3, 8, 6, 1, 2), bdr_format(5, 32, 8, 4, 1), "msfp12"]
+for fmt, rnd, sm, ax, dt in itertools.product(fmts, ["even", "zero", "stochastic"], ["floor", "rceil"], [-1, 0],
+                                              [torch.float32, torch.bfloat16]):
+    xi = x.to(dt)
+    ref = fake_quantize_reference(xi, fmt, ax, rnd, sm, seed=9)
+    got = kernels.fake_quantize(xi, ms.get_format(fmt), ax, rnd, sm, 9, None)
+    ints = torch.int32 if dt == torch.float32 else torch.int16
+    assert torch.equal(ref.view(ints), got.view(ints)), (fmt, rnd, sm, ax, dt)
+    q = ms.quantize(xi, fmt, axis=ax, rounding=rnd, scale_mode=sm, seed=9)
+    qr, lay = quantize_reference(xi, fmt, ax, rnd, sm, seed=9)
+    for name, t in MXTensor.from_blocks(qr, lay, fmt).components().items():
+        assert torch.equal(q.components()[name], t), (name, fmt, rnd, sm, ax, dt)
+    assert torch.equal(q.dequantize(dt).view(ints), ref.view(ints)), ("packed", fmt, rnd, sm, ax, dt)
+print(kernels.info()["isa"])
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_two_level_every_compiled_isa_variant_matches_the_reference(isa):
+    run_variant_check(_TWO_LEVEL_VARIANT_CHECK, isa)
+
+
+@pytest.mark.parametrize("fmt", ["mx9", "mx4", bdr_format(3, 8, 6, 4, 2), bdr_format(E2M1, 16, 8, 1, 3)],
+                         ids=["mx9", "mx4", "sm4_d6", "e2m1_k21"])
+def test_two_level_dequantize_any_stored_codes(fmt):
+    """Arbitrary packed codes, scale codes (NaN and both ends of the range included) and microexponents, as a
+    file or another producer could hold them: the kernels decode them exactly like the reference."""
+    f = ms.get_format(fmt)
+    g = torch.Generator().manual_seed(18)
+    for shape, axis in [((7, 3 * f.block_size + 5), -1), ((2 * f.block_size + 3, 70), 0)]:
+        q0 = ms.quantize(torch.randn(shape, generator=g), f, axis=axis)
+        comps = {name: torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8)
+                 for name, t in q0.components().items()}
+        nan_code, top = f.scale.nan_code, f.scale.nan_code - 1
+        comps["scales"] = torch.randint(0, nan_code + 1, comps["scales"].shape, generator=g, dtype=torch.uint8)
+        comps["scales"][:3] = torch.tensor([nan_code, 0, top], dtype=torch.uint8)
+        # stored values beyond the last code / sub-block are padding: keep them zero as the packers write them
+        lay = q0.layout
+        codes = unpack_codes(comps["codes"], f.element.bits, lay.n_elements_padded)
+        micro = unpack_codes(comps["micro"], f.micro_bits, lay.n_blocks * (lay.block_size // f.subblock_size))
+        q = MXTensor(pack_codes(codes, f.element.bits), comps["scales"], q0.shape, q0.axis, f,
+                     pack_codes(micro, f.micro_bits))
+        for odt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            dref = cast_values(from_blocks(dequantize_blocks(q.to_blocks(), f), q.layout), odt)
+            assert_same(dref, kernels.dequantize(q, odt), f"{f.name} {shape} {odt}")
+
+
+def test_mx6_hand_worked_block():
+    """One MX6 block worked by hand from docs/bdr.md "Two-level rules" (sign + 4 magnitude bits, k1 = 16,
+    k2 = 2, d2 = 1): amax 3.0 gives E = 1 (scale code 128); a sub-block whose max is below 2^E, or all zero,
+    gets s = 1; elements are mag * 2^(E - s + 1 - 4), rounded half to even and saturated at mag 15."""
+    x = torch.tensor([[3.0, 0.3, 0.7, -0.55, 0.0, 0.0, 1.0, 1.9375,
+                       -2.125, 0.0625, 0.3, 0.2, 0.125, -0.0625, 2.5, 2.6]])
+    expected = [3.0, 0.25, 0.75, -0.5, 0.0, 0.0, 1.0, 1.875, -2.0, 0.0, 0.25, 0.25, 0.125, 0.0, 2.5, 2.5]
+    q = ms.quantize(x, "mx6")
+    assert q.scales.tolist() == [128]
+    assert q.micro.tolist() == [0b01101110]                       # s = 0,1,1,1,0,1,1,0, first in the low bit
+    assert q.to_blocks().codes[0].tolist() == [12, 1, 6, 16 | 4, 0, 0, 8, 15, 16 | 8, 0, 2, 2, 1, 16 | 0, 10, 10]
+    y = ms.fake_quantize(x, "mx6")
+    assert y[0].tolist() == expected and not torch.signbit(y[0, 13])   # sign-magnitude -0 decodes to +0
+    assert_same(y, q.dequantize())
+    assert_same(fake_quantize_reference(x, "mx6"), y)

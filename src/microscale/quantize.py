@@ -60,8 +60,8 @@ def quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, rounding: 
     x = x.detach()
     fast = kernels.quantize(x, fmt, axis, rounding, scale_mode, s, compat)
     if fast is not None:
-        codes, scales, layout = fast
-        return MXTensor(codes, scales, layout.shape, layout.axis, fmt)
+        codes, scales, layout, *micro = fast  # two-level formats: + packed microexponents
+        return MXTensor(codes, scales, layout.shape, layout.axis, fmt, *micro)
     q, layout = quantize_reference(x, fmt, axis, rounding, scale_mode, compat=compat, seed=s)
     return MXTensor.from_blocks(q, layout, fmt)
 

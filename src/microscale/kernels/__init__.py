@@ -22,11 +22,17 @@ install time, ``-O3 -fopenmp``). Why C rather than torch ops or a torch C++ exte
 If the extension is missing or fails to load, every entry point returns None (reference fallback)
 after one RuntimeWarning. Set ``MICROSCALE_KERNELS=0`` to disable the kernels (benchmarks/tests).
 
-Covered: single-level MX formats (``BlockFormat.is_mx``) with E8M0-style scales, fp elements of at most
-8 bits and int elements of at most 8 bits, block sizes up to 1024 with whole bytes per block; inputs
-float32/bfloat16/float16 of any shape and axis; rounding even/away/zero/stochastic; every scale
-mode; ``compat=None``. Not covered (reference): float64 inputs, ``compat="microxcaling"``, other
-block formats. Dequantize also covers float64 outputs.
+Covered: single-level power-of-two block formats (``BlockFormat.is_mx``: OCP MX, and MSFP / BFP with
+sign-magnitude elements and any d1-bit shared exponent) with fp or int elements of at most 8 bits and
+blocks of up to 1024 elements in whole bytes; two-level BDR formats (MX9 / MX6 / MX4 and any
+``bdr_format(m, k1, d1, k2, d2)``, docs/bdr.md "Two-level rules") with elements of at most 8 bits,
+k1 <= 256 elements in whole bytes, any k2 dividing k1 and d2 <= 8, as long as every value is an fp32
+value (smallest quantum 2^(1 - m) times the smallest scale 2^(-(2^(d1-1) - 1) - (2^d2 - 1)) >= 2^-149:
+d2 <= 4 for sign + 7 bits with d1 = 8); quantize returns their microexponents packed at d2 bits. Inputs
+float32/bfloat16/float16 of any shape and axis; rounding even/away/zero/stochastic; every scale mode;
+``compat=None``. Not covered (reference): float64 inputs, ``compat="microxcaling"``, amax-scaled formats
+(FP32 / E4M3 / integer block scales, tensor scales: NVFP4, VSQ, INT8/FP8 per tensor or channel), unscaled
+casts, two-level formats outside the limits above. Dequantize also covers float64 outputs.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ __all__ = ["fake_quantize", "quantize", "dequantize", "available", "info"]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 _ENC = {"fp": 0, "twos": 1, "sign_magnitude": 2}
 _MAX_BLOCK = 1024
+#: Largest block (k1) of the two-level (microexponent) formats the kernels take.
+_MAX_BLOCK_TWO_LEVEL = 256
 #: Below this many elements one thread does the work (thread start-up would dominate).
 _PARALLEL_MIN = 1 << 15
 
@@ -91,13 +99,22 @@ _PARAMS: dict = {}
 
 
 def _params(fmt) -> tuple | None:
-    """The C kernels' description of ``fmt`` (a tuple of ints), or None when they do not cover it."""
+    """The C kernels' description of ``fmt`` (a tuple of ints), or None when they do not cover it.
+
+    Single-level power-of-two formats (``fmt.is_mx``: OCP MX, MSFP / BFP with any d1) and two-level BDR
+    formats (power-of-two d1-bit scale, k2-element sub-blocks with d2-bit microexponents; the last two
+    ints are k2 and d2, 0 and 0 for a single level)."""
     key = fmt
     if key in _PARAMS:
         return _PARAMS[key]
     p = None
     elem, scale, k = fmt.element, fmt.scale, fmt.block_size
-    if (fmt.is_mx and scale.kind == "e8m0" and 2 <= elem.bits <= 8 and k <= _MAX_BLOCK
+    two_level = (fmt.is_two_level and elem is not None and scale is not None and scale.kind == "e8m0"
+                 and fmt.tensor_scale is None and bool(k) and k <= _MAX_BLOCK_TWO_LEVEL
+                 and k % fmt.subblock_size == 0 and 1 <= fmt.micro_bits <= 8)
+    # the largest microexponent lowers the smallest scale: every value must still be an fp32 value
+    beta = (1 << fmt.micro_bits) - 1 if two_level else 0
+    if ((fmt.is_mx or two_level) and scale.kind == "e8m0" and 2 <= elem.bits <= 8 and k <= _MAX_BLOCK
             and (k * elem.bits) % 8 == 0):
         if elem.kind == "fp":
             emin, mbits = elem.emin, elem.mbits
@@ -122,10 +139,11 @@ def _params(fmt) -> tuple | None:
         exact = (elem.max_normal / 2.0 ** _floor_log2(elem.max_normal) * 2**23 == sigm
                  and nmax * 2.0**pmaxbase == elem.max_normal)
         # every dequantized value must be an fp32 value (smallest quantum times smallest scale)
-        if exact and quantum_exp + scale.emin >= -149 and 0 <= even_m <= 22 and emax >= 0:
+        if exact and quantum_exp + scale.emin - beta >= -149 and 0 <= even_m <= 22 and emax >= 0:
             p = (emin, mbits, maxmag, inf_mag, nmax, pmaxbase, _ENC[elem.encoding if elem.kind == "int" else "fp"],
                  elem.bits, emax, even_m, _floor_log2(elem.max_normal), sigm, scale.emin, scale.emax,
-                 scale.bias, scale.nan_code, k)
+                 scale.bias, scale.nan_code, k,
+                 fmt.subblock_size if two_level else 0, fmt.micro_bits if two_level else 0)
     _PARAMS[key] = p
     return p
 
@@ -150,11 +168,12 @@ def _threads(n: int) -> int:
     return torch.get_num_threads() if n >= _PARALLEL_MIN else 1
 
 
-def _run_quantize(mode, x, out_ptr, codes_ptr, scales_ptr, params, axis, rounding, scale_mode, seed, lib):
+def _run_quantize(mode, x, out_ptr, codes_ptr, scales_ptr, params, axis, rounding, scale_mode, seed, lib,
+                  micro_ptrs=()):
     outer, L, inner = _geometry(tuple(x.shape), axis)
     lib.quantize(mode, x.data_ptr(), out_ptr, codes_ptr, scales_ptr, _DTYPE_CODES[x.dtype], outer, L, inner,
                  params, ROUNDINGS.index(rounding), SCALE_MODES.index(scale_mode),
-                 (seed or 0) & 0xFFFFFFFF, _threads(x.numel()))
+                 (seed or 0) & 0xFFFFFFFF, _threads(x.numel()), *micro_ptrs)
 
 
 def fake_quantize(x: torch.Tensor, fmt, axis: int, rounding: str, scale_mode: str, seed: int | None,
@@ -175,8 +194,9 @@ def fake_quantize(x: torch.Tensor, fmt, axis: int, rounding: str, scale_mode: st
 
 def quantize(x: torch.Tensor, fmt, axis: int, rounding: str, scale_mode: str, seed: int | None,
              compat: str | None):
-    """``(packed codes, scale codes, layout)`` in blocked order (layout.py, packing.py), or None when not
-    covered. quantize.py wraps them into an MXTensor."""
+    """``(packed codes, scale codes, layout)`` in blocked order (layout.py, packing.py), and for two-level
+    formats ``(codes, scales, layout, packed microexponents)``, or None when not covered. quantize.py wraps
+    them into an MXTensor."""
     covered = _covered(x, fmt, rounding, scale_mode, compat)
     if covered is None:
         return None
@@ -186,10 +206,16 @@ def quantize(x: torch.Tensor, fmt, axis: int, rounding: str, scale_mode: str, se
     x = x.detach().contiguous()
     codes = torch.empty(packed_nbytes(layout.n_elements_padded, fmt.element.bits), dtype=torch.uint8)
     scales = torch.empty(layout.n_blocks, dtype=torch.uint8)
+    micro_ptrs, micro = (), None
+    if fmt.is_two_level:
+        n_sub = layout.n_blocks * (layout.block_size // fmt.subblock_size)
+        scratch = torch.empty(n_sub, dtype=torch.uint8)   # one byte per sub-block, packed by the kernel
+        micro = torch.empty(packed_nbytes(n_sub, fmt.micro_bits), dtype=torch.uint8)
+        micro_ptrs = (scratch.data_ptr(), micro.data_ptr())
     if layout.n_blocks:
         _run_quantize(1, x, 0, codes.data_ptr(), scales.data_ptr(), params, layout.axis, rounding, scale_mode,
-                      seed, lib)
-    return codes, scales, layout
+                      seed, lib, micro_ptrs)
+    return (codes, scales, layout) if micro is None else (codes, scales, layout, micro)
 
 
 def dequantize(q, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -197,9 +223,13 @@ def dequantize(q, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.
     the caller), or None when not covered.""" 
     fmt = q.format
     params = _params(fmt)
-    if params is None or dtype not in _DTYPE_CODES or q.micro is not None or q.tensor_scale is not None:
+    if params is None or dtype not in _DTYPE_CODES or q.tensor_scale is not None:
+        return None
+    if (q.micro is not None) != fmt.is_two_level:
         return None
     if q.codes.device.type != "cpu" or q.scales.dtype != torch.uint8:
+        return None
+    if q.micro is not None and (q.micro.device.type != "cpu" or q.micro.dtype != torch.uint8):
         return None
     lib = _load()
     if lib is None:
@@ -208,7 +238,8 @@ def dequantize(q, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.
         out = torch.empty(q.shape, dtype=dtype)
     if out.numel():
         codes, scales = q.codes.contiguous(), q.scales.contiguous()
+        micro = () if q.micro is None else (q.micro.contiguous(),)
         outer, L, inner = _geometry(q.shape, q.axis)
         lib.dequantize(codes.data_ptr(), scales.data_ptr(), out.data_ptr(), _DTYPE_CODES[dtype], outer, L, inner,
-                       params, _threads(out.numel()))
+                       params, _threads(out.numel()), *(m.data_ptr() for m in micro))
     return out
