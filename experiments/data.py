@@ -9,33 +9,19 @@ can check they trained on the same text; it depends on the Python version (3.11.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import sysconfig
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-#: Standard-library packages whose sources form the corpus (recursively, ``*.py`` only).
-CORPUS_PACKAGES = ("asyncio", "collections", "concurrent", "email", "http", "json", "logging", "urllib")
-#: Files with sorted index % VAL_EVERY == VAL_EVERY - 1 are the validation split.
-VAL_EVERY = 10
-#: Byte 0 separates files in the concatenated streams (it does not occur in the sources).
-SEPARATOR = b"\x00"
+from microscale.bdr.tensors import CORPUS_PACKAGES, HOLDOUT_EVERY as VAL_EVERY
+from microscale.bdr.tensors import corpus_files as _corpus_files
+from microscale.bdr.tensors import read_corpus
 
 
 def corpus_files(stdlib: str | None = None, packages=CORPUS_PACKAGES) -> list[str]:
     """Sorted relative paths (POSIX style, relative to the stdlib root) of the corpus files."""
-    root = stdlib or sysconfig.get_paths()["stdlib"]
-    found = []
-    for pkg in packages:
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, pkg)):
-            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-            for f in filenames:
-                if f.endswith(".py"):
-                    found.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
-    return sorted(found)
+    return _corpus_files(tuple(packages), stdlib)
 
 
 @dataclass(frozen=True)
@@ -59,29 +45,11 @@ class ByteCorpus:
 
 
 def load_corpus(stdlib: str | None = None) -> ByteCorpus:
-    """Read the corpus files and split them by file into train / validation byte streams."""
+    """Read the corpus files and split them by file into train / validation byte streams (the library's
+    :func:`microscale.bdr.tensors.read_corpus`: the same text and split its real-tensor capture uses)."""
     import platform
-    root = stdlib or sysconfig.get_paths()["stdlib"]
-    files = corpus_files(root)
-    if not files:
-        raise FileNotFoundError(f"no *.py files under {CORPUS_PACKAGES} in {root!r}")
-    h = hashlib.sha256()
-    train, val, val_files = [], [], []
-    for i, rel in enumerate(files):
-        with open(os.path.join(root, rel), "rb") as fh:
-            data = fh.read()
-        h.update(rel.encode() + SEPARATOR + data + SEPARATOR)
-        if i % VAL_EVERY == VAL_EVERY - 1:
-            val.append(data)
-            val_files.append(rel)
-        else:
-            train.append(data)
-
-    def stream(parts):
-        return torch.from_numpy(np.frombuffer(SEPARATOR.join(parts), dtype=np.uint8).copy())
-
-    return ByteCorpus(stream(train), stream(val), tuple(files), tuple(val_files), h.hexdigest(), root,
-                      platform.python_version())
+    c = read_corpus(CORPUS_PACKAGES, stdlib)
+    return ByteCorpus(c.train, c.holdout, c.files, c.holdout_files, c.sha256, c.root, platform.python_version())
 
 
 def batch_windows(stream: torch.Tensor, starts: torch.Tensor, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:

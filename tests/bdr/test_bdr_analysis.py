@@ -97,7 +97,7 @@ def test_default_model_is_the_calibration():
     assert fitted.lane_overhead == pytest.approx(bdr.DEFAULT_MODEL.lane_overhead, abs=0.05)
     # the fit is a minimum of the misfit: moving the overhead either way fits the relations worse
     from dataclasses import replace
-    misfit = bdr.cost.__globals__["_misfit"]
+    from microscale.bdr.cost import _misfit as misfit
     for step in (-3.0, 3.0):
         assert misfit(replace(fitted, lane_overhead=fitted.lane_overhead + step)) > misfit(fitted)
     assert misfit(fitted) < misfit(bdr.STRUCTURAL_MODEL)

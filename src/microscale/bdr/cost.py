@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..formats import E4M3, E5M2, BlockFormat, ElementFormat, get_format
+from ..formats import E4M3, E5M2, BlockFormat, ElementFormat, bdr_format, get_format
 
 __all__ = ["CostModel", "DEFAULT_MODEL", "STRUCTURAL_MODEL", "PAPER_RELATIONS", "Relation", "area",
            "area_breakdown", "cost", "baseline_area", "baseline_breakdown", "calibrate", "relations",
@@ -274,8 +274,6 @@ def relations(model: CostModel = DEFAULT_MODEL, memory: bool = True) -> list[dic
     (0.75 lo .. 1.25 hi); ``increment_ok`` puts the relative increase (ratio - 1) of a "step" within 25 %
     of the paper's increase (0.75 (lo - 1) .. 1.25 (hi - 1)); for "cheaper" relations the two agree.
     """
-    from ..formats import bdr_format
-
     rows = []
     for rel in PAPER_RELATIONS:
         if rel.kind == "cheaper":

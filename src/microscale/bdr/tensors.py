@@ -37,17 +37,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["CORPUS_PACKAGES", "KINDS", "CapturedTensors", "capture_tensors", "capture_linear_tensors", "cache_dir",
+__all__ = ["CORPUS_PACKAGES", "HOLDOUT_EVERY", "KINDS", "SEPARATOR", "CapturedTensors", "StdlibCorpus",
+           "corpus_files", "read_corpus", "capture_tensors", "capture_linear_tensors", "cache_dir",
            "cache_path", "corpus_bytes", "tensor_rows", "tensor_vectors"]
 
 #: Standard-library packages whose ``*.py`` sources (recursively, sorted) form the training corpus.
 CORPUS_PACKAGES = ("asyncio", "collections", "concurrent", "email", "http", "json", "logging", "urllib")
 #: The captured tensor kinds, in order.
 KINDS = ("weight", "activation", "gradient")
-#: Files with sorted index % _HOLDOUT_EVERY == _HOLDOUT_EVERY - 1 feed the capture batch, not training.
-_HOLDOUT_EVERY = 10
+#: Files with sorted index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 are held out (capture batch, validation).
+HOLDOUT_EVERY = 10
 #: Byte 0 separates files in the streams (it does not occur in the sources).
-_SEPARATOR = b"\x00"
+SEPARATOR = b"\x00"
 #: Bump when the capture procedure changes, so old cache files are not reused.
 _CAPTURE_VERSION = 1
 
@@ -62,13 +63,22 @@ class CapturedTensors:
 
 
 # ---- corpus ---------------------------------------------------------------------------------------
-def corpus_bytes(packages: tuple[str, ...] = CORPUS_PACKAGES, stdlib: str | None = None):
-    """``(train, holdout, sha256, n_files)``: uint8 byte streams of the stdlib sources of ``packages``.
+@dataclass(frozen=True)
+class StdlibCorpus:
+    """The byte corpus: sorted ``files`` (POSIX paths relative to ``root``), the held-out ones, the
+    ``train`` / ``holdout`` uint8 streams (files joined by byte 0) and the SHA-256 identifying them."""
 
-    Files are the sorted relative paths of ``*.py`` files under ``<stdlib>/<package>``; index % 10 == 9
-    goes to ``holdout``. ``sha256`` covers every relative path and its bytes, in order (it depends on the
-    Python version), so it identifies the text a capture was trained on.
-    """
+    root: str
+    files: tuple[str, ...]
+    holdout_files: tuple[str, ...]
+    train: torch.Tensor
+    holdout: torch.Tensor
+    sha256: str
+
+
+def corpus_files(packages: tuple[str, ...] = CORPUS_PACKAGES, stdlib: str | None = None) -> list[str]:
+    """Sorted relative paths (POSIX style, relative to the stdlib root) of the ``*.py`` files under
+    ``<stdlib>/<package>`` (recursively) for each of ``packages``."""
     if isinstance(packages, str) or not all(isinstance(p, str) for p in packages):
         raise TypeError(f"packages must be a tuple of package names, got {packages!r}")
     root = stdlib or sysconfig.get_paths()["stdlib"]
@@ -78,22 +88,40 @@ def corpus_bytes(packages: tuple[str, ...] = CORPUS_PACKAGES, stdlib: str | None
             dirnames[:] = [d for d in dirnames if d != "__pycache__"]
             files += [os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
                       for f in filenames if f.endswith(".py")]
-    files.sort()
-    if len(files) < _HOLDOUT_EVERY:
-        raise FileNotFoundError(f"need at least {_HOLDOUT_EVERY} *.py files under packages {list(packages)} "
+    return sorted(files)
+
+
+def read_corpus(packages: tuple[str, ...] = CORPUS_PACKAGES, stdlib: str | None = None) -> StdlibCorpus:
+    """Read :func:`corpus_files`; file index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 goes to ``holdout``, so
+    no file is split. ``sha256`` covers every relative path and its bytes, in order (it depends on the
+    Python version), so it identifies the text a model was trained on."""
+    root = stdlib or sysconfig.get_paths()["stdlib"]
+    files = corpus_files(packages, root)
+    if len(files) < HOLDOUT_EVERY:
+        raise FileNotFoundError(f"need at least {HOLDOUT_EVERY} *.py files under packages {list(packages)} "
                                 f"of the standard library {root!r}, found {len(files)}")
     h = hashlib.sha256()
-    train, holdout = [], []
+    train, holdout, holdout_files = [], [], []
     for i, rel in enumerate(files):
         with open(os.path.join(root, rel), "rb") as fh:
             data = fh.read()
-        h.update(rel.encode() + _SEPARATOR + data + _SEPARATOR)
-        (holdout if i % _HOLDOUT_EVERY == _HOLDOUT_EVERY - 1 else train).append(data)
+        h.update(rel.encode() + SEPARATOR + data + SEPARATOR)
+        if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1:
+            holdout.append(data)
+            holdout_files.append(rel)
+        else:
+            train.append(data)
 
     def stream(parts):
-        return torch.from_numpy(np.frombuffer(_SEPARATOR.join(parts), dtype=np.uint8).copy())
+        return torch.from_numpy(np.frombuffer(SEPARATOR.join(parts), dtype=np.uint8).copy())
 
-    return stream(train), stream(holdout), h.hexdigest(), len(files)
+    return StdlibCorpus(root, tuple(files), tuple(holdout_files), stream(train), stream(holdout), h.hexdigest())
+
+
+def corpus_bytes(packages: tuple[str, ...] = CORPUS_PACKAGES, stdlib: str | None = None):
+    """``(train, holdout, sha256, n_files)`` of :func:`read_corpus`."""
+    c = read_corpus(packages, stdlib)
+    return c.train, c.holdout, c.sha256, len(c.files)
 
 
 def _windows(stream: torch.Tensor, batch: int, ctx: int, g: torch.Generator):
