@@ -7,7 +7,7 @@
 
 from .formats import (BlockFormat, ElementFormat, ScaleFormat, get_format, list_formats,  # noqa: F401
                       register_format)
-from .quantize import dequantize, fake_quantize, quantize  # noqa: F401
+from .quantize import dequantize, fake_quantize, packed_linear, quantize  # noqa: F401
 from .tensor import MXTensor  # noqa: F401
 from .io import load_file, save_file  # noqa: F401
 from . import layout  # noqa: F401

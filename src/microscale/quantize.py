@@ -8,6 +8,7 @@ paths give the same bits; tests hold them to that.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import kernels
 from .formats import BlockFormat, get_format
@@ -16,7 +17,7 @@ from .reference import (COMPAT_MODES, cast_values, check_rounding, check_scale_m
 from .layout import from_blocks, make_layout
 from .tensor import MXTensor, check_out
 
-__all__ = ["quantize", "dequantize", "fake_quantize"]
+__all__ = ["quantize", "dequantize", "fake_quantize", "packed_linear"]
 
 _IN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -113,3 +114,31 @@ def fake_quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, round
             raise ValueError("out= does not support automatic differentiation (x requires grad)")
         return _FakeQuantizeSTE.apply(x, fmt, axis, rounding, scale_mode, s, compat)
     return _fake_quantize_impl(x.detach(), fmt, axis, rounding, scale_mode, s, compat, out)
+
+
+def packed_linear(x: torch.Tensor, weight: MXTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x · dequantize(weight)ᵀ + bias`` for a packed 2-D weight of shape [out, K] blocked along K.
+
+    The result equals ``F.linear(x, weight.dequantize(x.dtype), bias)`` up to summation order; a fused
+    kernel (microscale.kernels.packed_linear) decodes the codes in registers when it covers the request,
+    else the weight is dequantized first. ``x``: [..., K] float32/bfloat16/float16; ``y``: [..., out] in
+    x's dtype.
+    """
+    if not isinstance(weight, MXTensor):
+        raise TypeError(f"weight must be an MXTensor, got {type(weight).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if weight.ndim != 2 or weight.axis != 1:
+        raise ValueError(f"weight must be a 2-D MXTensor [out, K] blocked along axis 1, got shape "
+                         f"{weight.shape} along axis {weight.axis}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must have shape [..., {weight.shape[1]}] (the weight's K), got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},), got "
+                         f"{getattr(bias, 'shape', type(bias).__name__)}")
+    fast = kernels.packed_linear(x, weight, bias)
+    if fast is not None:
+        return fast
+    return F.linear(x, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))

@@ -47,7 +47,7 @@ from ..formats import ROUNDINGS, SCALE_MODES, get_format
 from ..layout import make_layout
 from ..packing import packed_nbytes
 
-__all__ = ["fake_quantize", "quantize", "dequantize", "available", "info"]
+__all__ = ["fake_quantize", "quantize", "dequantize", "packed_linear", "available", "info"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 _ENC = {"fp": 0, "twos": 1, "sign_magnitude": 2}
@@ -243,3 +243,9 @@ def dequantize(q, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.
         lib.dequantize(codes.data_ptr(), scales.data_ptr(), out.data_ptr(), _DTYPE_CODES[dtype], outer, L, inner,
                        params, _threads(out.numel()), *(m.data_ptr() for m in micro))
     return out
+
+
+def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Fused ``x · dequantize(weight)ᵀ + bias`` (arguments checked by the caller), or None when no fused
+    kernel covers the request (the caller then dequantizes the weight and runs F.linear)."""
+    return None
