@@ -101,7 +101,7 @@ def _as_uint8_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype != np.uint8:
             raise TypeError(f"{name} must be uint8, got numpy {x.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        x = torch.from_numpy(np.ascontiguousarray(x) if x.flags.writeable else x.copy())
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a uint8 torch.Tensor or numpy array, got {type(x).__name__}")
     if x.dtype == torch.float8_e8m0fnu:
