@@ -236,6 +236,19 @@ def test_torchao_round_trip_and_decode(fmt):
 
 
 @pytest.mark.parametrize("fmt", TORCHAO_FORMATS)
+def test_torchao_decodes_every_code_under_every_scale(fmt):
+    _torchao()
+    bits = ms.get_format(fmt).element.bits
+    width = max(32, 2 ** bits)  # row r: every element code, in blocks that all have scale byte r (255 = NaN)
+    codes = torch.arange(2 ** bits).repeat(256, width // 2 ** bits).to(torch.uint8)
+    scales = torch.arange(256).repeat_interleave(width // 32).to(torch.uint8)
+    q = MXTensor.from_codes(codes, scales, (256, width), -1, fmt)
+    t = interop.to_torchao(q)
+    _exact(t.dequantize(torch.float32), q.dequantize())
+    assert _same_mx(interop.from_torchao(t), q)
+
+
+@pytest.mark.parametrize("fmt", TORCHAO_FORMATS)
 def test_from_torchao_reads_torchao_quantizer_output(fmt):
     AOTensor = _torchao()
     from torchao.prototype.mx_formats.constants import DTYPE_FP6_E2M3, DTYPE_FP6_E3M2

@@ -56,7 +56,7 @@ __all__ = [
 
 #: Bytes of one ggml MXFP4 block (GGML_QUANT_SIZES[MXFP4] = (32, 17)).
 GGUF_BLOCK_BYTES = 17
-#: E8M0 byte that encodes NaN (OCP MX v1.0 §5.4.1); gpt-oss and ggml decode it as a number.
+#: E8M0 byte that encodes NaN (OCP MX v1.0 §5.2); gpt-oss and ggml decode it as a number.
 _E8M0_NAN = 0xFF
 #: Longest GGUF tensor name (GGML_MAX_NAME = 64 bytes including the terminating NUL).
 _GGUF_MAX_NAME = 63
