@@ -170,6 +170,15 @@ def test_gguf_round_trip_is_bit_exact(shape):
     assert _same_mx(interop.from_gguf(interop.to_gguf(ex), ex.shape), ex)
 
 
+def test_gguf_repacking_in_chunks_is_the_same(monkeypatch):
+    q = _random_mxfp4((5, 128), seed=5)  # 20 blocks
+    whole = interop.to_gguf(q)
+    monkeypatch.setattr(interop, "_CHUNK_BLOCKS", 3)  # 7 chunks, the last one short
+    assert np.array_equal(interop.to_gguf(q), whole)
+    assert _same_mx(interop.from_gguf(whole, q.shape), q)
+    assert np.array_equal(gguf.quants.dequantize(whole, GGML_MXFP4), q.dequantize().numpy())
+
+
 def test_from_gguf_reads_ggml_quantizer_output():
     # bytes made by gguf-py's own MXFP4 quantizer decode to what gguf-py decodes them to
     x = np.random.default_rng(0).standard_normal((6, 128)).astype(np.float32)
@@ -332,6 +341,7 @@ def test_gguf_file_reads_back_with_gguf_reader(tmp_path):
 
 def test_file_writers_refuse_before_writing(tmp_path):
     path = tmp_path / "out.gguf"
+    path.write_bytes(b"old")  # an existing output stays untouched by every failed write below
     bad = {"ok": _random_mxfp4((2, 64)), "ragged": _random_mxfp4((2, 40))}
     with pytest.raises(ValueError, match="'ragged'.*multiple of 32"):
         interop.save_gguf(bad, path)
@@ -345,7 +355,7 @@ def test_file_writers_refuse_before_writing(tmp_path):
         interop.save_gguf({"x" * 64: torch.zeros(3)}, path)
     with pytest.raises(ValueError, match="NaN"):  # found while writing: nothing is left behind
         interop.save_gguf({"a": _random_mxfp4((2, 64)), "n": _nan_block_tensor()}, path)
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["out.gguf"] and path.read_bytes() == b"old"
 
 
 def test_gguf_reader_refuses_inexact_types(tmp_path):

@@ -138,7 +138,7 @@ def to_gpt_oss(q: MXTensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check_mxfp4_last_axis(q.format, q.shape, q.axis, "gpt-oss / transformers MXFP4")
     _check_no_nan_scales(q.scales, "gpt-oss / transformers MXFP4")
     g = q.layout.blocks_per_vector
-    return q.codes.view(*q.shape[:-1], g, 16), q.scales.view(*q.shape[:-1], g)
+    return q.codes.reshape(*q.shape[:-1], g, 16), q.scales.reshape(*q.shape[:-1], g)
 
 
 def from_gpt_oss(blocks, scales, shape=None) -> MXTensor:
@@ -162,15 +162,27 @@ def from_gpt_oss(blocks, scales, shape=None) -> MXTensor:
 
 
 # ---- GGUF / ggml --------------------------------------------------------------------------------------
-def _our_codes_to_ggml(codes: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """Our packed E2M1 bytes (byte j: elements 2j | 2j+1 << 4) -> ggml's (byte j: elements j | j+16 << 4)."""
-    elements = unpack_codes(codes, 4, n_blocks * 32).view(n_blocks, 32)
-    return elements[:, :16] | (elements[:, 16:] << 4)
+#: Blocks repacked per step (bounds the temporary memory of a large tensor to a few MiB).
+_CHUNK_BLOCKS = 1 << 18
+
+
+def _our_codes_to_ggml(codes: torch.Tensor, out: torch.Tensor) -> None:
+    """Our packed E2M1 bytes [n_blocks, 16] (byte j: elements 2j | 2j+1 << 4) into ggml's order in
+    ``out`` [n_blocks, 16] (byte j: elements j | j+16 << 4), uint8 throughout."""
+    for start in range(0, codes.shape[0], _CHUNK_BLOCKS):
+        b = codes[start:start + _CHUNK_BLOCKS]
+        elements = torch.stack([b & 0x0F, b >> 4], dim=2).reshape(-1, 32)
+        out[start:start + _CHUNK_BLOCKS] = elements[:, :16] | (elements[:, 16:] << 4)
 
 
 def _ggml_codes_to_ours(qs: torch.Tensor) -> torch.Tensor:
-    elements = torch.cat([qs & 0x0F, qs >> 4], dim=1)
-    return pack_codes(elements, 4)
+    """Inverse of :func:`_our_codes_to_ggml`: ggml bytes [n_blocks, 16] -> our packed bytes, flat."""
+    out = torch.empty(qs.shape, dtype=torch.uint8)
+    for start in range(0, qs.shape[0], _CHUNK_BLOCKS):
+        b = qs[start:start + _CHUNK_BLOCKS]
+        elements = torch.cat([b & 0x0F, b >> 4], dim=1)
+        out[start:start + _CHUNK_BLOCKS] = elements[:, 0::2] | (elements[:, 1::2] << 4)
+    return out.reshape(-1)
 
 
 def to_gguf(q: MXTensor) -> np.ndarray:
@@ -183,7 +195,9 @@ def to_gguf(q: MXTensor) -> np.ndarray:
     _check_mxfp4_last_axis(q.format, q.shape, q.axis, "GGUF MXFP4")
     _check_no_nan_scales(q.scales, "GGUF MXFP4")
     lay = q.layout
-    raw = torch.cat([q.scales.view(-1, 1), _our_codes_to_ggml(q.codes, lay.n_blocks)], dim=1)
+    raw = torch.empty(lay.n_blocks, GGUF_BLOCK_BYTES, dtype=torch.uint8)
+    raw[:, 0] = q.scales
+    _our_codes_to_ggml(q.codes.reshape(lay.n_blocks, 16), raw[:, 1:])
     return raw.numpy().reshape(*q.shape[:-1], lay.blocks_per_vector * GGUF_BLOCK_BYTES)
 
 
