@@ -206,7 +206,7 @@ class _MXGroupedGemmFn(torch.autograd.Function):
         state, cache = ctx.state, ctx.cache
         r = state.recipe
         gx = gw = gb = None
-        n, g, k, l = cols.shape
+        n, g, _, l = cols.shape
         o = gy.shape[2]
         if ctx.needs_input_grad[0]:
             # dX[n, g] = W[g]ᵀ · dY[n, g], reduction over O: dY along O (axis 2), W along O (axis 1).
@@ -214,17 +214,27 @@ class _MXGroupedGemmFn(torch.autograd.Function):
             ws = state.seed(r.dgrad_weight)
             wq = cache.get(w, r.dgrad_weight, 1, ws) if cache is not None else quantize_operand(w, r.dgrad_weight, 1, ws)
             gx = _round_elementwise(_matmul(wq.transpose(1, 2), gyq), r)
-        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-            gy2 = gy.permute(1, 0, 3, 2).reshape(g, n * l, o)                              # [G, N·L, O]
         if ctx.needs_input_grad[1]:
             # dW[g] = dY[g]ᵀ · X[g], reduction over the N·L tokens: both operands blocked along them.
-            x2 = cols.permute(1, 0, 3, 2).reshape(g, n * l, k)
-            gyq = quantize_operand(gy2, r.wgrad_grad_output, 1, state.seed(r.wgrad_grad_output))
-            xq = quantize_operand(x2, r.wgrad_input, 1, state.seed(r.wgrad_input))
+            gyq = _tokens_major(gy, r.wgrad_grad_output, state)
+            xq = _tokens_major(cols, r.wgrad_input, state)
             gw = _matmul(gyq.transpose(1, 2), xq)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy2.sum(1).reshape(-1)
+            gb = gy.permute(1, 0, 3, 2).reshape(g, n * l, o).sum(1).reshape(-1)
         return gx, gw, gb, None, None
+
+
+def _tokens_major(t: torch.Tensor, spec: OperandSpec, state: QuantState) -> torch.Tensor:
+    """[N, G, C, L] -> contiguous [G, N·L, C] quantized along the N·L tokens (axis 1): the layout of
+    the per-group wgrad GEMM, so each group's product sums in the order mx_linear's does. For short C
+    the quantizer runs on the [G, C, N·L] layout (the same blocks; the C kernel is much faster along a
+    contiguous axis than along one with a short inner stride) and the result is transposed."""
+    n, g, c, l = t.shape
+    seed = state.seed(spec)
+    if c >= 16 or spec.is_none:
+        return quantize_operand(t.permute(1, 0, 3, 2).reshape(g, n * l, c), spec, 1, seed).contiguous()
+    tq = quantize_operand(t.permute(1, 2, 0, 3).reshape(g, c, n * l), spec, 2, seed)
+    return tq.transpose(1, 2).contiguous()
 
 
 def mx_grouped_gemm(weight: torch.Tensor, cols: torch.Tensor, bias: torch.Tensor | None = None,

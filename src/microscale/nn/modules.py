@@ -149,10 +149,7 @@ class _MXConvNd(QuantizedModule):
         cols, ho, wo = im2col(x, k, s, d)                         # [N, C*kh*kw, L]
         n, g = x.shape[0], self.groups
         w2 = self._current_weight_2d(x.dtype)                    # [O, C/G*kh*kw]
-        if g == 1:
-            y = self._gemm(cols.transpose(1, 2), w2, self.bias, self._mx_cache).transpose(1, 2)
-        else:
-            y = self._grouped_gemm(cols.view(n, g, -1, cols.shape[-1]), w2.view(g, -1, w2.shape[1]))
+        y = self._grouped_gemm(cols.view(n, g, -1, cols.shape[-1]), w2.view(g, -1, w2.shape[1]))
         y = y.reshape(n, -1, ho, wo)
         if spatial == 1:
             y = y.squeeze(2)
