@@ -23,7 +23,6 @@ components of an :class:`~microscale.MXTensor` of the 2-D [out, K] weight blocke
 
 from __future__ import annotations
 
-import functools
 import types
 
 import torch
@@ -289,23 +288,31 @@ class MXMatmulMode(TorchFunctionMode):
             # doing anything, and this handler runs with the mode popped, so its inner F.linear / bmm /
             # SDPA calls would escape quantization. Run its body with the mode pushed again instead.
             with MXMatmulMode(self.state):
-                return _mha_forward_body()(*args, **kwargs)
+                return _MHA_FORWARD_BODY(*args, **kwargs)
         handler = _HANDLERS.get(func)
         if handler is not None and "out" not in kwargs:
             out = handler(self.state, *args, **kwargs)
             if out is not NotImplemented:
                 return out
+        if func is torch.Tensor.unflatten:
+            # Written in Python (torch/_tensor.py) as ``super().unflatten(...)``, which torch.compile
+            # cannot trace when called from a TorchFunctionMode (nn.MultiheadAttention's in-projection
+            # calls it); the builtin computes the same view.
+            return torch.unflatten(*args, **kwargs)
         return func(*args, **kwargs)
 
 
-@functools.cache
-def _mha_forward_body():
-    """A copy of F.multi_head_attention_forward whose ``has_torch_function`` check is off, so it runs its
-    own body under the mode (the original function and torch's globals are untouched)."""
-    f = F.multi_head_attention_forward
+def _without_torch_function_check(f: types.FunctionType) -> types.FunctionType:
+    """A copy of ``f`` whose ``has_torch_function`` is off, so it runs its own body under the mode (the
+    original function and torch's globals are untouched)."""
     glb = dict(f.__globals__)
     glb["has_torch_function"] = lambda *_: False
     return types.FunctionType(f.__code__, glb, f.__name__, f.__defaults__, f.__closure__)
+
+
+# Built once at import, not on first use: torch.compile then sees a plain function object and traces
+# into it, instead of tracing the copy of F's globals (a graph break on ``dict.items``).
+_MHA_FORWARD_BODY = _without_torch_function_check(F.multi_head_attention_forward)
 
 
 def _h_matmul(state, a, b):
