@@ -4,7 +4,8 @@ forward only.
 The block: 3x3 depthwise conv (groups = channels) -> BatchNorm -> ReLU6 -> 1x1 pointwise conv ->
 BatchNorm -> ReLU6, on an [N, C, H, W] feature map (default 8 x 128 x 28 x 28, a MobileNetV1/V2 middle
 stage). Each row is the median and minimum wall time of ``--steps`` runs after ``--warmup``, same model,
-data and thread count; "x FP32" divides by the FP32 row of the same run (median / median).
+data and thread count, FP32 and MX runs alternating so both see the same machine load; "x FP32" divides
+by the FP32 row of the same run (median / median).
 
 The MX rows run ``microscale.nn.quantize_model(block, recipe)``: the depthwise conv is one batched
 quantized GEMM over channels whose reduction blocks are each channel's kh·kw window (the recipe
@@ -47,15 +48,18 @@ def block(c_in: int, c_out: int) -> nn.Module:
         nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU6())
 
 
-def timed(fn, warmup: int, steps: int) -> tuple[float, float]:
+def timed_pair(fn_a, fn_b, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """Wall times of ``fn_a`` and ``fn_b`` run alternately (so both see the same load on a shared
+    machine), after ``warmup`` runs of each."""
     for _ in range(warmup):
-        fn()
-    ts = []
+        fn_a(), fn_b()
+    ta, tb = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), min(ts)
+        for fn, ts in ((fn_a, ta), (fn_b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return ta, tb
 
 
 def main(argv=None) -> None:
@@ -81,8 +85,9 @@ def main(argv=None) -> None:
 
     rows = []
     for label, make in (("forward+backward", fwd_bwd), ("forward only", fwd)):
-        base = timed(make(fp32), args.warmup, args.steps)
-        quant = timed(make(mx), args.warmup, args.steps)
+        ta, tb = timed_pair(make(fp32), make(mx), args.warmup, args.steps)
+        base = (statistics.median(ta), min(ta))
+        quant = (statistics.median(tb), min(tb))
         rows.append((label, "fp32", base, 1.0))
         rows.append((label, args.recipe, quant, quant[0] / base[0]))
     print(f"depthwise-separable block: N={args.batch} C={args.channels}->{c_out} {args.size}x{args.size}, "

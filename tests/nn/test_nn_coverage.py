@@ -289,6 +289,7 @@ def per_group_loop(conv, x, recipe):
 
 @pytest.mark.parametrize("make,shape", [
     (lambda: nn.Conv2d(16, 16, 3, padding=1, groups=16), (2, 16, 9, 9)),                 # depthwise
+    (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False), (4, 32, 14, 14)),   # 784 tokens
     (lambda: nn.Conv2d(8, 16, 3, padding=1, groups=8, bias=False), (2, 8, 7, 7)),        # multiplier 2
     (lambda: nn.Conv2d(12, 8, 3, stride=2, padding=2, dilation=2, groups=4), (3, 12, 11, 10)),
     (lambda: nn.Conv2d(64, 32, 3, padding=1, groups=2), (2, 64, 6, 6)),                  # K = 288
@@ -318,8 +319,9 @@ def test_im2col_matches_unfold_and_its_gradient():
     x = torch.randn(2, 3, 9, 8, requires_grad=True)
     for k, s, d in [((3, 3), (1, 1), (1, 1)), ((3, 2), (2, 1), (1, 2)), ((1, 1), (2, 2), (1, 1))]:
         cols, ho, wo = im2col(x, k, s, d)
-        ref = F.unfold(x, k, dilation=d, stride=s)
-        assert torch.equal(cols, ref) and cols.shape[-1] == ho * wo
+        ref = F.unfold(x, k, dilation=d, stride=s)                     # [N, C·k, L]
+        ref = ref.transpose(0, 1).reshape(ref.shape[1], -1)             # [C·k, N·L]
+        assert torch.equal(cols, ref) and cols.shape[-1] == 2 * ho * wo
         g = torch.randn_like(ref)
         (a,) = torch.autograd.grad(cols, x, g)
         (b,) = torch.autograd.grad(ref, x, g)

@@ -63,11 +63,16 @@ def quantize_model(model: nn.Module, recipe: str | Recipe = "mxfp8", inference: 
 
     - ``recipe``: a :class:`Recipe` or a name (:func:`~microscale.nn.recipe.list_recipes`, or any format
       name for "that format for every operand").
-    - Swapped: nn.Linear, nn.Conv1d, nn.Conv2d (exact types; subclasses with their own forward are left
-      alone). Attention: modules picked by ``attention`` ("auto": nn.MultiheadAttention,
+    - Swapped: nn.Linear, nn.Conv1d, nn.Conv2d and their subclasses that keep the parent's forward
+      (e.g. nn.MultiheadAttention.out_proj); subclasses with their own forward are left alone.
+      Attention: modules picked by ``attention`` ("auto": nn.MultiheadAttention,
       nn.TransformerEncoderLayer/DecoderLayer and classes named ``*Attention``; or a tuple of types, or a
       predicate ``(name, module) -> bool``, or None) run their forward with matmul / bmm / baddbmm /
-      scaled_dot_product_attention / F.linear quantized (see :mod:`microscale.nn.modules`).
+      addmm / scaled_dot_product_attention / F.linear quantized (see :mod:`microscale.nn.modules`).
+    - Warns (one UserWarning naming them) when matmul-bearing modules stay in full precision: types
+      with no MX swap (e.g. a raw 2-D Parameter used in a matmul), Linear/Conv subclasses with their own
+      forward, an unscoped nn.MultiheadAttention. :func:`microscale.nn.coverage` measures the share of
+      GEMM FLOPs that actually run MX on an example input.
     - ``inference=True``: GEMM weights are packed into MX codes + scales (fwd_weight format) and the FP32
       Parameters are dropped; use for evaluation only (no weight gradients).
     - ``generator``: seed stream for stochastic rounding (default: seeded by ``recipe.seed``).

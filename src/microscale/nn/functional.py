@@ -176,24 +176,24 @@ def mx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return _MXLinearFn.apply(x, weight, bias, state, cache)
 
 
-# ---- grouped GEMM (grouped and depthwise convolutions): Y[n, g] = W[g] · X[n, g] ------------------
+# ---- grouped GEMM (grouped and depthwise convolutions): Y[g] = W[g] · X[g] -------------------------
 class _MXGroupedGemmFn(torch.autograd.Function):
     """G independent linears in one batched GEMM, each with the operand blocks of :class:`_MXLinearFn`.
 
-    ``cols`` [N, G, K, L] holds group g's K-long reduction vectors of N·L tokens (im2col columns), ``w``
-    [G, O, K] its weights, ``b`` [G·O] or None. Token order for the wgrad reduction is (n, l), as when one
-    group's ``cols`` are transposed to [N, L, K] and flattened, so every block equals the one the
-    per-group :func:`mx_linear` forms; the weight and bias gradients use that per-group layout too, so
-    they sum in the same order.
+    ``cols`` [G, K, T] holds group g's K-long reduction vectors of T tokens (im2col columns, tokens in
+    (n, l) order), ``w`` [G, O, K] its weights, ``b`` [G·O] or None; the output is [G, O, T]. Every block
+    equals the one the per-group :func:`mx_linear` on ``cols[g]ᵀ`` forms, and the bias gradient sums in
+    that per-group layout ([T, O] along the tokens); tests hold every output and gradient to the
+    per-group loop bit for bit.
     """
 
     @staticmethod
     def forward(ctx, cols, w, b, state, cache):
         r = state.recipe
-        xq = quantize_operand(cols, r.fwd_input, 2, state.seed(r.fwd_input))            # along K
+        xq = quantize_operand(cols, r.fwd_input, 1, state.seed(r.fwd_input))            # along K
         ws = state.seed(r.fwd_weight)
         wq = cache.get(w, r.fwd_weight, 2, ws) if cache is not None else quantize_operand(w, r.fwd_weight, 2, ws)
-        y = _matmul(wq, xq)                                                             # [N, G, O, L]
+        y = _matmul(wq, xq)                                                             # [G, O, T]
         if b is not None:
             y = y + b.view(*w.shape[:2], 1)
         ctx.save_for_backward(cols, w)
@@ -206,51 +206,36 @@ class _MXGroupedGemmFn(torch.autograd.Function):
         state, cache = ctx.state, ctx.cache
         r = state.recipe
         gx = gw = gb = None
-        n, g, _, l = cols.shape
-        o = gy.shape[2]
+        gy = gy.contiguous()
         if ctx.needs_input_grad[0]:
-            # dX[n, g] = W[g]ᵀ · dY[n, g], reduction over O: dY along O (axis 2), W along O (axis 1).
-            gyq = quantize_operand(gy, r.dgrad_grad_output, 2, state.seed(r.dgrad_grad_output))
+            # dX[g] = W[g]ᵀ · dY[g], reduction over O: dY along O (axis 1), W along O (axis 1).
+            gyq = quantize_operand(gy, r.dgrad_grad_output, 1, state.seed(r.dgrad_grad_output))
             ws = state.seed(r.dgrad_weight)
             wq = cache.get(w, r.dgrad_weight, 1, ws) if cache is not None else quantize_operand(w, r.dgrad_weight, 1, ws)
             gx = _round_elementwise(_matmul(wq.transpose(1, 2), gyq), r)
         if ctx.needs_input_grad[1]:
-            # dW[g] = dY[g]ᵀ · X[g], reduction over the N·L tokens: both operands blocked along them.
-            gyq = _tokens_major(gy, r.wgrad_grad_output, state)
-            xq = _tokens_major(cols, r.wgrad_input, state)
-            gw = _matmul(gyq.transpose(1, 2), xq)
+            # dW[g] = dY[g] · X[g]ᵀ, reduction over the T tokens: both operands blocked along them.
+            gyq = quantize_operand(gy, r.wgrad_grad_output, 2, state.seed(r.wgrad_grad_output))
+            xq = quantize_operand(cols, r.wgrad_input, 2, state.seed(r.wgrad_input))
+            gw = _matmul(gyq, xq.transpose(1, 2))
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy.permute(1, 0, 3, 2).reshape(g, n * l, o).sum(1).reshape(-1)
+            gb = gy.transpose(1, 2).contiguous().sum(1).reshape(-1)
         return gx, gw, gb, None, None
-
-
-def _tokens_major(t: torch.Tensor, spec: OperandSpec, state: QuantState) -> torch.Tensor:
-    """[N, G, C, L] -> contiguous [G, N·L, C] quantized along the N·L tokens (axis 1): the layout of
-    the per-group wgrad GEMM, so each group's product sums in the order mx_linear's does. For short C
-    the quantizer runs on the [G, C, N·L] layout (the same blocks; the C kernel is much faster along a
-    contiguous axis than along one with a short inner stride) and the result is transposed."""
-    n, g, c, l = t.shape
-    seed = state.seed(spec)
-    if c >= 16 or spec.is_none:
-        return quantize_operand(t.permute(1, 0, 3, 2).reshape(g, n * l, c), spec, 1, seed).contiguous()
-    tq = quantize_operand(t.permute(1, 2, 0, 3).reshape(g, c, n * l), spec, 2, seed)
-    return tq.transpose(1, 2).contiguous()
 
 
 def mx_grouped_gemm(weight: torch.Tensor, cols: torch.Tensor, bias: torch.Tensor | None = None,
                     recipe: Recipe | str | QuantState = "mxfp8", cache: WeightCache | None = None) -> torch.Tensor:
-    """``weight[g] @ cols[n, g] + bias[g]`` for weight [G, O, K], cols [N, G, K, L] and bias [G·O] (or
-    None) -> [N, G, O, L], every GEMM
-    operand quantized by ``recipe`` exactly as :func:`mx_linear` would for each group alone (forward
-    blocks along K; dgrad along O; wgrad along the N·L tokens): one batched GEMM instead of G small ones.
+    """``weight[g] @ cols[g] + bias[g]`` for weight [G, O, K], cols [G, K, T] and bias [G·O] (or None)
+    -> [G, O, T], every GEMM operand quantized by ``recipe`` exactly as :func:`mx_linear` would for each
+    group alone (forward blocks along K; dgrad along O; wgrad along the T tokens): one batched GEMM
+    instead of G small ones (grouped and depthwise convolutions, see :mod:`microscale.nn.modules`).
     """
-    if weight.dim() != 3 or cols.dim() != 4 or cols.shape[1] != weight.shape[0] or cols.shape[2] != weight.shape[2]:
-        raise ValueError(f"mx_grouped_gemm expects weight [G, O, K] and cols [N, G, K, L], got "
+    if weight.dim() != 3 or cols.dim() != 3 or cols.shape[0] != weight.shape[0] or cols.shape[1] != weight.shape[2]:
+        raise ValueError(f"mx_grouped_gemm expects weight [G, O, K] and cols [G, K, T], got "
                          f"{tuple(weight.shape)} and {tuple(cols.shape)}")
     _check_reduction("mx_grouped_gemm", weight.shape[2], "K (the forward reduction)")
     _check_reduction("mx_grouped_gemm", weight.shape[1], "O (the dgrad reduction)")
-    if cols.shape[0] * cols.shape[3] == 0:
-        raise ValueError(f"mx_grouped_gemm: cols of shape {tuple(cols.shape)} have no tokens to block over")
+    _check_reduction("mx_grouped_gemm", cols.shape[2], "T (the wgrad reduction over tokens)")
     return _MXGroupedGemmFn.apply(cols, weight, bias, _as_state(recipe), cache)
 
 

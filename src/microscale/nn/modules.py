@@ -4,12 +4,19 @@ A swap keeps the module's own Parameter objects (so an optimizer built before th
 them), its state_dict keys and its hooks; :func:`microscale.nn.dequantize_model` swaps the class back.
 
 - :class:`MXLinear`, :class:`MXConv1d`, :class:`MXConv2d`: every GEMM operand quantized by the recipe.
-  Convolutions run as im2col (``F.unfold``) + one quantized GEMM per group, so the reduction blocked is
-  C_in/groups · kernel (channel-major, the order of ``weight.reshape(out, -1)``).
+  Convolutions run as im2col (a strided copy, the order of ``F.unfold``) + one batched quantized GEMM
+  over the groups (:func:`~microscale.nn.functional.mx_grouped_gemm`), so the reduction blocked is
+  C_in/groups · kernel (channel-major, the order of ``weight.reshape(out, -1)``): for a depthwise conv,
+  each block is one channel's kh·kw window. The result equals one :func:`mx_linear` per group exactly.
+- Subclasses of those types whose forward is the parent's (e.g. nn.MultiheadAttention's ``out_proj``,
+  a ``NonDynamicallyQuantizableLinear``) are swapped too (:func:`swap_for`); subclasses that override
+  ``forward`` are left alone and reported (:mod:`microscale.nn.coverage`).
 - Attention scopes: a module whose forward does activation x activation matmuls (nn.MultiheadAttention,
   nn.TransformerEncoderLayer/DecoderLayer, or a hand-written attention module) gets a subclass whose
   forward runs inside :class:`MXMatmulMode`, a TorchFunctionMode that replaces torch.matmul / bmm /
-  baddbmm / F.scaled_dot_product_attention and F.linear with their quantized versions. The mode exists
+  baddbmm / addmm / F.scaled_dot_product_attention and F.linear with their quantized versions
+  (``torch.addmm(b, x, W)`` with a Parameter W stored [in, out], as in transformers' ``Conv1D``, is
+  ``mx_linear(x, Wᵀ, b)``). The mode exists
   only for the duration of that forward; nothing global is patched. Being inside a TorchFunctionMode
   also turns off nn.MultiheadAttention's and nn.TransformerEncoderLayer's fused inference fast paths
   (they check ``has_torch_function``), so their internal F.linear calls (in_proj, and out_proj, a
@@ -145,20 +152,20 @@ class _MXConvNd(QuantizedModule):
         pad = list(self._reversed_padding_repeated_twice)
         if any(pad):
             x = F.pad(x, pad, mode=mode)
-        cols, ho, wo = im2col(x, k, s, d)                         # [N, C*kh*kw, L]
+        cols, ho, wo = im2col(x, k, s, d)                         # [C*kh*kw, N*L]
         n, g = x.shape[0], self.groups
         w2 = self._current_weight_2d(x.dtype)                    # [O, C/G*kh*kw]
-        y = self._grouped_gemm(cols.view(n, g, -1, cols.shape[-1]), w2.view(g, -1, w2.shape[1]))
-        y = y.reshape(n, -1, ho, wo)
+        y = self._grouped_gemm(cols.view(g, -1, cols.shape[-1]), w2.view(g, -1, w2.shape[1]))  # [G, O/G, N*L]
+        y = y.reshape(-1, n, ho, wo).transpose(0, 1).contiguous()
         if spatial == 1:
             y = y.squeeze(2)
         return y.squeeze(0) if unbatched else y
 
     def _grouped_gemm(self, cols: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-        """All groups in one batched GEMM: [N, G, K, L] columns, [G, O/G, K] weights -> [N, G, O/G, L]."""
+        """All groups in one batched GEMM: [G, K, N*L] columns, [G, O/G, K] weights -> [G, O/G, N*L]."""
         if self._mx_packed:
             r = self.recipe
-            xq = quantize_operand(cols, r.fwd_input, 2, self._mx_state.seed(r.fwd_input))
+            xq = quantize_operand(cols, r.fwd_input, 1, self._mx_state.seed(r.fwd_input))
             y = torch.ops.aten.matmul.default(w3, xq)
             return _round_elementwise(y if self.bias is None else y + self.bias.view(*w3.shape[:2], 1), r)
         return mx_grouped_gemm(w3, cols, self.bias, self._mx_state, self._mx_cache)
@@ -168,9 +175,10 @@ class _MXConvNd(QuantizedModule):
 
 
 class _Im2col(torch.autograd.Function):
-    """``F.unfold`` of an already padded [N, C, H, W] input, as one strided copy (several times faster
-    than F.unfold on CPU); its gradient adds each kernel offset's slice back in (i, j) order, which is
-    the order F.fold accumulates in."""
+    """The GEMM columns [C·kh·kw, N·Ho·Wo] of an already padded [N, C, H, W] input: rows in F.unfold's
+    (c, i, j) order, tokens in (n, ho, wo) order, made by one strided copy (several times faster than
+    F.unfold on CPU). Its gradient adds each kernel offset's slice back in (i, j) order, the order
+    F.fold accumulates in."""
 
     @staticmethod
     def forward(ctx, x, k, s, d):
@@ -179,32 +187,35 @@ class _Im2col(torch.autograd.Function):
         wo = (w - d[1] * (k[1] - 1) - 1) // s[1] + 1
         x = x.contiguous()
         st = x.stride()
-        view = x.as_strided((n, c, k[0], k[1], ho, wo),
-                            (st[0], st[1], st[2] * d[0], st[3] * d[1], st[2] * s[0], st[3] * s[1]))
+        view = x.as_strided((c, k[0], k[1], n, ho, wo),
+                            (st[1], st[2] * d[0], st[3] * d[1], st[0], st[2] * s[0], st[3] * s[1]))
         ctx.geometry = (x.shape, k, s, d, ho, wo)
-        return view.reshape(n, c * k[0] * k[1], ho * wo)
+        return view.reshape(c * k[0] * k[1], n * ho * wo)
 
     @staticmethod
     def backward(ctx, g):
         shape, k, s, d, ho, wo = ctx.geometry
         n, c = shape[0], shape[1]
         gx = g.new_zeros(shape)
-        g6 = g.reshape(n, c, k[0], k[1], ho, wo)
+        g6 = g.reshape(c, k[0], k[1], n, ho, wo)
         for i in range(k[0]):
             for j in range(k[1]):
                 gx[:, :, i * d[0]: i * d[0] + s[0] * (ho - 1) + 1: s[0],
-                   j * d[1]: j * d[1] + s[1] * (wo - 1) + 1: s[1]] += g6[:, :, i, j]
+                   j * d[1]: j * d[1] + s[1] * (wo - 1) + 1: s[1]] += g6[:, i, j].transpose(0, 1)
         return gx, None, None, None
 
 
 def im2col(x: torch.Tensor, k, s, d) -> tuple[torch.Tensor, int, int]:
-    """Columns [N, C·kh·kw, Ho·Wo] of a padded [N, C, H, W] input (the F.unfold order) and Ho, Wo."""
+    """GEMM columns [C·kh·kw, N·Ho·Wo] of a padded [N, C, H, W] input (rows in the F.unfold order,
+    tokens in (n, ho, wo) order) and Ho, Wo."""
     n, c, h, w = x.shape
     ho = (h - d[0] * (k[0] - 1) - 1) // s[0] + 1
     wo = (w - d[1] * (k[1] - 1) - 1) // s[1] + 1
     if ho <= 0 or wo <= 0:
         raise ValueError(f"input of spatial size {(h, w)} (after padding) is smaller than the dilated kernel "
                          f"{tuple(k)} with dilation {tuple(d)}")
+    if tuple(k) == (1, 1) and tuple(s) == (1, 1):  # a 1x1 conv's columns are its input, channels first
+        return x.transpose(0, 1).reshape(c, n * h * w), ho, wo
     return _Im2col.apply(x, tuple(k), tuple(s), tuple(d)), ho, wo
 
 
