@@ -237,6 +237,14 @@ def test_model_of_unknown_matmul_modules_warns():
     assert mnn.coverage(model, torch.randn(3, 8)).share == 0.0
 
 
+def test_lazy_module_is_left_with_a_reason():
+    model = nn.Sequential(nn.LazyLinear(4))
+    with pytest.warns(UserWarning, match="LazyLinear is not initialized yet"):
+        mnn.quantize_model(model, "mxfp6")
+    model(torch.randn(2, 3))
+    assert isinstance(mnn.quantize_model(model, "mxfp6")[0], mnn.MXLinear)
+
+
 def test_known_model_does_not_warn():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.LayerNorm(8), nn.MultiheadAttention(8, 2))
     with warnings.catch_warnings():

@@ -56,6 +56,8 @@ def _is_gemm_bearing(m: nn.Module) -> bool:
 
 def _unswapped_reason(m: nn.Module) -> str:
     cls = type(m)
+    if isinstance(m, nn.modules.lazy.LazyModuleMixin):
+        return f"{cls.__name__} is not initialized yet: run one forward before quantize_model"
     if swap_for(cls) is not None:
         return f"{cls.__name__} not swapped (the model was not quantized with quantize_model, or not with this module)"
     for base in SWAPS:

@@ -266,7 +266,8 @@ def swap_for(cls: type) -> tuple[type, type] | None:
     swap = SWAPS.get(cls)
     if swap is not None:
         return swap, cls
-    if getattr(cls, "_mx_scope", False) or issubclass(cls, QuantizedModule):
+    if (getattr(cls, "_mx_scope", False) or issubclass(cls, QuantizedModule)
+            or issubclass(cls, nn.modules.lazy.LazyModuleMixin)):  # lazy: no weight shape to quantize yet
         return None
     for base, swap in SWAPS.items():
         if issubclass(cls, base) and overridden_forward(cls, base) is None:
