@@ -177,6 +177,13 @@ def mx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 
 # ---- grouped GEMM (grouped and depthwise convolutions): Y[g] = W[g] · X[g] -------------------------
+def _weight_operand(w: torch.Tensor, spec: OperandSpec, axis: int, state: QuantState,
+                    cache: WeightCache | None) -> torch.Tensor:
+    """The quantized weight operand, through ``cache`` when there is one."""
+    seed = state.seed(spec)
+    return cache.get(w, spec, axis, seed) if cache is not None else quantize_operand(w, spec, axis, seed)
+
+
 class _MXGroupedGemmFn(torch.autograd.Function):
     """G independent linears in one batched GEMM, each with the operand blocks of :class:`_MXLinearFn`.
 
@@ -191,8 +198,7 @@ class _MXGroupedGemmFn(torch.autograd.Function):
     def forward(ctx, cols, w, b, state, cache):
         r = state.recipe
         xq = quantize_operand(cols, r.fwd_input, 1, state.seed(r.fwd_input))            # along K
-        ws = state.seed(r.fwd_weight)
-        wq = cache.get(w, r.fwd_weight, 2, ws) if cache is not None else quantize_operand(w, r.fwd_weight, 2, ws)
+        wq = _weight_operand(w, r.fwd_weight, 2, state, cache)
         y = _matmul(wq, xq)                                                             # [G, O, T]
         if b is not None:
             y = y + b.view(*w.shape[:2], 1)
@@ -210,8 +216,7 @@ class _MXGroupedGemmFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # dX[g] = W[g]ᵀ · dY[g], reduction over O: dY along O (axis 1), W along O (axis 1).
             gyq = quantize_operand(gy, r.dgrad_grad_output, 1, state.seed(r.dgrad_grad_output))
-            ws = state.seed(r.dgrad_weight)
-            wq = cache.get(w, r.dgrad_weight, 1, ws) if cache is not None else quantize_operand(w, r.dgrad_weight, 1, ws)
+            wq = _weight_operand(w, r.dgrad_weight, 1, state, cache)
             gx = _round_elementwise(_matmul(wq.transpose(1, 2), gyq), r)
         if ctx.needs_input_grad[1]:
             # dW[g] = dY[g] · X[g]ᵀ, reduction over the T tokens: both operands blocked along them.
