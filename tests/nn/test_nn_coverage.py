@@ -104,6 +104,16 @@ def test_every_forward_gemm_runs_mx(make, mode):
     assert report.full_precision == []
 
 
+@pytest.mark.parametrize("recipe", ["mxfp6", "mxfp4-w+mxfp6"])
+def test_packed_inference_runs_mx(recipe):
+    """inference=True: the dequantized packed weights and the quantized inputs are MX operands too."""
+    from microscale.nn.models import GPTConfig, TinyGPT
+    torch.manual_seed(0)
+    model = mnn.quantize_model(TinyGPT(GPTConfig(n_embd=32)), recipe, inference=True).eval()
+    with torch.no_grad():
+        assert mnn.coverage(model, torch.randint(0, 64, (2, 16))).share == 1.0
+
+
 def test_gpt2_attention_conv1d_runs_mx_in_scope_and_mlp_is_reported():
     """Until Conv1D is swapped, GPT-2's attention Conv1Ds (torch.addmm inside the GPT2Attention scope) run
     MX and its MLP Conv1Ds are reported: the warning names them, coverage gives their share and reason."""
@@ -172,6 +182,17 @@ def test_probe_sees_fused_attention_as_full_precision():
     with torch.no_grad():
         r = mnn.coverage(layer, torch.randn(2, 9, 32), recipe="mxfp6")
     assert r.share == 0.0 and any("fast path" in c.note for c in r.gemms)
+
+
+def test_probe_sees_unscoped_attention():
+    """attention=None: the Linears run MX, F.scaled_dot_product_attention's fused kernel does not."""
+    from microscale.nn.models import GPTConfig, TinyGPT
+    torch.manual_seed(0)
+    model = mnn.quantize_model(TinyGPT(GPTConfig(n_embd=32)), "mxfp6", attention=None)
+    r = mnn.coverage(model, torch.randint(0, 64, (2, 16)))
+    fused = [c for c in r.gemms if not c.is_mx]
+    assert fused and all("fused attention" in c.note and c.module.endswith(".attn") for c in fused)
+    assert r.mx_flops == r.total_flops - sum(c.flops for c in fused) and 0 < r.share < 1
 
 
 def test_coverage_errors():
