@@ -4,6 +4,7 @@
     model = ms.nn.quantize_model(model, "mxfp6")              # or a Recipe with per-operand formats
     model = ms.nn.quantize_model(model, "mxfp4", inference=True)   # packed weights
     ms.nn.dequantize_model(model)                             # plain modules again
+    print(ms.nn.coverage(model, example_input))              # swapped modules, MX share of GEMM FLOPs
 
 See :mod:`microscale.nn.recipe` for what each operand slot means and :mod:`microscale.nn.modules` for
 how each op is covered; :mod:`microscale.nn.ddp` has the MX-compressed DDP communication hook.
@@ -11,9 +12,10 @@ how each op is covered; :mod:`microscale.nn.ddp` has the MX-compressed DDP commu
 
 from .convert import (DEFAULT_ATTENTION_TYPES, dequantize_model, load_quantized, quantize_model,  # noqa: F401
                       quantized_state, resident_bytes, restore, save_quantized)
-from .functional import (QuantState, mx_baddbmm, mx_bmm, mx_linear, mx_matmul,  # noqa: F401
-                         mx_scaled_dot_product_attention, quantize_operand)
+from .functional import (QuantState, mx_addmm, mx_baddbmm, mx_bmm, mx_grouped_gemm, mx_linear,  # noqa: F401
+                         mx_matmul, mx_scaled_dot_product_attention, quantize_operand)
 from .modules import MXConv1d, MXConv2d, MXLinear, MXMatmulMode  # noqa: F401
 from .recipe import (ELEMENTWISE_MODES, OPERANDS, OperandSpec, Recipe, get_recipe, list_recipes,  # noqa: F401
                      register_recipe)
 from .ddp import MXCommState, mx_allreduce_hook  # noqa: F401
+from .coverage import CoverageReport, coverage  # noqa: F401

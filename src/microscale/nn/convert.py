@@ -5,6 +5,7 @@ Only the model given is changed (its modules' classes are swapped in place); not
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -12,7 +13,7 @@ import torch.nn as nn
 
 from ..tensor import MXTensor
 from .functional import QuantState
-from .modules import SWAPS, QuantizedModule, scoped_class
+from .modules import SWAPS, QuantizedModule, scoped_class, swap_for
 from .recipe import OPERANDS, Recipe, get_recipe
 
 __all__ = ["quantize_model", "dequantize_model", "restore", "resident_bytes", "save_quantized",
@@ -62,11 +63,16 @@ def quantize_model(model: nn.Module, recipe: str | Recipe = "mxfp8", inference: 
 
     - ``recipe``: a :class:`Recipe` or a name (:func:`~microscale.nn.recipe.list_recipes`, or any format
       name for "that format for every operand").
-    - Swapped: nn.Linear, nn.Conv1d, nn.Conv2d (exact types; subclasses with their own forward are left
-      alone). Attention: modules picked by ``attention`` ("auto": nn.MultiheadAttention,
+    - Swapped: nn.Linear, nn.Conv1d, nn.Conv2d and their subclasses that keep the parent's forward
+      (e.g. nn.MultiheadAttention.out_proj); subclasses with their own forward are left alone.
+      Attention: modules picked by ``attention`` ("auto": nn.MultiheadAttention,
       nn.TransformerEncoderLayer/DecoderLayer and classes named ``*Attention``; or a tuple of types, or a
       predicate ``(name, module) -> bool``, or None) run their forward with matmul / bmm / baddbmm /
-      scaled_dot_product_attention / F.linear quantized (see :mod:`microscale.nn.modules`).
+      addmm / scaled_dot_product_attention / F.linear quantized (see :mod:`microscale.nn.modules`).
+    - Warns (one UserWarning naming them) when matmul-bearing modules stay in full precision: types
+      with no MX swap (e.g. a raw 2-D Parameter used in a matmul), Linear/Conv subclasses with their own
+      forward, an unscoped nn.MultiheadAttention. :func:`microscale.nn.coverage` measures the share of
+      GEMM FLOPs that actually run MX on an example input.
     - ``inference=True``: GEMM weights are packed into MX codes + scales (fwd_weight format) and the FP32
       Parameters are dropped; use for evaluation only (no weight gradients).
     - ``generator``: seed stream for stochastic rounding (default: seeded by ``recipe.seed``).
@@ -79,22 +85,38 @@ def quantize_model(model: nn.Module, recipe: str | Recipe = "mxfp8", inference: 
     if any(isinstance(m, QuantizedModule) or getattr(type(m), "_mx_scope", False) for m in model.modules()):
         dequantize_model(model)
     state = QuantState(recipe, generator)
+    read_by_parent = _weights_read_by_parent(model) if inference else set()
     for name, m in model.named_modules():
-        swap = SWAPS.get(type(m))
-        if swap is not None:
+        found = swap_for(type(m))
+        if found is not None and id(m) not in read_by_parent:
+            swap, base = found
             _check_module(name, m)
             m.__class__ = swap
-            m._mx_init(state, _base_of(swap))
+            m._mx_init(state, base)
             if inference:
                 m._pack()
         elif _is_attention(attention, name, m):
             m.__class__ = scoped_class(type(m))
             m._mx_state = state
+    _warn_full_precision(model)
     return model
 
 
-def _base_of(swap: type) -> type:
-    return next(b for b, s in SWAPS.items() if s is swap)
+def _weights_read_by_parent(model: nn.Module) -> set[int]:
+    """ids of modules whose weight their parent reads directly instead of calling them
+    (nn.MultiheadAttention.out_proj): packing would take that ``.weight`` away, so inference=True leaves
+    them as they are (the parent's attention scope still quantizes their F.linear)."""
+    return {id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.children()}
+
+
+def _warn_full_precision(model: nn.Module) -> None:
+    from .coverage import full_precision_modules
+    left = full_precision_modules(model)
+    if left:
+        names = "; ".join(f"{name or '<model>'} ({reason})" for name, reason in left)
+        warnings.warn(f"quantize_model left {len(left)} matmul-bearing module(s) in full precision: {names}. "
+                      f"ms.nn.coverage(model, *example_inputs) measures the share of GEMM FLOPs that run MX.",
+                      UserWarning, stacklevel=3)
 
 
 def _check_module(name: str, m: nn.Module) -> None:

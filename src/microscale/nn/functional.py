@@ -22,8 +22,8 @@ from ..quantize import fake_quantize
 from ..reference import draw_seed
 from .recipe import OperandSpec, Recipe, get_recipe
 
-__all__ = ["QuantState", "quantize_operand", "mx_linear", "mx_matmul", "mx_bmm", "mx_baddbmm",
-           "mx_scaled_dot_product_attention"]
+__all__ = ["QuantState", "quantize_operand", "mx_linear", "mx_grouped_gemm", "mx_matmul", "mx_bmm",
+           "mx_baddbmm", "mx_addmm", "mx_scaled_dot_product_attention"]
 
 
 class QuantState:
@@ -176,6 +176,74 @@ def mx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return _MXLinearFn.apply(x, weight, bias, state, cache)
 
 
+# ---- grouped GEMM (grouped and depthwise convolutions): Y[g] = W[g] · X[g] -------------------------
+def _weight_operand(w: torch.Tensor, spec: OperandSpec, axis: int, state: QuantState,
+                    cache: WeightCache | None) -> torch.Tensor:
+    """The quantized weight operand, through ``cache`` when there is one."""
+    seed = state.seed(spec)
+    return cache.get(w, spec, axis, seed) if cache is not None else quantize_operand(w, spec, axis, seed)
+
+
+class _MXGroupedGemmFn(torch.autograd.Function):
+    """G independent linears in one batched GEMM, each with the operand blocks of :class:`_MXLinearFn`.
+
+    ``cols`` [G, K, T] holds group g's K-long reduction vectors of T tokens (im2col columns, tokens in
+    (n, l) order), ``w`` [G, O, K] its weights, ``b`` [G·O] or None; the output is [G, O, T]. Every block
+    equals the one the per-group :func:`mx_linear` on ``cols[g]ᵀ`` forms, and the bias gradient sums in
+    that per-group layout ([T, O] along the tokens); tests hold every output and gradient to the
+    per-group loop bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, cols, w, b, state, cache):
+        r = state.recipe
+        xq = quantize_operand(cols, r.fwd_input, 1, state.seed(r.fwd_input))            # along K
+        wq = _weight_operand(w, r.fwd_weight, 2, state, cache)
+        y = _matmul(wq, xq)                                                             # [G, O, T]
+        if b is not None:
+            y = y + b.view(*w.shape[:2], 1)
+        ctx.save_for_backward(cols, w)
+        ctx.state, ctx.cache, ctx.has_bias = state, cache, b is not None
+        return _round_elementwise(y, r)
+
+    @staticmethod
+    def backward(ctx, gy):
+        cols, w = ctx.saved_tensors
+        state, cache = ctx.state, ctx.cache
+        r = state.recipe
+        gx = gw = gb = None
+        gy = gy.contiguous()
+        if ctx.needs_input_grad[0]:
+            # dX[g] = W[g]ᵀ · dY[g], reduction over O: dY along O (axis 1), W along O (axis 1).
+            gyq = quantize_operand(gy, r.dgrad_grad_output, 1, state.seed(r.dgrad_grad_output))
+            wq = _weight_operand(w, r.dgrad_weight, 1, state, cache)
+            gx = _round_elementwise(_matmul(wq.transpose(1, 2), gyq), r)
+        if ctx.needs_input_grad[1]:
+            # dW[g] = dY[g] · X[g]ᵀ, reduction over the T tokens: both operands blocked along them.
+            gyq = quantize_operand(gy, r.wgrad_grad_output, 2, state.seed(r.wgrad_grad_output))
+            xq = quantize_operand(cols, r.wgrad_input, 2, state.seed(r.wgrad_input))
+            gw = _matmul(gyq, xq.transpose(1, 2))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.transpose(1, 2).contiguous().sum(1).reshape(-1)
+        return gx, gw, gb, None, None
+
+
+def mx_grouped_gemm(weight: torch.Tensor, cols: torch.Tensor, bias: torch.Tensor | None = None,
+                    recipe: Recipe | str | QuantState = "mxfp8", cache: WeightCache | None = None) -> torch.Tensor:
+    """``weight[g] @ cols[g] + bias[g]`` for weight [G, O, K], cols [G, K, T] and bias [G·O] (or None)
+    -> [G, O, T], every GEMM operand quantized by ``recipe`` exactly as :func:`mx_linear` would for each
+    group alone (forward blocks along K; dgrad along O; wgrad along the T tokens): one batched GEMM
+    instead of G small ones (grouped and depthwise convolutions, see :mod:`microscale.nn.modules`).
+    """
+    if weight.dim() != 3 or cols.dim() != 3 or cols.shape[0] != weight.shape[0] or cols.shape[1] != weight.shape[2]:
+        raise ValueError(f"mx_grouped_gemm expects weight [G, O, K] and cols [G, K, T], got "
+                         f"{tuple(weight.shape)} and {tuple(cols.shape)}")
+    _check_reduction("mx_grouped_gemm", weight.shape[2], "K (the forward reduction)")
+    _check_reduction("mx_grouped_gemm", weight.shape[1], "O (the dgrad reduction)")
+    _check_reduction("mx_grouped_gemm", cols.shape[2], "T (the wgrad reduction over tokens)")
+    return _MXGroupedGemmFn.apply(cols, weight, bias, _as_state(recipe), cache)
+
+
 # ---- activation x activation matmuls (attention) --------------------------------------------------
 class _MXMatmulFn(torch.autograd.Function):
     @staticmethod
@@ -229,6 +297,21 @@ def mx_bmm(a, b, recipe="mxfp8"):
 def mx_baddbmm(input, batch1, batch2, *, beta=1, alpha=1, recipe="mxfp8"):
     """``torch.baddbmm``: beta * input + alpha * (batch1 @ batch2), the product quantized."""
     prod = mx_bmm(batch1, batch2, recipe)
+    if alpha != 1:
+        prod = prod * alpha
+    if beta == 0:
+        return prod
+    return (input if beta == 1 else beta * input) + prod
+
+
+def mx_addmm(input, mat1, mat2, *, beta=1, alpha=1, recipe="mxfp8"):
+    """``torch.addmm``: beta * input + alpha * (mat1 @ mat2), the product quantized. When ``mat2`` is a
+    Parameter (a weight stored [in, out], e.g. transformers' ``Conv1D``) the product is
+    :func:`mx_linear` of ``mat2ᵀ`` (weight operand specs, blocks along in = K); otherwise an activation
+    product (:func:`mx_matmul`)."""
+    if isinstance(mat2, torch.nn.Parameter) and beta == 1 and alpha == 1 and input.dim() == 1:
+        return mx_linear(mat1, mat2.t(), input, recipe)
+    prod = mx_linear(mat1, mat2.t(), None, recipe) if isinstance(mat2, torch.nn.Parameter) else mx_matmul(mat1, mat2, recipe)
     if alpha != 1:
         prod = prod * alpha
     if beta == 0:

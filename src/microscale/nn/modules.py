@@ -4,12 +4,19 @@ A swap keeps the module's own Parameter objects (so an optimizer built before th
 them), its state_dict keys and its hooks; :func:`microscale.nn.dequantize_model` swaps the class back.
 
 - :class:`MXLinear`, :class:`MXConv1d`, :class:`MXConv2d`: every GEMM operand quantized by the recipe.
-  Convolutions run as im2col (``F.unfold``) + one quantized GEMM per group, so the reduction blocked is
-  C_in/groups · kernel (channel-major, the order of ``weight.reshape(out, -1)``).
+  Convolutions run as im2col (a strided copy, the order of ``F.unfold``) + one batched quantized GEMM
+  over the groups (:func:`~microscale.nn.functional.mx_grouped_gemm`), so the reduction blocked is
+  C_in/groups · kernel (channel-major, the order of ``weight.reshape(out, -1)``): for a depthwise conv,
+  each block is one channel's kh·kw window. The result equals one :func:`mx_linear` per group exactly.
+- Subclasses of those types whose forward is the parent's (e.g. nn.MultiheadAttention's ``out_proj``,
+  a ``NonDynamicallyQuantizableLinear``) are swapped too (:func:`swap_for`); subclasses that override
+  ``forward`` are left alone and reported (:mod:`microscale.nn.coverage`).
 - Attention scopes: a module whose forward does activation x activation matmuls (nn.MultiheadAttention,
   nn.TransformerEncoderLayer/DecoderLayer, or a hand-written attention module) gets a subclass whose
   forward runs inside :class:`MXMatmulMode`, a TorchFunctionMode that replaces torch.matmul / bmm /
-  baddbmm / F.scaled_dot_product_attention and F.linear with their quantized versions. The mode exists
+  baddbmm / addmm / F.scaled_dot_product_attention and F.linear with their quantized versions
+  (``torch.addmm(b, x, W)`` with a Parameter W stored [in, out], as in transformers' ``Conv1D``, is
+  ``mx_linear(x, Wᵀ, b)``). The mode exists
   only for the duration of that forward; nothing global is patched. Being inside a TorchFunctionMode
   also turns off nn.MultiheadAttention's and nn.TransformerEncoderLayer's fused inference fast paths
   (they check ``has_torch_function``), so their internal F.linear calls (in_proj, and out_proj, a
@@ -23,7 +30,6 @@ components of an :class:`~microscale.MXTensor` of the 2-D [out, K] weight blocke
 
 from __future__ import annotations
 
-import functools
 import types
 
 import torch
@@ -33,10 +39,11 @@ from torch.overrides import TorchFunctionMode
 
 from ..quantize import quantize
 from ..tensor import MXTensor
-from .functional import (QuantState, WeightCache, _linear, _round_elementwise, mx_baddbmm, mx_bmm,
-                         mx_linear, mx_matmul, mx_scaled_dot_product_attention, quantize_operand)
+from .functional import (QuantState, WeightCache, _linear, _round_elementwise, mx_addmm, mx_baddbmm, mx_bmm,
+                         mx_grouped_gemm, mx_linear, mx_matmul, mx_scaled_dot_product_attention,
+                         quantize_operand)
 
-__all__ = ["MXLinear", "MXConv1d", "MXConv2d", "MXMatmulMode", "QuantizedModule"]
+__all__ = ["MXLinear", "MXConv1d", "MXConv2d", "MXMatmulMode", "QuantizedModule", "swap_for"]
 
 
 class QuantizedModule:
@@ -145,28 +152,71 @@ class _MXConvNd(QuantizedModule):
         pad = list(self._reversed_padding_repeated_twice)
         if any(pad):
             x = F.pad(x, pad, mode=mode)
-        n, c, h, w = x.shape
-        cols = F.unfold(x, k, dilation=d, stride=s)              # [N, C*kh*kw, L]
-        ho = (h - d[0] * (k[0] - 1) - 1) // s[0] + 1
-        wo = (w - d[1] * (k[1] - 1) - 1) // s[1] + 1
-        g = self.groups
-        tokens = cols.transpose(1, 2).reshape(n, ho * wo, g, -1)  # [N, L, G, C/G*kh*kw]
+        cols, ho, wo = im2col(x, k, s, d)                         # [C*kh*kw, N*L]
+        n, g = x.shape[0], self.groups
         w2 = self._current_weight_2d(x.dtype)                    # [O, C/G*kh*kw]
-        if g == 1:
-            y = self._gemm(tokens[:, :, 0], w2, self.bias, self._mx_cache)
-        else:
-            og = w2.shape[0] // g
-            outs = [self._gemm(tokens[:, :, i], w2[i * og:(i + 1) * og],
-                               None if self.bias is None else self.bias[i * og:(i + 1) * og], None)
-                    for i in range(g)]
-            y = torch.cat(outs, dim=-1)
-        y = y.transpose(1, 2).reshape(n, -1, ho, wo)
+        y = self._grouped_gemm(cols.view(g, -1, cols.shape[-1]), w2.view(g, -1, w2.shape[1]))  # [G, O/G, N*L]
+        y = y.reshape(-1, n, ho, wo).transpose(0, 1).contiguous()
         if spatial == 1:
             y = y.squeeze(2)
         return y.squeeze(0) if unbatched else y
 
+    def _grouped_gemm(self, cols: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+        """All groups in one batched GEMM: [G, K, N*L] columns, [G, O/G, K] weights -> [G, O/G, N*L]."""
+        if self._mx_packed:
+            r = self.recipe
+            xq = quantize_operand(cols, r.fwd_input, 1, self._mx_state.seed(r.fwd_input))
+            y = torch.ops.aten.matmul.default(w3, xq)
+            return _round_elementwise(y if self.bias is None else y + self.bias.view(*w3.shape[:2], 1), r)
+        return mx_grouped_gemm(w3, cols, self.bias, self._mx_state, self._mx_cache)
+
     def extra_repr(self) -> str:
         return f"{self._mx_base.extra_repr(self)}, {self._mx_repr()}"
+
+
+class _Im2col(torch.autograd.Function):
+    """The GEMM columns [C·kh·kw, N·Ho·Wo] of an already padded [N, C, H, W] input: rows in F.unfold's
+    (c, i, j) order, tokens in (n, ho, wo) order, made by one strided copy (several times faster than
+    F.unfold on CPU). Its gradient adds each kernel offset's slice back in (i, j) order, the order
+    F.fold accumulates in."""
+
+    @staticmethod
+    def forward(ctx, x, k, s, d):
+        n, c, h, w = x.shape
+        ho = (h - d[0] * (k[0] - 1) - 1) // s[0] + 1
+        wo = (w - d[1] * (k[1] - 1) - 1) // s[1] + 1
+        x = x.contiguous()
+        st = x.stride()
+        view = x.as_strided((c, k[0], k[1], n, ho, wo),
+                            (st[1], st[2] * d[0], st[3] * d[1], st[0], st[2] * s[0], st[3] * s[1]))
+        ctx.geometry = (x.shape, k, s, d, ho, wo)
+        return view.reshape(c * k[0] * k[1], n * ho * wo)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, k, s, d, ho, wo = ctx.geometry
+        n, c = shape[0], shape[1]
+        gx = g.new_zeros(shape)
+        g6 = g.reshape(c, k[0], k[1], n, ho, wo)
+        for i in range(k[0]):
+            for j in range(k[1]):
+                gx[:, :, i * d[0]: i * d[0] + s[0] * (ho - 1) + 1: s[0],
+                   j * d[1]: j * d[1] + s[1] * (wo - 1) + 1: s[1]] += g6[:, i, j].transpose(0, 1)
+        return gx, None, None, None
+
+
+def im2col(x: torch.Tensor, k, s, d) -> tuple[torch.Tensor, int, int]:
+    """GEMM columns [C·kh·kw, N·Ho·Wo] of a padded [N, C, H, W] input (rows in the F.unfold order,
+    tokens in (n, ho, wo) order) and Ho, Wo."""
+    n, c, h, w = x.shape
+    ho = (h - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    wo = (w - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"input of spatial size {(h, w)} (after padding) is smaller than the dilated kernel "
+                         f"{tuple(k)} with dilation {tuple(d)}")
+    if tuple(k) == (1, 1) and tuple(s) == (1, 1):  # a 1x1 conv's columns are its input, channels first
+        return x.transpose(0, 1).reshape(c, n * h * w), ho, wo
+    return _Im2col.apply(x, tuple(k), tuple(s), tuple(d)), ho, wo
 
 
 class MXConv1d(_MXConvNd, nn.Conv1d):
@@ -191,6 +241,44 @@ class MXConv2d(_MXConvNd, nn.Conv2d):
 SWAPS: dict[type, type] = {nn.Linear: MXLinear, nn.Conv1d: MXConv1d, nn.Conv2d: MXConv2d}
 
 
+#: Methods a subclass must inherit unchanged from its SWAPS base to be swapped (its forward is the base's).
+_FORWARD_METHODS = ("forward", "_conv_forward")
+_SUBCLASS_SWAPS: dict[type, type] = {}
+
+
+def overridden_forward(cls: type, base: type) -> str | None:
+    """The first of ``forward`` / ``_conv_forward`` that ``cls`` defines differently from ``base``, or None."""
+    for meth in _FORWARD_METHODS:
+        if getattr(cls, meth, None) is not getattr(base, meth, None):
+            return meth
+    return None
+
+
+def swap_for(cls: type) -> tuple[type, type] | None:
+    """``(quantized class, original class)`` for a module type, or None when it is not swapped.
+
+    Exact :data:`SWAPS` types map to their MX class. A subclass of one of them (e.g.
+    ``nn.MultiheadAttention.out_proj``, a ``NonDynamicallyQuantizableLinear``) whose forward is the
+    base's gets a class deriving from both the MX class and itself (made once per class), so
+    ``isinstance`` checks against the original class still hold. Subclasses that override ``forward``
+    (or ``_conv_forward``) are left alone: their forward may compute something else.
+    """
+    swap = SWAPS.get(cls)
+    if swap is not None:
+        return swap, cls
+    if (getattr(cls, "_mx_scope", False) or issubclass(cls, QuantizedModule)
+            or issubclass(cls, nn.modules.lazy.LazyModuleMixin)):  # lazy: no weight shape to quantize yet
+        return None
+    for base, swap in SWAPS.items():
+        if issubclass(cls, base) and overridden_forward(cls, base) is None:
+            sub = _SUBCLASS_SWAPS.get(cls)
+            if sub is None:
+                sub = type(f"MX{cls.__name__}", (swap, cls), {"__module__": __name__})
+                _SUBCLASS_SWAPS[cls] = sub
+            return sub, cls
+    return None
+
+
 # ---- attention scopes -------------------------------------------------------------------------------
 class MXMatmulMode(TorchFunctionMode):
     """Quantizes the GEMMs torch functions run while it is active (entered only by attention scopes).
@@ -212,23 +300,31 @@ class MXMatmulMode(TorchFunctionMode):
             # doing anything, and this handler runs with the mode popped, so its inner F.linear / bmm /
             # SDPA calls would escape quantization. Run its body with the mode pushed again instead.
             with MXMatmulMode(self.state):
-                return _mha_forward_body()(*args, **kwargs)
+                return _MHA_FORWARD_BODY(*args, **kwargs)
         handler = _HANDLERS.get(func)
         if handler is not None and "out" not in kwargs:
             out = handler(self.state, *args, **kwargs)
             if out is not NotImplemented:
                 return out
+        if func is torch.Tensor.unflatten:
+            # Written in Python (torch/_tensor.py) as ``super().unflatten(...)``, which torch.compile
+            # cannot trace when called from a TorchFunctionMode (nn.MultiheadAttention's in-projection
+            # calls it); the builtin computes the same view.
+            return torch.unflatten(*args, **kwargs)
         return func(*args, **kwargs)
 
 
-@functools.cache
-def _mha_forward_body():
-    """A copy of F.multi_head_attention_forward whose ``has_torch_function`` check is off, so it runs its
-    own body under the mode (the original function and torch's globals are untouched)."""
-    f = F.multi_head_attention_forward
+def _without_torch_function_check(f: types.FunctionType) -> types.FunctionType:
+    """A copy of ``f`` whose ``has_torch_function`` is off, so it runs its own body under the mode (the
+    original function and torch's globals are untouched)."""
     glb = dict(f.__globals__)
     glb["has_torch_function"] = lambda *_: False
     return types.FunctionType(f.__code__, glb, f.__name__, f.__defaults__, f.__closure__)
+
+
+# Built once at import, not on first use: torch.compile then sees a plain function object and traces
+# into it, instead of tracing the copy of F's globals (a graph break on ``dict.items``).
+_MHA_FORWARD_BODY = _without_torch_function_check(F.multi_head_attention_forward)
 
 
 def _h_matmul(state, a, b):
@@ -249,6 +345,12 @@ def _h_baddbmm(state, input, batch1, batch2, *, beta=1, alpha=1):
     return mx_baddbmm(input, batch1, batch2, beta=beta, alpha=alpha, recipe=state)
 
 
+def _h_addmm(state, input, mat1, mat2, *, beta=1, alpha=1):
+    if not (isinstance(mat1, torch.Tensor) and isinstance(mat2, torch.Tensor)) or mat1.dim() != 2 or mat2.dim() != 2:
+        return NotImplemented
+    return mx_addmm(input, mat1, mat2, beta=beta, alpha=alpha, recipe=state)
+
+
 def _h_sdpa(state, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
             enable_gqa=False):
     return mx_scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
@@ -263,7 +365,8 @@ _HANDLERS = {
     torch.matmul: _h_matmul, torch.Tensor.matmul: _h_matmul, torch.Tensor.__matmul__: _h_matmul,
     torch.Tensor.__rmatmul__: _h_rmatmul,
     torch.bmm: _h_bmm, torch.Tensor.bmm: _h_bmm, torch.mm: _h_matmul, torch.Tensor.mm: _h_matmul,
-    torch.baddbmm: _h_baddbmm,
+    torch.baddbmm: _h_baddbmm, torch.Tensor.baddbmm: _h_baddbmm,
+    torch.addmm: _h_addmm, torch.Tensor.addmm: _h_addmm,
     F.scaled_dot_product_attention: _h_sdpa,
     F.linear: _h_linear,
 }

@@ -1,0 +1,103 @@
+"""Time a depthwise-separable conv block (MobileNet style): FP32 vs an MX recipe, forward+backward and
+forward only.
+
+The block: 3x3 depthwise conv (groups = channels) -> BatchNorm -> ReLU6 -> 1x1 pointwise conv ->
+BatchNorm -> ReLU6, on an [N, C, H, W] feature map (default 8 x 128 x 28 x 28, a MobileNetV1/V2 middle
+stage). Each row is the median and minimum wall time of ``--steps`` runs after ``--warmup``, same model,
+data and thread count, FP32 and MX runs alternating so both see the same machine load; "x FP32" divides
+by the FP32 row of the same run (median / median).
+
+The MX rows run ``microscale.nn.quantize_model(block, recipe)``: the depthwise conv is one batched
+quantized GEMM over channels whose reduction blocks are each channel's kh·kw window (the recipe
+semantics of a grouped convolution, see docs/nn.md), the pointwise conv one quantized GEMM.
+
+    python benchmarks/conv_block.py
+    python benchmarks/conv_block.py --recipe mxfp8 --channels 256 --size 14
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+from microscale import nn as mnn
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--recipe", default="mxfp6", help="MX recipe (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--channels", type=int, default=128, help="input channels of the block")
+    p.add_argument("--out-channels", type=int, default=None, help="pointwise output channels (default: --channels)")
+    p.add_argument("--size", type=int, default=28, help="feature map height = width")
+    p.add_argument("--steps", type=int, default=7, help="timed runs per row")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def block(c_in: int, c_out: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in, bias=False), nn.BatchNorm2d(c_in), nn.ReLU6(),
+        nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU6())
+
+
+def timed_pair(fn_a, fn_b, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """Wall times of ``fn_a`` and ``fn_b`` run alternately (so both see the same load on a shared
+    machine), after ``warmup`` runs of each."""
+    for _ in range(warmup):
+        fn_a(), fn_b()
+    ta, tb = [], []
+    for _ in range(steps):
+        for fn, ts in ((fn_a, ta), (fn_b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return ta, tb
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    c_out = args.out_channels or args.channels
+    fp32 = block(args.channels, c_out).train()
+    mx = mnn.quantize_model(copy.deepcopy(fp32), args.recipe)
+    x = torch.randn(args.batch, args.channels, args.size, args.size)
+
+    def fwd_bwd(model):
+        def run():
+            xi = x.clone().requires_grad_()
+            model(xi).sum().backward()
+        return run
+
+    def fwd(model):
+        def run():
+            with torch.no_grad():
+                model(x)
+        return run
+
+    rows = []
+    for label, make in (("forward+backward", fwd_bwd), ("forward only", fwd)):
+        ta, tb = timed_pair(make(fp32), make(mx), args.warmup, args.steps)
+        base = (statistics.median(ta), min(ta))
+        quant = (statistics.median(tb), min(tb))
+        rows.append((label, "fp32", base, 1.0))
+        rows.append((label, args.recipe, quant, quant[0] / base[0]))
+    print(f"depthwise-separable block: N={args.batch} C={args.channels}->{c_out} {args.size}x{args.size}, "
+          f"3x3 depthwise + 1x1 pointwise + BN + ReLU6, train mode, {args.threads} thread(s), torch {torch.__version__}")
+    print()
+    print("| pass | model | median ms | min ms | x FP32 |")
+    print("|---|---|---:|---:|---:|")
+    for label, name, (med, mn), ratio in rows:
+        print(f"| {label} | {name} | {1e3 * med:.2f} | {1e3 * mn:.2f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
