@@ -253,7 +253,7 @@ def save_quantized(model: nn.Module, path, recipe: str | Recipe | None = None) -
     if not packed:
         raise ValueError("model has no packed weights: quantize it with inference=True before save_quantized")
     if recipe is None:
-        states = {m._mx_state.recipe.name for m in model.modules() if isinstance(m, QuantizedModule)}
+        states = {m._mx_state.recipe.name for m in model.modules() if "_mx_state" in m.__dict__}
         recipe = states.pop() if len(states) == 1 else None
     meta = {"format": "microscale-packed"}
     if recipe is not None:
@@ -304,10 +304,17 @@ def load_quantized(model: nn.Module, path, recipe: str | Recipe | None = None, e
             if recipe is None:
                 raise ValueError(f"model is not packed and {path} records no recipe: quantize it with "
                                  f"inference=True first, or pass recipe=")
-        if embeddings is None:
-            embeddings = any(isinstance(v, MXTensor) and isinstance(_owner(model, k), nn.Embedding)
-                             for k, v in data.items())
-        quantize_model(model, recipe, inference=True, embeddings=embeddings)
+        quantize_model(model, recipe, inference=True, embeddings=bool(embeddings))
+    if embeddings is None:
+        # Embeddings the file holds packed (quantize_model(..., embeddings=True)) are packed here too,
+        # in the file's format; tied ones already are.
+        ties = _parameter_users(model)
+        for k, v in data.items():
+            owner, pname = _owner(model, k), k.rpartition(".")[2]
+            if isinstance(v, MXTensor) and isinstance(owner, nn.Embedding) and pname == "weight" \
+                    and not is_packed(owner.weight):
+                pw = PackedWeight.from_dense(owner.weight.detach(), v.format)
+                _share(ties, owner.weight, pack_parameter(owner, "weight", pw))
     expected, tied = _expected_keys(model)
     for group in tied:  # a tied parameter is stored once: its other names read the same tensor
         held = [k for k in group if k in data]
