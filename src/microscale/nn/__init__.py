@@ -11,7 +11,8 @@ how each op is covered; :mod:`microscale.nn.ddp` has the MX-compressed DDP commu
 """
 
 from .convert import (DEFAULT_ATTENTION_TYPES, dequantize_model, from_pretrained, load_quantized,  # noqa: F401
-                      quantize_model, quantized_state, resident_bytes, restore, save_quantized)
+                      packing_plan, quantize_model, quantized_state, resident_bytes, restore,
+                      save_quantized)
 from .functional import (QuantState, mx_baddbmm, mx_bmm, mx_linear, mx_matmul,  # noqa: F401
                          mx_scaled_dot_product_attention, quantize_operand)
 from .modules import MXConv1d, MXConv2d, MXLinear, MXMatmulMode  # noqa: F401

@@ -19,7 +19,8 @@ from .packed import PART_NAMES, PackedWeight, as_packed_like, is_packed, pack_pa
 from .recipe import OPERANDS, Recipe, get_recipe
 
 __all__ = ["quantize_model", "dequantize_model", "restore", "resident_bytes", "save_quantized",
-           "load_quantized", "from_pretrained", "quantized_state", "DEFAULT_ATTENTION_TYPES"]
+           "load_quantized", "from_pretrained", "quantized_state", "packing_plan", "checkpoint_key_mapper",
+           "DEFAULT_ATTENTION_TYPES"]
 
 #: Module types whose forward runs in an attention scope by default (activation x activation matmuls).
 DEFAULT_ATTENTION_TYPES: tuple[type, ...] = (nn.MultiheadAttention, nn.TransformerEncoderLayer,
@@ -145,6 +146,41 @@ def _pack_plain(m: nn.Module, pname: str, recipe: Recipe, ties) -> None:
                          f"{recipe.name!r} leaves weights unquantized ('none')")
     pw = PackedWeight.from_dense(p.detach(), spec.format, spec.rounding, spec.scale_mode)
     _share(ties, p, pack_parameter(m, pname, pw))
+
+
+#: How a packed parameter's GEMM view [out, K] is laid out in the weight (see :func:`packing_plan`).
+PLAN_KINDS = ("linear", "transposed", "conv")
+
+
+def packing_plan(model: nn.Module, embeddings: bool = False) -> dict[str, str]:
+    """Which parameters ``quantize_model(model, ..., inference=True, embeddings=embeddings)`` packs, and
+    how each is blocked along its reduction, without quantizing anything (works on the meta device):
+    name -> "linear" ([out, K], blocked along axis 1), "transposed" (transformers' Conv1D: [K, out],
+    blocked along axis 0) or "conv" ([out, C/groups, *kernel] as [out, K] blocked along K). Tied
+    parameters appear under each of their names."""
+    register_optional_swaps()
+    by_id: dict[int, str] = {}
+    for m in model.modules():
+        swap = SWAPS.get(type(m))
+        if swap is not None:
+            w = m.weight
+            by_id.setdefault(id(w), "transposed" if swap._mx_weight_transposed else
+                             "linear" if w.dim() == 2 else "conv")
+        if isinstance(m, nn.MultiheadAttention):
+            for pname in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if m._parameters.get(pname) is not None:
+                    by_id.setdefault(id(m._parameters[pname]), "linear")
+    if embeddings:
+        for m in model.modules():
+            if isinstance(m, nn.Embedding):
+                by_id.setdefault(id(m.weight), "linear")
+    plan = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        pre = f"{name}." if name else ""
+        for n, p in m._parameters.items():
+            if p is not None and id(p) in by_id:
+                plan[pre + n] = by_id[id(p)]
+    return plan
 
 
 def _base_of(swap: type) -> type:
@@ -276,6 +312,39 @@ def _expected_keys(model: nn.Module) -> tuple[set[str], list[list[str]]]:
     return expected, [g for g in groups.values() if len(g) > 1]
 
 
+def checkpoint_key_mapper(model: nn.Module) -> Callable[[str], str]:
+    """A function from a checkpoint's tensor name to ``model``'s parameter name.
+
+    transformers 5 renames some modules in memory but saves the original checkpoint names (e.g. ViT's
+    ``encoder.layer.0.attention.attention.query`` is ``layers.0.attention.q_proj`` in memory); this
+    applies the model's own renamings (transformers' conversion mapping) the way ``from_pretrained``
+    does. Identity for other models. A name that transformers would convert by changing the tensor
+    (fusing, splitting) raises ValueError: a packed tensor cannot be converted without dequantizing.
+    """
+    if not hasattr(model, "config") or "transformers" not in type(model).__module__:
+        return lambda key: key
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        conversions = get_model_conversion_mapping(model)
+    except (ImportError, AttributeError, TypeError):
+        return lambda key: key
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    names = dict.fromkeys(n for n, _ in model.named_parameters(remove_duplicate=False))
+    names.update(dict.fromkeys(model.state_dict()))
+    prefix = getattr(model, "base_model_prefix", None) or None
+
+    def mapped(key: str) -> str:
+        new, converted = rename_source_key(key, renamings, converters, prefix, names)
+        if converted is not None:
+            raise ValueError(f"checkpoint tensor {key!r} is converted by transformers ({converted!r} -> {new!r}) "
+                             f"by changing its values; a packed tensor cannot be converted")
+        return new
+
+    return mapped
+
+
 def _name_list(keys, limit: int = 8) -> str:
     keys = sorted(keys)
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
@@ -316,6 +385,9 @@ def load_quantized(model: nn.Module, path, recipe: str | Recipe | None = None, e
                 pw = PackedWeight.from_dense(owner.weight.detach(), v.format)
                 _share(ties, owner.weight, pack_parameter(owner, "weight", pw))
     expected, tied = _expected_keys(model)
+    if set(data) - expected:
+        to_model = checkpoint_key_mapper(model)
+        data = {to_model(k): v for k, v in data.items()}
     for group in tied:  # a tied parameter is stored once: its other names read the same tensor
         held = [k for k in group if k in data]
         for k in group:
