@@ -260,6 +260,7 @@ _DENSE_OK = {aten.embedding.default, aten.convolution.default, aten._native_mult
              aten.permute.default, aten.expand.default, aten.unsqueeze.default, aten.linear.default,
              aten.eq.Tensor, aten.ne.Tensor, aten.is_nonzero.default}
 _WARNED: set = set()
+_GEMM_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.linear.default, aten.matmul.default}
 
 
 def _rule(*ops):
@@ -286,7 +287,16 @@ def _on_dense(func, args, kwargs):
         _WARNED.add(func)
         warnings.warn(f"microscale PackedWeight: {func} has no packed rule; it runs on the dequantized weight",
                       stacklevel=3)
-    args, kwargs = pytree.tree_map_only(PackedWeight, _dense, (args, kwargs))
+    dense = _dense
+    if func in _GEMM_OPS:
+        # As in the packed GEMM, the weight takes the activation's dtype (a bfloat16 dY in the backward
+        # of a weight-only layer meets a float32-valued weight).
+        dtypes = [a.dtype for a in flat if isinstance(a, torch.Tensor) and not isinstance(a, PackedWeight)
+                  and a.is_floating_point()]
+        if dtypes:
+            def dense(t, dtype=dtypes[0]):
+                return t.dequantize(dtype)
+    args, kwargs = pytree.tree_map_only(PackedWeight, dense, (args, kwargs))
     return func(*args, **kwargs)
 
 
