@@ -105,9 +105,14 @@ def test_conv_and_embedding_read_the_dequantized_weight():
     p = PackedWeight.from_dense(w.reshape(8, -1), "mxfp4_e2m1", shape=(8, 4, 3, 3))
     x = torch.randn(2, 4, 9, 9)
     assert torch.equal(F.conv2d(x, p, padding=1), F.conv2d(x, p.dequantize(), padding=1))
-    _, e = packed(100, 64)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4_e2m1", "mxfp6_e2m3", "mx6", "nvfp4", "int8_channel"])
+def test_embedding_decodes_the_rows_it_reads(fmt):
+    _, e = packed(100, 70, fmt)
     idx = torch.randint(0, 100, (3, 7))
     assert torch.equal(F.embedding(idx, e), F.embedding(idx, e.dequantize()))
+    assert torch.equal(nn.Embedding.from_pretrained(e)(idx), e.dequantize()[idx])
 
 
 def test_op_without_rule_warns_once_and_is_exact():

@@ -364,10 +364,10 @@ def _to_copy(func, w, dtype=None, layout=None, device=None, pin_memory=None, non
     return w._like(q, dtype=dtype or w.dtype)
 
 
-def _row_slice(w: PackedWeight, start: int, stop: int) -> PackedWeight | None:
-    """Rows [start, stop) of a non-transposed 2-D view, sharing nothing but exact codes: the blocked
-    storage is row-major ([out, K] blocked along K), so rows are contiguous byte ranges when each row's
-    codes (and microexponents) fill whole bytes. None when they do not."""
+def _rows(w: PackedWeight) -> dict[str, torch.Tensor] | None:
+    """The components of a non-transposed packed weight viewed as one row per output feature: the
+    blocked storage is row-major ([out, K] blocked along K), so row r is a contiguous byte range of the
+    codes (and microexponents) when each row fills whole bytes. None when it does not."""
     out_features, k = w.gemm_shape
     q = w.mx
     fmt, lay = q.format, q.layout
@@ -375,18 +375,56 @@ def _row_slice(w: PackedWeight, start: int, stop: int) -> PackedWeight | None:
     code_bits = bpr * lay.block_size * fmt.element.bits
     if code_bits % 8:
         return None
-    parts = {"codes": w.codes[start * code_bits // 8: stop * code_bits // 8],
-             "scales": w.scales[start * bpr: stop * bpr] if w.scales.numel() else w.scales}
+    rows = {"codes": w.codes.view(out_features, code_bits // 8),
+            "scales": w.scales.view(out_features, bpr) if w.scales.numel() else None}
     if w.micro is not None:
         micro_bits = bpr * (lay.block_size // fmt.subblock_size) * fmt.micro_bits
         if micro_bits % 8:
             return None
-        parts["micro"] = w.micro[start * micro_bits // 8: stop * micro_bits // 8]
+        rows["micro"] = w.micro.view(out_features, micro_bits // 8)
     if w.tensor_scale is not None:
-        parts["tensor_scale"] = w.tensor_scale[start:stop] if w.tensor_scale.dim() else w.tensor_scale
-    parts = {n: t.clone() for n, t in parts.items()}  # own storage: views into the codes are not traceable
-    return w._like(_mx(parts["codes"], parts["scales"], parts.get("micro"), parts.get("tensor_scale"),
-                       w.format_name, stop - start, k), shape=(stop - start, *w.shape[1:]))
+        rows["tensor_scale"] = w.tensor_scale.view(out_features, 1) if w.tensor_scale.dim() else None
+    return rows
+
+
+def _take_rows(w: PackedWeight, pick) -> MXTensor | None:
+    """An MXTensor of the rows ``pick(rows)`` selects (a slice or an index gather), in new storage."""
+    rows = _rows(w)
+    if rows is None:
+        return None
+    parts = {}
+    for name in PART_NAMES:
+        whole = getattr(w, name)
+        if whole is None:
+            continue
+        r = rows.get(name)
+        # Components that are not per row (no block scales, one tensor scale) are kept whole.
+        parts[name] = whole.clone() if r is None else pick(r).reshape(-1).clone()
+    n = parts["codes"].numel() // rows["codes"].shape[1]
+    if w.tensor_scale is not None and w.tensor_scale.dim():
+        parts["tensor_scale"] = parts["tensor_scale"].reshape(n)
+    return _mx(parts["codes"], parts["scales"], parts.get("micro"), parts.get("tensor_scale"), w.format_name,
+               n, w.gemm_shape[1])
+
+
+def _row_slice(w: PackedWeight, start: int, stop: int) -> PackedWeight | None:
+    """Rows [start, stop) of a non-transposed weight as a PackedWeight (exact: the same codes)."""
+    q = _take_rows(w, lambda r: r[start:stop])
+    return None if q is None else w._like(q, shape=(stop - start, *w.shape[1:]))
+
+
+@_rule(aten.embedding.default)
+def _embedding(func, w, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    # A lookup decodes only the rows it reads: gather their codes and scales, then dequantize.
+    if not isinstance(w, PackedWeight) or w.transposed or w.dim() != 2:
+        return NotImplemented
+    flat = indices.reshape(-1)
+    q = _take_rows(w, lambda r: r.index_select(0, flat))
+    if q is None:
+        return NotImplemented
+    out = dequantize_op(q.codes, q.scales, q.micro, q.tensor_scale, w.format_name, flat.numel(), w.gemm_shape[1],
+                        w.dtype)
+    return out.reshape(*indices.shape, w.gemm_shape[1])
 
 
 @_rule(aten.slice.Tensor)
