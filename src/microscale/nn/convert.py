@@ -358,7 +358,7 @@ def load_quantized(model: nn.Module, path, recipe: str | Recipe | None = None, e
 
     ``model`` is either already packed (``quantize_model(..., inference=True)``) or a plain model of the
     same architecture, which is then packed first with ``recipe`` (default: the recipe recorded in the
-    file). Embeddings are packed when the file holds them packed (``embeddings=None``). Tied parameters
+    file, else weight-only in the one format the file holds, e.g. a ``microscale quantize`` output). Embeddings are packed when the file holds them packed (``embeddings=None``). Tied parameters
     (GPT-2's ``lm_head`` / ``wte``) are read from whichever of their names the file holds. Raises
     ValueError naming the keys when the file lacks some of the model's tensors or holds others
     (``strict=False``: only packed-weight mismatches raise), or when a packed tensor's format, shape or
@@ -370,9 +370,13 @@ def load_quantized(model: nn.Module, path, recipe: str | Recipe | None = None, e
     if not _packed_params(model):
         if recipe is None:
             recipe = read_header(str(path)).user_metadata.get("recipe")
-            if recipe is None:
-                raise ValueError(f"model is not packed and {path} records no recipe: quantize it with "
-                                 f"inference=True first, or pass recipe=")
+        if recipe is None:
+            # e.g. a file from `microscale quantize`: weight-only in the one format it holds
+            formats = {v.format.name for v in data.values() if isinstance(v, MXTensor)}
+            if len(formats) != 1:
+                raise ValueError(f"model is not packed and {path} records no recipe (packed formats: "
+                                 f"{sorted(formats)}): quantize it with inference=True first, or pass recipe=")
+            recipe = Recipe.weight_only(formats.pop())
         quantize_model(model, recipe, inference=True, embeddings=bool(embeddings))
     if embeddings is None:
         # Embeddings the file holds packed (quantize_model(..., embeddings=True)) are packed here too,
