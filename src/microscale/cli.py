@@ -234,6 +234,10 @@ def _plan_kind(name: str, plan: dict[str, str]) -> str | None:
     return None if best is None else best[1]
 
 
+#: Names of transformers Conv1D weights in GPT-2-family checkpoints (blocked wrongly by a plain --axis -1).
+_CONV1D_NAME = re.compile(r"(^|\.)(attn\.c_attn|attn\.c_proj|attn\.q_attn|mlp\.c_fc|mlp\.c_proj)\.weight$")
+
+
 def _gemm_layout(kind: str, shape) -> tuple[tuple[int, ...], int]:
     """(shape to quantize, axis) for a weight of ``shape`` packed as ``kind`` (see packing_plan)."""
     shape = tuple(shape)
@@ -257,6 +261,13 @@ def _run_quantize(args) -> int:
     with SafetensorsReader(args.input) as reader:
         header = reader.header
         names = reader.names()
+        if found is None and args.model == "auto":
+            conv1d = [n for n in names if _CONV1D_NAME.search(n) and len(header.entries[n].shape) == 2]
+            if conv1d:
+                raise ValueError(f"{args.input}: {conv1d[0]!r} looks like a transformers Conv1D weight (GPT-2 family, "
+                                 f"stored [in, out]) and no config.json is beside the file: pass --model gpt2 (or "
+                                 f"a config) so it is blocked along its reduction (axis 0), or --model none to "
+                                 f"block every matrix along --axis {args.axis} anyway")
         # Every output tensor's spec is known from the input header alone, so the output header is
         # written first and the data streams in one tensor at a time.
         specs, convert = {}, {}

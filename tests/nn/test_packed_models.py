@@ -227,6 +227,12 @@ def test_cli_blocks_conv1d_along_its_reduction(tmp_path):
     (tmp_path / "model.safetensors").rename(other / "model.safetensors")
     quantize_cli(other / "model.safetensors", tmp_path / "t.safetensors", "--format", "mxfp4", "--model", "gpt2")
     assert ms.load_file(tmp_path / "t.safetensors")["transformer.h.0.attn.c_attn.weight"].axis == 0
+    from microscale.cli import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # no config beside it: never silently along the output axis
+        assert main(["quantize", str(other / "model.safetensors"), str(tmp_path / "n.safetensors"), "--format",
+                     "mxfp4"]) == 1
+    assert "looks like a transformers Conv1D weight" in err.getvalue() and "--model gpt2" in err.getvalue()
     quantize_cli(other / "model.safetensors", tmp_path / "n.safetensors", "--format", "mxfp4", "--model", "none")
     assert ms.load_file(tmp_path / "n.safetensors")["transformer.h.0.attn.c_attn.weight"].axis == 1
 
