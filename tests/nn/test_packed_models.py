@@ -96,6 +96,17 @@ def test_gpt2_conv1d_packed_along_axis_0_and_tie_packed_once():
     assert torch.allclose(zoo.run(packed, inputs), y, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_gpt2_generates_under_inference_mode():
+    # views of a packed weight (Conv1D's weight.t()) made inside inference_mode stay normal tensors
+    model, (ids,) = zoo.build("gpt2")
+    packed = mnn.quantize_model(copy.deepcopy(model), RECIPE, inference=True)
+    with torch.inference_mode():
+        out = packed.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+        logits = packed(out).logits
+    with torch.no_grad():
+        assert torch.equal(logits, packed(out).logits)
+
+
 def test_gpt2_conv1d_training_swap():
     model, inputs = zoo.build("gpt2")
     c = model.transformer.h[0].mlp.c_fc

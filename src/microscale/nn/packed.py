@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from ..quantize import packed_linear, quantize
 from ..tensor import MXTensor
@@ -233,9 +234,17 @@ class PackedWeight(torch.Tensor):
         kwargs = kwargs or {}
         rule = _RULES.get(func)
         if rule is not None:
-            out = rule(func, *args, **kwargs)
+            if func.is_view and torch.is_inference_mode_enabled():
+                # A view of a normal tensor must be a normal tensor, also under torch.inference_mode (torch
+                # sets its version counter); a wrapper made inside inference mode would be an inference one.
+                with torch.inference_mode(False):
+                    out = rule(func, *args, **kwargs)
+            else:
+                out = rule(func, *args, **kwargs)
             if out is not NotImplemented:
-                return out
+                # View ops (t, view, detach, slices...) return new wrappers: give them the aliasing and
+                # version-counter facts torch expects of a view (also under torch.inference_mode).
+                return return_and_correct_aliasing(func, args, kwargs, out)
         return _on_dense(func, args, kwargs)
 
 
