@@ -11,6 +11,7 @@ from .quantize import dequantize, fake_quantize, packed_linear, quantize  # noqa
 from .tensor import MXTensor  # noqa: F401
 from .io import load_file, save_file  # noqa: F401
 from . import layout  # noqa: F401
+from . import interop  # noqa: F401  (gpt-oss / GGUF / torchao MX exchange, bit for bit)
 from . import nn  # noqa: F401  (microscale.nn: quantized training/inference)
 from . import bdr, ptq  # noqa: F401  (block-format analysis; post-training quantization)
 

@@ -5,6 +5,7 @@
                                                each along its reduction (transformers config / --model)
     microscale inspect FILE                    per-tensor facts and code statistics of a file
     microscale demo                            quantize test tensors to every format: bits, bytes, QSNR
+    microscale convert IN OUT --to gguf        gpt-oss / GGUF / microscale MXFP4 files, bit for bit, streaming
 
 Adding a subcommand: put a :class:`Command` (help, add_arguments, run) into :data:`COMMANDS`, e.g.
 ``register_command("explore", "...", add_explore_arguments, run_explore)``. ``run(args)`` returns an
@@ -503,6 +504,32 @@ def _bdr_explore_command() -> None:
 
 
 _bdr_explore_command()
+
+
+# ---- convert --------------------------------------------------------------------------------------
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="microscale safetensors, gpt-oss-layout safetensors (*_blocks/*_scales) or GGUF")
+    p.add_argument("output", help="file to write (atomically)")
+    p.add_argument("--to", required=True, choices=("gguf", "gpt-oss", "microscale"),
+                   help="output layout: GGUF (ggml MXFP4), gpt-oss / transformers MXFP4, or microscale")
+
+
+def _run_convert(args) -> int:
+    from tqdm import tqdm
+
+    from .interop import convert_file
+
+    def bar(names):
+        return tqdm(names, unit="tensor", desc=f"convert to {args.to}", disable=None, leave=False)
+
+    counts = convert_file(args.input, args.output, args.to, progress=bar)
+    print(f"{counts['tensors']} tensors ({counts['mx']} MX, {counts['plain']} plain) copied bit for bit into "
+          f"{args.to} layout: wrote {args.output} ({os.path.getsize(args.output)} bytes)")
+    return 0
+
+
+register_command("convert", "convert a checkpoint between microscale, gpt-oss MXFP4 and GGUF MXFP4 (bit-exact, "
+                 "streaming)", _convert_arguments, _run_convert)
 
 
 def _report_arguments(p: argparse.ArgumentParser) -> None:

@@ -33,6 +33,7 @@ temporary file is removed and ``path`` is untouched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -59,6 +60,7 @@ __all__ = [
     "TensorEntry",
     "MXEntry",
     "SafetensorsWriter",
+    "atomic_path",
     "MXSpec",
     "PlainSpec",
     "spec_of",
@@ -396,6 +398,34 @@ def _fsync_dir(directory: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path) -> Iterator[str]:
+    """A temporary path next to ``path`` for a writer that opens its file itself (e.g. gguf's GGUFWriter).
+
+    Leaving the block normally fsyncs the temporary file and moves it onto ``path`` (os.replace), as
+    :class:`SafetensorsWriter` does; an exception removes it and leaves ``path`` untouched.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
 
 
 def save_file(tensors: Mapping[str, MXTensor | torch.Tensor], path, metadata: Mapping[str, str] | None = None
