@@ -248,7 +248,7 @@ def test_cli_blocks_conv1d_along_its_reduction(tmp_path):
     assert ms.load_file(tmp_path / "n.safetensors")["transformer.h.0.attn.c_attn.weight"].axis == 1
 
 
-@pytest.mark.parametrize("name", [pytest.param("llama", marks=pytest.mark.slow), "bert"])
+@pytest.mark.parametrize("name", [pytest.param("llama", marks=pytest.mark.slow), "bert", "mha", "encoder_layer"])
 def test_dynamo_explain_packed_model_has_no_graph_breaks(name):
     model, inputs = zoo.build(name)
     packed = mnn.quantize_model(model, RECIPE, inference=True)

@@ -28,7 +28,6 @@ state_dict entries are the MXTensor's components under ``weight_codes``, ``weigh
 
 from __future__ import annotations
 
-import functools
 import types
 
 import torch
@@ -255,16 +254,19 @@ class MXMatmulMode(TorchFunctionMode):
             # doing anything, and this handler runs with the mode popped, so its inner F.linear / bmm /
             # SDPA calls would escape quantization. Run its body with the mode pushed again instead.
             with MXMatmulMode(self.state):
-                return _mha_forward_body()(*args, **kwargs)
+                return _MHA_FORWARD_BODY(*args, **kwargs)
         handler = _HANDLERS.get(func)
         if handler is not None and "out" not in kwargs:
             out = handler(self.state, *args, **kwargs)
             if out is not NotImplemented:
                 return out
+        if func is torch.Tensor.unflatten and "names" not in kwargs:
+            # The same op without Tensor.unflatten's Python wrapper (its super() call breaks the
+            # torch.compile graph; nn.MultiheadAttention's packed in-projection uses it).
+            return torch.unflatten(*args, **kwargs)
         return func(*args, **kwargs)
 
 
-@functools.cache
 def _mha_forward_body():
     """A copy of F.multi_head_attention_forward whose ``has_torch_function`` check is off, so it runs its
     own body under the mode (the original function and torch's globals are untouched)."""
@@ -272,6 +274,10 @@ def _mha_forward_body():
     glb = dict(f.__globals__)
     glb["has_torch_function"] = lambda *_: False
     return types.FunctionType(f.__code__, glb, f.__name__, f.__defaults__, f.__closure__)
+
+
+# Made once at import: copying torch's globals inside a traced forward breaks the torch.compile graph.
+_MHA_FORWARD_BODY = _mha_forward_body()
 
 
 def _h_matmul(state, a, b):
