@@ -201,6 +201,17 @@ def test_from_pretrained_builds_packs_and_loads(tmp_path):
         mnn.from_pretrained(GPT2LMHeadModel, tmp_path)
 
 
+def test_save_pretrained_of_a_packed_model_loads(tmp_path):
+    # transformers' save_pretrained writes the state_dict parts (<name>_codes / _scales, uint8)
+    from transformers import GPT2LMHeadModel
+    model, inputs = zoo.build("gpt2")
+    packed = mnn.quantize_model(copy.deepcopy(model), RECIPE, inference=True)
+    packed.save_pretrained(tmp_path)
+    assert "transformer.h.0.attn.c_attn.weight_codes" in ms.load_file(tmp_path / "model.safetensors")
+    loaded = mnn.from_pretrained(GPT2LMHeadModel, tmp_path, recipe=RECIPE)
+    assert torch.equal(zoo.run(loaded, inputs), zoo.run(packed, inputs))
+
+
 def quantize_cli(*argv) -> str:
     from microscale.cli import main
     out = io.StringIO()

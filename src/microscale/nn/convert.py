@@ -388,6 +388,7 @@ def load_quantized(model: nn.Module, path, recipe: str | Recipe | None = None, e
                     and not is_packed(owner.weight):
                 pw = PackedWeight.from_dense(owner.weight.detach(), v.format)
                 _share(ties, owner.weight, pack_parameter(owner, "weight", pw))
+    _fold_parts(model, data)
     expected, tied = _expected_keys(model)
     if set(data) - expected:
         to_model = checkpoint_key_mapper(model)
@@ -418,6 +419,22 @@ def load_quantized(model: nn.Module, path, recipe: str | Recipe | None = None, e
         state[k] = v
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def _fold_parts(model: nn.Module, data: dict) -> None:
+    """In place: packed weights stored as their state_dict parts (``<name>_codes``, ``<name>_scales``, ...;
+    e.g. transformers' save_pretrained of a packed model) become one MXTensor under ``<name>``, in the
+    format the model packed that weight with."""
+    for key, p in _packed_params(model).items():
+        names = {part: f"{key}_{part}" for part in p.components()}
+        if key in data or not any(n in data for n in names.values()):
+            continue
+        missing = [n for n in names.values() if n not in data]
+        if missing:
+            raise ValueError(f"{key}: packed parts incomplete (missing {missing})")
+        comp = {part: data.pop(n) for part, n in names.items()}
+        data[key] = MXTensor(comp["codes"], comp["scales"], p.gemm_shape, 1, p.format_name, comp.get("micro"),
+                             comp.get("tensor_scale"))
 
 
 def _owner(model: nn.Module, key: str) -> nn.Module | None:
