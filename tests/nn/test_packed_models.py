@@ -167,6 +167,20 @@ def test_embeddings_option_and_bf16(tmp_path):
     assert zoo.run(packed, inputs).dtype == torch.bfloat16
 
 
+def test_quantizing_a_packed_model_again_repacks_from_its_values():
+    model, _ = zoo.build("gpt2")
+    p = mnn.quantize_model(model, RECIPE, inference=True, embeddings=True)
+    w = p.lm_head.weight.dequantize()
+    p = mnn.quantize_model(p, "mxfp8-w", inference=True)
+    assert p.lm_head.weight.format_name == "mxfp8_e4m3" and p.lm_head.weight is p.transformer.wte.weight
+    assert not mnn.is_packed(p.transformer.wpe.weight)  # embeddings=False this time
+    assert torch.equal(p.lm_head.weight.dequantize(), ms.fake_quantize(w, "mxfp8_e4m3", axis=1))
+    mha, _ = zoo.build("mha")
+    q = mnn.quantize_model(mha, RECIPE, inference=True, attention=None)
+    q = mnn.quantize_model(q, "mxfp6-w", inference=True, attention=None)
+    assert q.mha.in_proj_weight.format_name == "mxfp6_e2m3"
+
+
 def test_load_errors_name_the_keys(tmp_path):
     model, _ = zoo.build("gpt2")
     packed = mnn.quantize_model(model, RECIPE, inference=True)

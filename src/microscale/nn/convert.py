@@ -88,7 +88,8 @@ def quantize_model(model: nn.Module, recipe: str | Recipe = "mxfp8", inference: 
         raise TypeError(f"quantize_model expects an nn.Module, got {type(model).__name__}")
     recipe = get_recipe(recipe)
     _probe(recipe)
-    if any(isinstance(m, QuantizedModule) or getattr(type(m), "_mx_scope", False) for m in model.modules()):
+    if any(isinstance(m, QuantizedModule) or getattr(type(m), "_mx_scope", False) for m in model.modules()) \
+            or any(is_packed(p) for p in model.parameters()):
         dequantize_model(model)
     if embeddings and not inference:
         raise ValueError("embeddings=True packs nn.Embedding weights, which needs inference=True")
