@@ -20,9 +20,10 @@ decompositions of ``nn.Linear`` all arrive here):
   ``view`` / ``reshape`` between the weight's shape and ``[out, K]``, row slices and splits along
   ``out`` (nn.MultiheadAttention's q/k/v chunks, grouped convolutions), ``detach``, ``to(dtype)`` (the
   compute dtype changes, the codes do not), ``to(device)``, ``clone``.
-- Ops that read the weight's values (``embedding``, ``convolution``, the fused inference kernels of
-  nn.MultiheadAttention / nn.TransformerEncoderLayer, GEMMs along another axis) run on the
-  dequantized weight (``microscale::dequantize_packed``), explicitly.
+- ``embedding`` gathers the packed rows it reads and decodes only those.
+- Ops that read the weight's values (``convolution``, the fused inference kernels of
+  nn.MultiheadAttention / nn.TransformerEncoderLayer, GEMMs along another axis such as the input
+  gradient ``dY · W``) run on the dequantized weight (``microscale::dequantize_packed``), explicitly.
 - Any other op runs on the dequantized weight with a one-time warning naming the op; in-place ops other
   than ``copy_`` raise (packed weights are read-only). ``copy_`` from another PackedWeight of the same
   format copies the codes; ``copy_`` from a dense tensor quantizes it (so a dense checkpoint loads into a
