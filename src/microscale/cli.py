@@ -303,9 +303,9 @@ def _run_quantize(args) -> int:
                                  scale_mode=args.scale_mode, seed=seed)
                     elapsed_ms = (time.perf_counter() - t0) * 1e3
                     writer.write(name, q)
+                    qsnr = _fmt_db(qsnr_of(x.reshape(shape), q.dequantize()))
                     rows.append([name, f"mx axis {axis}", list(q.shape), f"{_dtype_str(x.dtype)}->{fmt.name}", before,
-                                 q.nbytes, f"{before / q.nbytes:.2f}", _fmt_db(qsnr_of(x.reshape(shape), q.dequantize())),
-                                 f"{elapsed_ms:.0f}"])
+                                 q.nbytes, f"{before / q.nbytes:.2f}", qsnr, f"{elapsed_ms:.0f}"])
                     after = q.nbytes
                 else:
                     writer.write(name, x)

@@ -359,7 +359,8 @@ def load_quantized(model: nn.Module, path, recipe: str | Recipe | None = None, e
 
     ``model`` is either already packed (``quantize_model(..., inference=True)``) or a plain model of the
     same architecture, which is then packed first with ``recipe`` (default: the recipe recorded in the
-    file, else weight-only in the one format the file holds, e.g. a ``microscale quantize`` output). Embeddings are packed when the file holds them packed (``embeddings=None``). Tied parameters
+    file, else weight-only in the one format the file holds, e.g. a ``microscale quantize`` output).
+    Embeddings are packed when the file holds them packed (``embeddings=None``). Tied parameters
     (GPT-2's ``lm_head`` / ``wte``) are read from whichever of their names the file holds. Raises
     ValueError naming the keys when the file lacks some of the model's tensors or holds others
     (``strict=False``: only packed-weight mismatches raise), or when a packed tensor's format, shape or
