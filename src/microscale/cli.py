@@ -1,7 +1,8 @@
 """The ``microscale`` console script: thin subcommands that parse, call the library and print.
 
     microscale formats                         every registered format and its derived facts
-    microscale quantize IN OUT --format F      convert a safetensors checkpoint's weight matrices, streaming
+    microscale quantize IN OUT --format F      convert a safetensors checkpoint's weight matrices, streaming,
+                                               each along its reduction (transformers config / --model)
     microscale inspect FILE                    per-tensor facts and code statistics of a file
     microscale demo                            quantize test tensors to every format: bits, bytes, QSNR
     microscale convert IN OUT --to gguf        gpt-oss / GGUF / microscale MXFP4 files, bit for bit, streaming
@@ -149,7 +150,19 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="target format, e.g. mxfp4, mxfp6_e2m3, mxfp8_e4m3 (see `microscale formats`)")
     p.add_argument("--skip", action="append", type=_regex, default=[], metavar="REGEX",
                    help="leave tensors whose name matches REGEX (re.search) as they are; repeatable")
-    p.add_argument("--axis", type=int, default=-1, help="block axis (default -1: the last, input features)")
+    p.add_argument("--model", default="auto", metavar="auto|none|CONFIG|MODEL_TYPE",
+                   help="where each weight's reduction axis comes from. auto (default): a transformers "
+                        "config.json beside INPUT, when there is one; a config.json file or its directory; "
+                        "a transformers model_type such as gpt2 (its default config); none: block every "
+                        "matrix along --axis. With a model, exactly the weights quantize_model(..., "
+                        "inference=True) packs are quantized, each along its reduction (transformers' "
+                        "Conv1D along axis 0, convolutions as [out, C*kh*kw]), so the file loads with "
+                        "microscale.nn.load_quantized / from_pretrained")
+    p.add_argument("--embeddings", action="store_true",
+                   help="with a model: also quantize nn.Embedding weights (quantize_model(..., embeddings=True))")
+    p.add_argument("--axis", type=int, default=-1,
+                   help="block axis when no model is known (--model none, or auto without a config.json; "
+                        "default -1: the last, input features of nn.Linear)")
     p.add_argument("--min-numel", type=int, default=0, metavar="N",
                    help="leave tensors with fewer than N elements as they are (default 0)")
     p.add_argument("--rounding", choices=ROUNDINGS, default="even", help="element rounding (default even)")
@@ -168,6 +181,74 @@ def _should_quantize(name: str, entry, args) -> bool:
             and numel >= args.min_numel and not any(r.search(name) for r in args.skip))
 
 
+def _model_plan(spec: str, input_path: str, embeddings: bool) -> tuple[Callable[[str], str | None], str] | None:
+    """``(kind_of, description)`` for the model named by ``--model`` (see its help), built on the meta
+    device from its transformers config: ``kind_of(tensor name)`` is its packing kind (see
+    microscale.nn.packing_plan) or None when quantize_model leaves it unpacked. None for "none" or
+    "auto" without a config.json."""
+    if spec == "none":
+        return None
+    config_dir = None
+    if spec == "auto":
+        config_dir = os.path.dirname(os.path.abspath(input_path))
+        if not os.path.exists(os.path.join(config_dir, "config.json")):
+            return None
+    elif os.path.isdir(spec) or spec.endswith(".json"):
+        config_dir = spec if os.path.isdir(spec) else os.path.dirname(os.path.abspath(spec))
+        if not os.path.exists(os.path.join(config_dir, "config.json")):
+            raise ValueError(f"--model {spec}: no config.json in {config_dir}")
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(f"--model {spec} needs the transformers package (or use --model none)") from None
+    from .nn.convert import checkpoint_key_mapper, packing_plan
+    if config_dir is not None:
+        config = transformers.AutoConfig.from_pretrained(config_dir, local_files_only=True)
+    else:
+        try:
+            config = transformers.AutoConfig.for_model(spec)
+        except ValueError:
+            raise ValueError(f"--model {spec!r} is not a config.json, a directory holding one, 'auto', 'none' or a "
+                             f"transformers model_type (e.g. gpt2, llama, bert, vit)") from None
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, arch, None) if arch else None
+    with torch.device("meta"):
+        model = model_class(config) if model_class is not None else transformers.AutoModel.from_config(config)
+    plan, to_model = packing_plan(model, embeddings), checkpoint_key_mapper(model)
+
+    def kind_of(name: str) -> str | None:
+        return _plan_kind(to_model(name), plan)
+
+    return kind_of, f"{type(model).__name__} ({config.model_type})"
+
+
+def _plan_kind(name: str, plan: dict[str, str]) -> str | None:
+    """The plan entry for a file tensor ``name``: the same name, or the longest name that matches it on
+    whole dotted components at the end (files of a base model lack the head's prefix, and back)."""
+    if name in plan:
+        return plan[name]
+    best = None
+    for key, kind in plan.items():
+        if key.endswith("." + name) or name.endswith("." + key):
+            if best is None or len(key) > len(best[0]):
+                best = (key, kind)
+    return None if best is None else best[1]
+
+
+#: Names of transformers Conv1D weights in GPT-2-family checkpoints (blocked wrongly by a plain --axis -1).
+_CONV1D_NAME = re.compile(r"(^|\.)(attn\.c_attn|attn\.c_proj|attn\.q_attn|mlp\.c_fc|mlp\.c_proj)\.weight$")
+
+
+def _gemm_layout(kind: str, shape) -> tuple[tuple[int, ...], int]:
+    """(shape to quantize, axis) for a weight of ``shape`` packed as ``kind`` (see packing_plan)."""
+    shape = tuple(shape)
+    if kind == "transposed":
+        return shape, 0
+    if kind == "conv":
+        return (shape[0], math.prod(shape[1:])), 1
+    return shape, 1
+
+
 def _dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -176,24 +257,35 @@ def _run_quantize(args) -> int:
     from tqdm import tqdm
 
     fmt: BlockFormat = args.format
+    found = _model_plan(args.model, args.input, args.embeddings)
+    kind_of = None if found is None else found[0]
     with SafetensorsReader(args.input) as reader:
         header = reader.header
         names = reader.names()
+        if found is None and args.model == "auto":
+            conv1d = [n for n in names if _CONV1D_NAME.search(n) and len(header.entries[n].shape) == 2]
+            if conv1d:
+                raise ValueError(f"{args.input}: {conv1d[0]!r} looks like a transformers Conv1D weight (GPT-2 family, "
+                                 f"stored [in, out]) and no config.json is beside the file: pass --model gpt2 (or "
+                                 f"a config) so it is blocked along its reduction (axis 0), or --model none to "
+                                 f"block every matrix along --axis {args.axis} anyway")
         # Every output tensor's spec is known from the input header alone, so the output header is
         # written first and the data streams in one tensor at a time.
-        specs, convert = {}, set()
+        specs, convert = {}, {}
         for name in names:
+            entry = header.entries.get(name)
+            kind = None if kind_of is None else kind_of(name)
             if name in header.mx:  # already MX: copied as it is
                 m = header.mx[name]
                 specs[name] = MXSpec(m.format, m.shape, m.axis)
-            elif _should_quantize(name, header.entries[name], args):
-                shape = header.entries[name].shape
+            elif (kind_of is None or kind is not None) and _should_quantize(name, entry, args):
+                shape, axis = (tuple(entry.shape), args.axis) if kind is None else _gemm_layout(kind, entry.shape)
                 try:
-                    make_layout(shape, args.axis, fmt.block_size)
+                    make_layout(shape, axis, fmt.block_size)
                 except ValueError as e:
                     raise ValueError(f"{args.input}: tensor {name!r} of shape {list(shape)}: {e}") from None
-                specs[name] = MXSpec(fmt, shape, args.axis)
-                convert.add(name)
+                specs[name] = MXSpec(fmt, shape, axis)
+                convert[name] = (shape, axis)
             else:
                 e = header.entries[name]
                 specs[name] = PlainSpec(e.dtype, e.shape)
@@ -205,13 +297,15 @@ def _run_quantize(args) -> int:
                 x = reader.get(name)
                 before = _tensor_nbytes(x)
                 if name in convert:
+                    shape, axis = convert[name]
                     t0 = time.perf_counter()
-                    q = quantize(x, fmt, axis=args.axis, rounding=args.rounding, scale_mode=args.scale_mode,
-                                 seed=seed)
+                    q = quantize(x.reshape(shape), fmt, axis=axis, rounding=args.rounding,
+                                 scale_mode=args.scale_mode, seed=seed)
                     elapsed_ms = (time.perf_counter() - t0) * 1e3
                     writer.write(name, q)
-                    rows.append([name, "mx", list(x.shape), f"{_dtype_str(x.dtype)}->{fmt.name}", before, q.nbytes,
-                                 f"{before / q.nbytes:.2f}", _fmt_db(qsnr_of(x, q.dequantize())), f"{elapsed_ms:.0f}"])
+                    qsnr = _fmt_db(qsnr_of(x.reshape(shape), q.dequantize()))
+                    rows.append([name, f"mx axis {axis}", list(q.shape), f"{_dtype_str(x.dtype)}->{fmt.name}", before,
+                                 q.nbytes, f"{before / q.nbytes:.2f}", qsnr, f"{elapsed_ms:.0f}"])
                     after = q.nbytes
                 else:
                     writer.write(name, x)
@@ -224,6 +318,11 @@ def _run_quantize(args) -> int:
                 del x
     print(format_table(["tensor", "kind", "shape", "dtype", "bytes before", "bytes after", "ratio", "QSNR dB",
                         "ms"], rows, "llllrrrrr"))
+    if found is not None:
+        print(f"reduction axes from {found[1]}: {len(convert)} weights blocked along their reduction "
+              f"({sum(a == 0 for _, a in convert.values())} along axis 0, transformers' Conv1D)")
+    else:
+        print(f"no model known (--model {args.model}): every matrix blocked along axis {args.axis}")
     print(f"\n{len(convert)} of {len(rows)} tensors converted to {fmt.name}; tensor bytes {before_total} -> "
           f"{after_total} ({_human_bytes(before_total)} -> {_human_bytes(after_total)}, "
           f"{before_total / max(after_total, 1):.2f}x smaller); wrote {args.output} "

@@ -21,7 +21,9 @@ def test_packed_mxfp4_bytes_and_outputs():
     fp32_bytes = mnn.resident_bytes(plain)
     fake = mnn.quantize_model(copy.deepcopy(plain), "mxfp4")
     packed = mnn.quantize_model(copy.deepcopy(plain), "mxfp4", inference=True)
-    assert not any(p.dim() == 2 for p in packed.parameters())  # no FP32 weight matrices left
+    # no FP32 weight matrices left: every 2-D parameter is a PackedWeight that still answers as the weight
+    assert all(mnn.is_packed(p) for p in packed.parameters() if p.dim() == 2)
+    assert packed[0].weight.shape == plain[0].weight.shape and packed[0].weight.dtype == torch.float32
     ratio = mnn.resident_bytes(packed) / fp32_bytes
     # weights: 4.25/32 = 0.1328 of FP32; biases stay FP32 (0.4% of the parameters here)
     assert ratio <= 0.14, ratio
@@ -100,8 +102,8 @@ def test_packed_inference_for_every_block_format(fmt, tmp_path):
     fake = mnn.quantize_model(copy.deepcopy(plain), fmt)
     packed = mnn.quantize_model(copy.deepcopy(plain), fmt, inference=True)
     q = packed[0].packed_weight()
-    assert {n for n, _ in packed[0].named_buffers()} == {"weight_" + c for c in q.components()}
-    assert "weight" not in dict(packed[0].named_parameters())
+    assert set(packed[0].state_dict()) == {"weight_" + c for c in q.components()} | {"bias"}
+    assert mnn.is_packed(dict(packed[0].named_parameters())["weight"])
     assert torch.equal(packed(x), fake(x))
     assert mnn.resident_bytes(packed) == sum(m.packed_weight().nbytes for m in (packed[0], packed[2])) + 4 * (24 + 8)
     mnn.save_quantized(packed, tmp_path / "m.safetensors")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..quantize import fake_quantize
+from .packed import is_packed
 from .modules import SWAPS, QuantizedModule, overridden_forward, swap_for
 from .recipe import Recipe, get_recipe
 
@@ -188,7 +189,7 @@ def _is_fixed_point(t: torch.Tensor, axis: int, specs) -> bool:
         return False
     if t.dim() == 0 or t.shape[axis] == 0:
         return False
-    t = t.detach()
+    t = t.dequantize() if is_packed(t) else t.detach()   # a packed weight: check the values it decodes to
     for spec in specs:
         try:
             q = fake_quantize(t, spec.format, axis=axis, rounding="even", scale_mode=spec.scale_mode)

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 from ..quantize import fake_quantize
 from ..reference import draw_seed
+from .packed import PackedWeight
 from .recipe import OperandSpec, Recipe, get_recipe
 
-__all__ = ["QuantState", "quantize_operand", "mx_linear", "mx_grouped_gemm", "mx_matmul", "mx_bmm",
-           "mx_baddbmm", "mx_addmm", "mx_scaled_dot_product_attention"]
+__all__ = ["QuantState", "quantize_operand", "mx_linear", "packed_mx_linear", "mx_grouped_gemm", "mx_matmul",
+           "mx_bmm", "mx_baddbmm", "mx_addmm", "mx_scaled_dot_product_attention"]
 
 
 class QuantState:
@@ -167,8 +168,11 @@ def _check_reduction(name: str, length: int, what: str) -> None:
 
 def mx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
               recipe: Recipe | str | QuantState = "mxfp8", cache: WeightCache | None = None) -> torch.Tensor:
-    """``F.linear`` with every GEMM operand quantized by ``recipe`` (forward and both backward GEMMs)."""
+    """``F.linear`` with every GEMM operand quantized by ``recipe`` (forward and both backward GEMMs).
+    A packed ``weight`` (:class:`~microscale.nn.packed.PackedWeight`) takes :func:`packed_mx_linear`."""
     state = _as_state(recipe)
+    if isinstance(weight, PackedWeight):
+        return packed_mx_linear(x, weight, bias, state)
     _check_reduction("mx_linear", weight.shape[-1], "in_features (the forward reduction)")
     _check_reduction("mx_linear", weight.shape[0], "out_features (the dgrad reduction)")
     if x.numel() == 0:
@@ -242,6 +246,17 @@ def mx_grouped_gemm(weight: torch.Tensor, cols: torch.Tensor, bias: torch.Tensor
     _check_reduction("mx_grouped_gemm", weight.shape[1], "O (the dgrad reduction)")
     _check_reduction("mx_grouped_gemm", cols.shape[2], "T (the wgrad reduction over tokens)")
     return _MXGroupedGemmFn.apply(cols, weight, bias, _as_state(recipe), cache)
+
+
+def packed_mx_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None,
+                     recipe: Recipe | str | QuantState = "mxfp8") -> torch.Tensor:
+    """Inference GEMM on a packed weight: the input quantized by ``recipe.fwd_input`` (kept as it is,
+    dtype included, by weight-only recipes), the weight used as packed (it already holds its format);
+    runs as the ``microscale::packed_linear`` custom op. Not differentiable through a quantized input."""
+    state = _as_state(recipe)
+    r = state.recipe
+    xq = quantize_operand(x, r.fwd_input, -1, state.seed(r.fwd_input))
+    return _round_elementwise(_linear(xq, weight, bias), r)
 
 
 # ---- activation x activation matmuls (attention) --------------------------------------------------

@@ -22,10 +22,15 @@ them), its state_dict keys and its hooks; :func:`microscale.nn.dequantize_model`
   (they check ``has_torch_function``), so their internal F.linear calls (in_proj, and out_proj, a
   NonDynamicallyQuantizableLinear that is used through F.linear, never called) are quantized too.
 
-Inference mode (``inference=True``): the GEMM weight is stored packed (buffers ``weight_codes``,
-``weight_scales`` and, for formats that have them, ``weight_micro`` / ``weight_tensor_scale``: the
-components of an :class:`~microscale.MXTensor` of the 2-D [out, K] weight blocked along K) and the
-``weight`` Parameter is removed; each forward dequantizes it on the fly.
+Inference mode (``inference=True``): ``weight`` becomes a frozen :class:`~microscale.nn.packed.PackedWeight`
+Parameter (codes + scales of the [out, K] GEMM view blocked along K) that still answers ``.shape``,
+``.dtype`` and ``.device``; GEMMs on it run as the ``microscale::packed_linear`` custom op. Its
+state_dict entries are the MXTensor's components under ``weight_codes``, ``weight_scales`` (and
+``weight_micro`` / ``weight_tensor_scale`` for formats that have them).
+
+- :func:`mx_hf_conv1d_class`: transformers' ``Conv1D`` (GPT-2; ``addmm(b, x, W)`` with W stored
+  [in, out]) as an MX GEMM whose reduction is axis 0 of its weight, registered in :data:`SWAPS` by
+  :func:`register_optional_swaps` when transformers is imported.
 """
 
 from __future__ import annotations
@@ -37,13 +42,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..quantize import quantize
 from ..tensor import MXTensor
-from .functional import (QuantState, WeightCache, _linear, _round_elementwise, mx_addmm, mx_baddbmm, mx_bmm,
+from .functional import (QuantState, WeightCache, _round_elementwise, mx_addmm, mx_baddbmm, mx_bmm,
                          mx_grouped_gemm, mx_linear, mx_matmul, mx_scaled_dot_product_attention,
-                         quantize_operand)
+                         packed_mx_linear, quantize_operand)
+from .packed import PackedWeight, is_packed, pack_parameter, unpack_parameters
 
-__all__ = ["MXLinear", "MXConv1d", "MXConv2d", "MXMatmulMode", "QuantizedModule", "swap_for"]
+__all__ = ["MXLinear", "MXConv1d", "MXConv2d", "MXMatmulMode", "QuantizedModule", "swap_for", "mx_hf_conv1d_class",
+           "register_optional_swaps"]
 
 
 class QuantizedModule:
@@ -51,6 +57,9 @@ class QuantizedModule:
 
     _mx_state: QuantState
     _mx_packed: bool = False
+    #: True when ``weight`` is stored [K, out] (transformers' Conv1D): it is then packed as the
+    #: transposed view of its [out, K] GEMM weight.
+    _mx_weight_transposed: bool = False
 
     def _mx_init(self, state: QuantState, base: type) -> None:
         self._mx_state = state
@@ -70,44 +79,37 @@ class QuantizedModule:
         """The packed weight (inference mode only) as an MXTensor of shape [out, K], blocked along K."""
         if not self._mx_packed:
             raise RuntimeError("this module keeps an FP32 master weight; quantize with inference=True to pack")
-        parts = {name: getattr(self, "weight_" + name) for name in self._mx_parts}
-        return MXTensor(shape=self._mx_weight_2d, axis=1, format=self.recipe.fwd_weight.format, **parts)
+        return self.weight.mx
 
     def _pack(self) -> None:
+        """Replace ``weight`` by a :class:`~microscale.nn.packed.PackedWeight` of the recipe's fwd_weight
+        format, blocked along the reduction (a weight already packed through a tie is kept)."""
         spec = self.recipe.fwd_weight
         if spec.is_none:
             raise ValueError(f"inference=True packs weights in the recipe's fwd_weight format, but recipe "
                              f"{self.recipe.name!r} leaves weights unquantized ('none')")
         if spec.rounding == "stochastic":
             raise ValueError("inference=True needs deterministic weight rounding, got 'stochastic'")
-        w2 = self._gemm_weight().detach()
-        q = quantize(w2, spec.format, axis=1, rounding=spec.rounding, scale_mode=spec.scale_mode)
-        self._mx_weight_shape = tuple(self.weight.shape)
-        self._mx_weight_2d = tuple(w2.shape)
-        del self.weight  # the Parameter goes; packed buffers replace it
-        self._mx_parts = tuple(q.components())
-        for name, t in q.components().items():
-            self.register_buffer("weight_" + name, t)
+        if not is_packed(self.weight):
+            w = self.weight
+            pw = PackedWeight.from_dense(self._gemm_weight().detach(), spec.format, spec.rounding, spec.scale_mode,
+                                         shape=tuple(w.shape), transposed=self._mx_weight_transposed, dtype=w.dtype)
+            pack_parameter(self, "weight", pw)
         self._mx_packed = True
 
-    def _unpack(self) -> None:
-        w = self.packed_weight().dequantize(torch.float32).reshape(self._mx_weight_shape)
-        for name in self._mx_parts:
-            delattr(self, "weight_" + name)
-        self.weight = nn.Parameter(w)
+    def _unpack(self, memo: dict | None = None) -> None:
+        unpack_parameters(self, {} if memo is None else memo)
         self._mx_packed = False
 
     def _current_weight_2d(self, dtype) -> torch.Tensor:
-        if self._mx_packed:
-            return self.packed_weight().dequantize(dtype)
+        # Packed: the [out, K] view of the PackedWeight; its GEMMs run as microscale::packed_linear in
+        # the activation's dtype.
         return self._gemm_weight()
 
     def _gemm(self, x: torch.Tensor, w2: torch.Tensor, b: torch.Tensor | None, cache) -> torch.Tensor:
         if self._mx_packed:
             # The weight is already quantized (fwd_weight); only the input is left to quantize.
-            r = self.recipe
-            xq = quantize_operand(x, r.fwd_input, -1, self._mx_state.seed(r.fwd_input))
-            return _round_elementwise(_linear(xq, w2, b), r)
+            return packed_mx_linear(x, w2, b, self._mx_state)
         return mx_linear(x, w2, b, self._mx_state, cache)
 
     def _mx_repr(self) -> str:
@@ -279,6 +281,47 @@ def swap_for(cls: type) -> tuple[type, type] | None:
     return None
 
 
+# ---- transformers' Conv1D (GPT-2, GPT, ...): y = addmm(b, x, W), W stored [in, out] -------------------
+class _MXHFConv1DMixin(QuantizedModule):
+    """transformers' ``Conv1D`` with MX GEMMs: the reduction is axis 0 of its [in, out] weight, so the
+    GEMM weight is ``weight.t()`` ([out, K]) and packing stores that view (``weight`` stays [in, out])."""
+
+    _mx_weight_transposed = True
+
+    def _gemm_weight(self):
+        return self.weight.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mx_state.recipe.is_identity and not self._mx_packed:
+            return self._mx_base.forward(self, x)
+        return self._gemm(x, self._gemm_weight(), self.bias, self._mx_cache)
+
+    def __repr__(self) -> str:
+        return f"MXHFConv1D(nf={self.nf}, nx={self.nx}, {self._mx_repr()})"
+
+
+_HF_CONV1D: dict[type, type] = {}
+
+
+def mx_hf_conv1d_class(base: type) -> type:
+    """The MX subclass of transformers' ``Conv1D`` class ``base`` (made once; named ``MXHFConv1D``)."""
+    sub = _HF_CONV1D.get(base)
+    if sub is None:
+        sub = type("MXHFConv1D", (_MXHFConv1DMixin, base), {"__module__": __name__})
+        _HF_CONV1D[base] = sub
+        globals()["MXHFConv1D"] = sub  # picklable by name
+    return sub
+
+
+def register_optional_swaps() -> None:
+    """Add swaps for classes of optional packages that are already imported (transformers' Conv1D);
+    nothing is imported here."""
+    import sys
+    hf = sys.modules.get("transformers.pytorch_utils")
+    if hf is not None and hasattr(hf, "Conv1D") and hf.Conv1D not in SWAPS:
+        SWAPS[hf.Conv1D] = mx_hf_conv1d_class(hf.Conv1D)
+
+
 # ---- attention scopes -------------------------------------------------------------------------------
 class MXMatmulMode(TorchFunctionMode):
     """Quantizes the GEMMs torch functions run while it is active (entered only by attention scopes).
@@ -306,10 +349,9 @@ class MXMatmulMode(TorchFunctionMode):
             out = handler(self.state, *args, **kwargs)
             if out is not NotImplemented:
                 return out
-        if func is torch.Tensor.unflatten:
-            # Written in Python (torch/_tensor.py) as ``super().unflatten(...)``, which torch.compile
-            # cannot trace when called from a TorchFunctionMode (nn.MultiheadAttention's in-projection
-            # calls it); the builtin computes the same view.
+        if func is torch.Tensor.unflatten and "names" not in kwargs:
+            # The same op without Tensor.unflatten's Python wrapper (its super() call breaks the
+            # torch.compile graph; nn.MultiheadAttention's packed in-projection uses it).
             return torch.unflatten(*args, **kwargs)
         return func(*args, **kwargs)
 

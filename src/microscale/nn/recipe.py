@@ -10,6 +10,10 @@ Every quantized op is a GEMM (or a sum of GEMMs), and each GEMM has two operands
     wgrad    dW = dYᵀ · X    wgrad_grad_output  (dY blocked along the token axis: all leading dims)
                              wgrad_input        (X  blocked along the token axis)
 
+Weight-only recipes ("mxfp8-w", "mxfp6-w" (E2M3), "mxfp4-w", "mxint8-w"; :meth:`Recipe.weight_only`)
+quantize only the two weight slots; "mxfp4-w+mxfp6" and "mxfp4-w+mxfp8" are weight MXFP4 *plus*
+activations and gradients in MXFP6 / MXFP8.
+
 For activation x activation matmuls (attention: Y = A · B, both operands activations) the same slots
 are used with A in the role of X and B in the role of W, except that B is an activation, so it takes the
 *activation* specs: forward q(A, fwd_input)·q(B, fwd_input); dA = q(dY, dgrad_grad_output)·q(B,
@@ -152,6 +156,15 @@ class Recipe:
         return cls(fwd_input=a, fwd_weight=w, dgrad_grad_output=g, dgrad_weight=w, wgrad_grad_output=g,
                    wgrad_input=a, elementwise=elementwise, seed=seed, name=name)
 
+    @classmethod
+    def weight_only(cls, weight: str, rounding: str = "even", scale_mode: str | None = None,
+                    elementwise: str = "fp32", name: str | None = None) -> "Recipe":
+        """Weights in ``weight`` (fwd_weight and dgrad_weight); every activation and gradient operand
+        "none", so activations keep their dtype (BF16 included) and attention matmuls are untouched."""
+        w = OperandSpec(weight, rounding, scale_mode)
+        return cls(fwd_weight=w, dgrad_weight=w, elementwise=elementwise,
+                   name=name or f"{get_format(weight).name}-w")
+
     def replace(self, **changes) -> "Recipe":
         """A copy with some fields changed (operand fields accept format names)."""
         return _dc_replace(self, **changes)
@@ -229,3 +242,9 @@ register_recipe("mxfp6", Recipe.uniform("mxfp6_e3m2"))
 register_recipe("mxfp4-w+mxfp6", Recipe.from_formats("mxfp4_e2m1", "mxfp6_e3m2", "mxfp6_e3m2"))
 register_recipe("mxfp4-w+mxfp8", Recipe.from_formats("mxfp4_e2m1", "mxfp8_e4m3", "mxfp8_e5m2"))
 register_recipe("mxint8", Recipe.uniform("mxint8"))
+# Weight-only: weights in MX (both passes), activations and gradients left in the input's own dtype
+# (float32 / bfloat16 / float16), as MX weights are deployed by gpt-oss, llama.cpp and vLLM.
+register_recipe("mxfp8-w", Recipe.weight_only("mxfp8_e4m3"))
+register_recipe("mxfp6-w", Recipe.weight_only("mxfp6_e2m3"))
+register_recipe("mxfp4-w", Recipe.weight_only("mxfp4_e2m1"))
+register_recipe("mxint8-w", Recipe.weight_only("mxint8"))
