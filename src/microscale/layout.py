@@ -9,6 +9,7 @@ in the same order, one per row. Padding elements are zeros, so they never change
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +18,16 @@ __all__ = ["BlockLayout", "normalize_axis", "make_layout", "to_blocks", "from_bl
 
 
 def normalize_axis(axis: int, ndim: int) -> int:
-    """Return ``axis`` as a non-negative index, with a clear error when it is out of range."""
-    if not isinstance(axis, int) or isinstance(axis, bool):
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    """Return ``axis`` as a non-negative Python int, with a clear error when it is out of range.
+
+    Any integer type is accepted (``operator.index``: int, numpy integers, 0-d integer tensors), bool
+    is not."""
+    if isinstance(axis, bool):
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
     if ndim == 0:
         raise ValueError("cannot quantize a 0-d tensor in blocks: give it at least one dimension")
     if not -ndim <= axis < ndim:
