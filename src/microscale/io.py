@@ -996,6 +996,35 @@ class SafetensorsReader:
         return _Problem(self.path)(f"{part}checksum mismatch: stored {sums.algorithm} {want}, computed "
                                    f"{_hex(value)} (the data is corrupted)", owner)
 
+    def iter_chunks(self, stored: str, chunks) -> Iterator[bytearray]:
+        """The data of stored tensor ``stored`` in consecutive pieces: ``chunks`` is a piece size in bytes,
+        or an iterable of piece sizes that add up to the tensor's size. With ``verify`` the checksum is
+        computed along the way and a mismatch raises ValueError after the last piece (a consumer that
+        acts on the data should hold its verdict until then)."""
+        entry = self.header.entries.get(stored)
+        if entry is None:
+            raise KeyError(f"{self.path}: no stored tensor {stored!r}")
+        if isinstance(chunks, int):
+            if chunks <= 0:
+                raise ValueError(f"chunk size must be positive, got {chunks}")
+            step = chunks
+            chunks = (min(step, entry.nbytes - a) for a in range(0, entry.nbytes, step))
+        sums = self.header.checksums if self.verify else None
+        crc = CHECKSUMS[sums.algorithm] if sums is not None else None
+        pos, value = 0, 0
+        for n in chunks:
+            buf = self.read_bytes(stored, pos, n)
+            pos += n
+            if crc is not None:
+                value = crc(buf, value)
+            yield buf
+        if pos != entry.nbytes:
+            raise ValueError(f"{self.path}: read {pos} of the {entry.nbytes} bytes of {stored!r}")
+        if sums is not None:
+            err = self.checksum_mismatch(stored, value)
+            if err is not None:
+                raise err
+
     def get_stored(self, name: str) -> torch.Tensor:
         """One stored tensor as saved (for an MXTensor ``w``: ``w.codes``, ``w.scales``, ...)."""
         entry = self.header.entries.get(name)
@@ -1059,16 +1088,11 @@ def verify_file(path, chunk_bytes: int = 1 << 24) -> dict:
     the first tensor that fails. A file without checksums gets the structural checks only
     (``algorithm`` None)."""
     with SafetensorsReader(path, verify=True) as r:
-        sums = r.header.checksums
         total = 0
         for stored, entry in sorted(r.header.entries.items(), key=lambda kv: kv[1].start):
-            value = 0
-            for start in range(0, entry.nbytes, chunk_bytes):
-                buf = r.read_bytes(stored, start, min(chunk_bytes, entry.nbytes - start))
-                if sums is not None:
-                    value = CHECKSUMS[sums.algorithm](buf, value)
+            for _ in r.iter_chunks(stored, chunk_bytes):
+                pass
             total += entry.nbytes
-            err = r.checksum_mismatch(stored, value)
-            if err is not None:
-                raise err
-        return {"tensors": len(r.header.entries), "bytes": total, "algorithm": None if sums is None else sums.algorithm}
+        sums = r.header.checksums
+        return {"tensors": len(r.header.entries), "bytes": total,
+                "algorithm": None if sums is None else sums.algorithm}
