@@ -326,7 +326,8 @@ def dequantize(q, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.
         parts = {"codes": q.codes.contiguous(), "scales": q.scales.contiguous()}
         if q.micro is not None:
             parts["micro"] = q.micro.contiguous()
-        bufs = [("out", out, dtype, _nbytes(out))] + [(n, t, torch.uint8, sizes[n]) for n, t in parts.items()]
+        out_nbytes = math.prod(q.shape) * torch.empty((), dtype=dtype).element_size()
+        bufs = [("out", out, dtype, out_nbytes)] + [(n, t, torch.uint8, sizes[n]) for n, t in parts.items()]
         geometry = _geometry(q.shape, q.axis)
         out_ptr, codes_ptr, scales_ptr, *micro_ptr = checked_pointers("dequantize", bufs, geometry)
         lib.dequantize(codes_ptr, scales_ptr, out_ptr, _DTYPE_CODES[dtype], *geometry,
