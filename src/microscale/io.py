@@ -49,7 +49,8 @@ to that target. When ``path`` is a symbolic link the file it points to is replac
 from __future__ import annotations
 
 import dataclasses
-import errno
+import functools
+import io
 import json
 import math
 import os
@@ -73,6 +74,7 @@ from .tensor import MAX_DIM, MXTensor, check_shape, component_specs
 __all__ = [
     "save_file",
     "load_file",
+    "load_bytes",
     "iter_file",
     "read_header",
     "SafetensorsReader",
@@ -99,8 +101,6 @@ _RESERVED_PREFIX = "microscale."
 COMPONENTS = ("codes", "scales", "micro", "tensor_scale")
 #: Largest header accepted (the safetensors library's own limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
-#: Deepest JSON nesting accepted in a header (a real one nests 4 levels; the MX records ~5 more).
-MAX_JSON_DEPTH = 64
 
 
 def _crc32c():
@@ -221,6 +221,16 @@ def _spec(obj):
     if dataclasses.is_dataclass(obj):
         return {f.name: _spec(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.compare}
     return obj
+
+
+@functools.lru_cache(maxsize=256)
+def _stored_spec_json(fmt: BlockFormat) -> str:
+    return json.dumps(format_spec(fmt), default=str)
+
+
+def _stored_spec(fmt: BlockFormat) -> dict:
+    """format_spec(fmt) as it reads back from a file (JSON types)."""
+    return json.loads(_stored_spec_json(fmt))
 
 
 def format_spec(fmt: BlockFormat) -> dict:
@@ -705,28 +715,14 @@ def _no_duplicates(pairs):
     return d
 
 
-def _json_depth_ok(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
-    """True when the JSON text nests at most ``limit`` arrays/objects (counted outside strings), so
-    parsing it cannot exhaust the interpreter's recursion limit."""
-    depth = 0
-    for m in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', text):
-        c = m.group()
-        if c in "[{":
-            depth += 1
-            if depth > limit:
-                return False
-        elif c in "]}":
-            depth -= 1
-    return True
-
-
 def _loads(text: str, what: str, problem: "_Problem", tensor: str | None = None):
-    """json.loads that rejects duplicate keys and deep nesting, and turns every failure into ValueError."""
-    if not _json_depth_ok(text):
-        raise problem(f"{what} nests JSON more than {MAX_JSON_DEPTH} levels deep (corrupted or hostile)", tensor)
+    """json.loads that rejects duplicate keys, and turns every failure into ValueError (RecursionError
+    included: JSON nested deeper than the interpreter's recursion limit)."""
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates)
-    except (ValueError, RecursionError, TypeError) as e:
+    except RecursionError:
+        raise problem(f"{what} nests JSON too deep (corrupted or hostile)", tensor) from None
+    except (ValueError, TypeError) as e:
         raise problem(f"{what} is not valid JSON: {e}", tensor) from None
 
 
@@ -759,7 +755,7 @@ def _parse_mx(metadata: dict[str, str], entries: dict[str, TensorEntry], problem
             raise problem(f"format {fmt.name!r} does not quantize", name)
         if not isinstance(rec["spec"], dict):
             raise problem(f"spec must be the format's full spec (an object), got {rec['spec']!r:.60}", name)
-        registered = json.loads(json.dumps(format_spec(fmt), default=str))  # as it would be stored
+        registered = _stored_spec(fmt)
         diff = _spec_diff(rec["spec"], registered)
         if diff:
             raise problem(f"format {fmt.name!r} in the file differs from the registered one ({diff})", name)
@@ -853,12 +849,11 @@ def read_header(path, verify: bool = True) -> FileHeader:
 
     ``verify``: check the header checksum when the file has one (see the module docstring)."""
     with _open_regular(path) as f:
-        return _read_header(f, path, verify)
+        return _read_header(f, path, verify, os.fstat(f.fileno()).st_size)
 
 
-def _read_header(f, path, verify: bool) -> FileHeader:
+def _read_header(f, path, verify: bool, size: int) -> FileHeader:
     problem = _Problem(path)
-    size = os.fstat(f.fileno()).st_size
     head = f.read(8)
     if len(head) < 8:
         raise problem(f"truncated: the file is {size} bytes, too short for the 8-byte header length")
@@ -933,15 +928,21 @@ class SafetensorsReader:
     header's and each tensor's checksums (when the file has them) as they are read.
     """
 
-    def __init__(self, path, verify: bool = True):
+    def __init__(self, path, verify: bool = True, *, data: bytes | None = None):
         self.path = os.fspath(path)
         self.verify = verify
-        self._file = _open_regular(path)
+        self._file = _open_regular(path) if data is None else io.BytesIO(data)
         try:
-            self.header = _read_header(self._file, path, verify)
+            size = len(data) if data is not None else os.fstat(self._file.fileno()).st_size
+            self.header = _read_header(self._file, self.path, verify, size)
         except BaseException:
             self._file.close()
             raise
+
+    @classmethod
+    def from_bytes(cls, data: bytes, verify: bool = True, name: str = "<bytes>") -> "SafetensorsReader":
+        """A reader of a whole file held in memory (errors name it ``name``)."""
+        return cls(name, verify, data=bytes(data))
 
     def __enter__(self) -> "SafetensorsReader":
         return self
@@ -1079,6 +1080,12 @@ def load_file(path, verify: bool = True) -> dict[str, MXTensor | torch.Tensor]:
     a ValueError.
     """
     return dict(iter_file(path, verify))
+
+
+def load_bytes(data: bytes, verify: bool = True, name: str = "<bytes>") -> dict[str, MXTensor | torch.Tensor]:
+    """:func:`load_file` of a whole safetensors file held in memory (``bytes``); errors name it ``name``."""
+    with SafetensorsReader.from_bytes(data, verify, name) as r:
+        return {n: r.get(n) for n in r.names()}
 
 
 def verify_file(path, chunk_bytes: int = 1 << 24) -> dict:
