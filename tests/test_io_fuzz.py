@@ -211,4 +211,7 @@ def test_fuzz_long(tmp_path):
             got = _load(path, bytes(bad))
         except ValueError:
             continue
-        assert list(got) == list(want) and all(_same(want[k], got[k]) for k in want)
+        if not (list(got) == list(want) and all(_same(want[k], got[k]) for k in want)):
+            # only possible when one flip took the checksums entry out of the microscale namespace (the
+            # file then reads as one without checksums, which must load) and another changed the data
+            assert msio.SafetensorsReader.from_bytes(bytes(bad)).header.checksums is None

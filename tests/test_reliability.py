@@ -336,6 +336,15 @@ def test_duplicate_keys_inside_the_mx_string(good_file, dup):
     _expect(good_file, "appears twice")
 
 
+def test_unknown_keys_in_the_microscale_namespace_are_refused(good_file):
+    """A checksums entry renamed by corruption must not turn verification off silently."""
+    header, data = _split(good_file)
+    meta = header["__metadata__"]
+    meta["microscale.checksumz"] = meta.pop(msio.CHECKSUMS_KEY)
+    _join(good_file, header, data)
+    _expect(good_file, "unknown microscale metadata key 'microscale.checksumz'")
+
+
 @pytest.mark.parametrize("meta", [[], "x", 0, None, [["a", "b"]]])
 def test_metadata_of_the_wrong_type(good_file, meta):
     """Old code: a __metadata__ of the wrong type (falsy ones especially) was read as empty."""

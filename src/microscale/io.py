@@ -61,6 +61,7 @@ import struct
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
@@ -96,6 +97,7 @@ FORMAT_VERSION = "1"
 VERSION_KEY = "microscale.version"
 MX_KEY = "microscale.mx"
 CHECKSUMS_KEY = "microscale.checksums"
+_KNOWN_KEYS = (VERSION_KEY, MX_KEY, CHECKSUMS_KEY)
 _RESERVED_PREFIX = "microscale."
 #: MXTensor components; ``w``'s are stored as ``w.codes``, ``w.scales``, ...
 COMPONENTS = ("codes", "scales", "micro", "tensor_scale")
@@ -878,6 +880,10 @@ def _read_header(f, path, verify: bool, size: int) -> FileHeader:
                                                  for k, v in metadata.items()):
         raise problem(f"__metadata__ must be an object of string -> string, got "
                       f"{type(metadata).__name__ if not isinstance(metadata, dict) else 'other values'}")
+    unknown = sorted(k for k in metadata if k.startswith(_RESERVED_PREFIX) and k not in _KNOWN_KEYS)
+    if unknown:
+        raise problem(f"unknown microscale metadata key {unknown[0]!r} (known: {', '.join(_KNOWN_KEYS)}); "
+                      f"the {_RESERVED_PREFIX!r} namespace is reserved")
     entries = {name: _parse_entry(name, info, problem) for name, info in header.items() if name != "__metadata__"}
     _check_layout(entries, size - 8 - n, problem)
     mx = _parse_mx(metadata, entries, problem)
@@ -918,6 +924,12 @@ def _padding_problem(q: MXTensor) -> str | None:
         return (f"padding codes must be zero: vector {i}'s last block holds nonzero codes past the "
                 f"{lay.axis_len} real elements")
     return None
+
+
+#: Bytes read (and checksummed) at a time: small enough to stay in the CPU cache between the two.
+_READ_CHUNK = 1 << 20
+#: Tensors at least this large are read and checksummed in a pipeline (two threads).
+_PIPELINE_MIN = 8 << 20
 
 
 class SafetensorsReader:
@@ -1026,14 +1038,49 @@ class SafetensorsReader:
             if err is not None:
                 raise err
 
+    def _read_checksummed(self, entry: TensorEntry, crc) -> tuple[bytearray, int]:
+        """Read ``entry``'s bytes piece by piece and checksum each piece while it is still in the CPU
+        cache; for large tensors a worker thread checksums piece k while piece k + 1 is read (both
+        release the GIL), which hides most of the checksum's cost."""
+        n = entry.nbytes
+        buf = bytearray(n)
+        view, value = memoryview(buf), [0]
+
+        def step(piece):
+            value[0] = crc(piece, value[0])
+
+        pool = ThreadPoolExecutor(1) if n >= _PIPELINE_MIN else None  # per call: safe across fork()
+        try:
+            futures = []
+            self._file.seek(self.header.data_start + entry.start)
+            for a in range(0, n, _READ_CHUNK):
+                piece = view[a:a + _READ_CHUNK]
+                got = self._file.readinto(piece)
+                if got != len(piece):  # the file shrank after its header was checked
+                    raise _Problem(self.path)(f"truncated: expected {n} bytes of data, read {a + got}",
+                                              self._owner(entry.name))
+                if pool is None:
+                    step(piece)
+                else:
+                    futures.append(pool.submit(step, piece))  # one worker: in order
+            for f in futures:
+                f.result()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+        return buf, value[0]
+
     def get_stored(self, name: str) -> torch.Tensor:
         """One stored tensor as saved (for an MXTensor ``w``: ``w.codes``, ``w.scales``, ...)."""
         entry = self.header.entries.get(name)
         if entry is None:
             raise KeyError(f"{self.path}: no stored tensor {name!r}")
-        buf = self.read_bytes(name)
-        if self.verify and self.header.checksums is not None:
-            err = self.checksum_mismatch(name, CHECKSUMS[self.header.checksums.algorithm](buf, 0))
+        sums = self.header.checksums if self.verify else None
+        if sums is None:
+            buf = self.read_bytes(name)
+        else:
+            buf, value = self._read_checksummed(entry, CHECKSUMS[sums.algorithm])
+            err = self.checksum_mismatch(name, value)
             if err is not None:
                 raise err
         if entry.nbytes == 0:
