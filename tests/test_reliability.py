@@ -284,6 +284,28 @@ def test_files_without_checksums_still_load(tmp_path, good_file, capsys):
     assert torch.equal(ms.load_file(foreign)["a"], torch.ones(3))
 
 
+def test_zlib_crc32_fallback_and_a_missing_crc32c_package(tmp_path, monkeypatch):
+    """Without the crc32c package, files get zlib's CRC-32 (still verified); a CRC-32C file then says
+    what to install."""
+    path = tmp_path / "z.safetensors"
+    monkeypatch.setattr(msio, "CHECKSUM_ALGORITHM", "crc32")
+    ms.save_file({"b": torch.arange(4.0)}, path)
+    header, data = _split(path)
+    sums = json.loads(header["__metadata__"][msio.CHECKSUMS_KEY])
+    import zlib
+    assert sums["algorithm"] == "crc32" and sums["tensors"]["b"] == f"{zlib.crc32(data):08x}"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x40
+    path.write_bytes(bytes(raw))
+    _expect(path, "tensor 'b'", "checksum mismatch", "crc32")
+    monkeypatch.undo()
+    if "crc32c" in msio.CHECKSUMS:
+        ms.save_file({"b": torch.arange(4.0)}, path)
+        monkeypatch.setattr(msio, "CHECKSUMS", {"crc32": zlib.crc32})
+        _expect(path, "pip install crc32c")
+        assert torch.equal(ms.load_file(path, verify=False)["b"], torch.arange(4.0))
+
+
 def test_verify_command_ok(good_file, capsys):
     assert cli.main(["verify", str(good_file)]) == 0
     out = capsys.readouterr().out
