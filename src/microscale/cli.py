@@ -233,8 +233,9 @@ def _run_quantize(args) -> int:
 
 
 # ---- inspect --------------------------------------------------------------------------------------
-#: Elements per chunk of the streaming code statistics (inspect's memory is a few times this in bytes).
-STATS_CHUNK_ELEMENTS = 1 << 20
+#: Elements per chunk of the streaming code statistics. inspect's memory grows by a few tens of times
+#: this in bytes (the chunk's temporaries, as the allocator keeps them), whatever the file's size.
+STATS_CHUNK_ELEMENTS = 1 << 18
 
 
 def _stats_chunks(lay, chunk_elements: int) -> list[tuple[int, int]]:
@@ -250,6 +251,14 @@ def _byte_bounds(chunks, bits_per_block: int) -> list[int]:
     return [e - s for s, e in zip([0] + ends[:-1], ends)]
 
 
+def _is_any(codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """codes == any of ``values`` (a handful), elementwise, without widening ``codes``."""
+    out = torch.zeros(codes.shape, dtype=torch.bool)
+    for v in values.tolist():
+        out |= codes == v
+    return out
+
+
 class _CodeStats:
     """Streaming accumulator of :func:`code_stats` over chunks of whole blocks (blocked order)."""
 
@@ -257,8 +266,11 @@ class _CodeStats:
         self.fmt, self.lay = fmt, lay
         elem = fmt.element
         values = torch.tensor(elem.code_values, dtype=torch.float64)
-        self.saturated_code = torch.isfinite(values) & (values.abs() >= elem.max_normal)
-        self.zero_code = values == 0
+        codes = torch.arange(values.numel(), dtype=torch.int64)
+        # the few codes that saturate (±max) or are zero (±0): compared per element, no int64 copies
+        dtype = torch.uint8 if elem.bits <= 8 else torch.int16
+        self.saturated_codes = codes[torch.isfinite(values) & (values.abs() >= elem.max_normal)].to(dtype)
+        self.zero_codes = codes[values == 0].to(dtype)
         scale = fmt.scale
         self.scale_table = None
         if scale is not None and scale.kind == "e8m0":
@@ -286,9 +298,8 @@ class _CodeStats:
         nan_block = torch.isnan(vals)
         smallest = (scale_codes == 0) if self.e8m0 else (vals == 0)
         live = ~nan_block & ~smallest
-        idx = codes.to(torch.int64)
-        self.saturated += int((self.saturated_code[idx] & valid & ~nan_block[:, None]).sum())
-        self.zeros += int((self.zero_code[idx] & valid & live[:, None]).sum())
+        self.saturated += int((_is_any(codes, self.saturated_codes) & valid & ~nan_block[:, None]).sum())
+        self.zeros += int((_is_any(codes, self.zero_codes) & valid & live[:, None]).sum())
         self.nan_blocks += int(nan_block.sum())
         if self.e8m0:
             self.exp_hist += torch.bincount(scale_codes[~nan_block].to(torch.int64), minlength=self.exp_hist.numel())
@@ -305,7 +316,7 @@ class _CodeStats:
                 "n_blocks": self.lay.n_blocks, "scale_exponent_counts": counts, "scale_values": values}
 
 
-def code_stats(q: MXTensor, chunk_elements: int = STATS_CHUNK_ELEMENTS) -> dict:
+def code_stats(q: MXTensor, chunk_elements: int | None = None) -> dict:
     """Code-level facts of an MXTensor (padding excluded), computed chunk by chunk (memory: a few times
     ``chunk_elements`` bytes, whatever the tensor's size):
 
@@ -317,6 +328,7 @@ def code_stats(q: MXTensor, chunk_elements: int = STATS_CHUNK_ELEMENTS) -> dict:
     - ``scale_values``: float32 value of each non-NaN scale of other scale formats (one per block), else None.
     """
     lay = q.layout
+    chunk_elements = chunk_elements or STATS_CHUNK_ELEMENTS
     acc = _CodeStats(q.format, lay)
     bits, k = q.format.element.bits, lay.block_size
     scales = q.scales.reshape(-1)
@@ -327,11 +339,12 @@ def code_stats(q: MXTensor, chunk_elements: int = STATS_CHUNK_ELEMENTS) -> dict:
     return acc.result()
 
 
-def _file_code_stats(reader: SafetensorsReader, entry, chunk_elements: int = STATS_CHUNK_ELEMENTS) -> dict:
+def _file_code_stats(reader: SafetensorsReader, entry, chunk_elements: int | None = None) -> dict:
     """:func:`code_stats` of MX tensor ``entry`` read chunk by chunk from the file (never the whole
     tensor in memory); its components' checksums are verified on the way, the small ones (microexponents,
     tensor scales) by reading them whole."""
-    fmt, k = entry.format, None
+    fmt = entry.format
+    chunk_elements = chunk_elements or STATS_CHUNK_ELEMENTS
     lay = make_layout(entry.shape, entry.axis, fmt.block_size)
     k, bits = lay.block_size, fmt.element.bits
     acc = _CodeStats(fmt, lay)
