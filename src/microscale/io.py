@@ -511,6 +511,8 @@ class SafetensorsWriter:
             if not isinstance(value, MXTensor):
                 raise TypeError(f"tensor {name!r}: planned as an MXTensor, got {type(value).__name__}")
             value.validate()
+            if value.device.type == "meta":
+                raise ValueError(f"tensor {name!r} is on the meta device: it has no data to save")
             why = _padding_problem(value)
             if why is not None:
                 raise ValueError(f"tensor {name!r}: {why} (it would not load back)")
@@ -623,8 +625,7 @@ def save_file(tensors: Mapping[str, MXTensor | torch.Tensor], path, metadata: Ma
             value.validate()
         elif value.layout != torch.strided:
             raise TypeError(f"tensor {name!r}: only dense tensors can be saved, got layout {value.layout}")
-        device = value.device if isinstance(value, MXTensor) else value.device
-        if device.type == "meta":
+        if value.device.type == "meta":
             raise ValueError(f"tensor {name!r} is on the meta device: it has no data to save")
         specs[name] = spec_of(value)
     with SafetensorsWriter(path, specs, metadata) as w:
