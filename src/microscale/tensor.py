@@ -23,13 +23,12 @@ last block.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 
 from .formats import BlockFormat, get_format
-from .layout import BlockLayout, from_blocks, make_layout, normalize_axis
+from .layout import BlockLayout, as_int, from_blocks, make_layout, normalize_axis
 from .packing import pack_codes, packed_nbytes, unpack_codes
 from .reference import QuantizedBlocks
 
@@ -50,12 +49,7 @@ def check_shape(shape) -> tuple[int, ...]:
         raise TypeError(f"shape must be a sequence of integers, got {type(shape).__name__}") from None
     out, prod = [], 1
     for d in dims:
-        if isinstance(d, bool):
-            raise TypeError(f"shape must hold integers, got {d!r} in {list(dims)!r}")
-        try:
-            d = operator.index(d)
-        except TypeError:
-            raise TypeError(f"shape must hold integers, got {type(d).__name__} in {list(dims)!r}") from None
+        d = as_int(d, f"each dimension of shape {list(dims)!r}")
         if not 0 <= d <= MAX_DIM:
             raise ValueError(f"shape dimensions must lie in [0, 2^63 - 1], got {d} in {list(dims)!r}")
         out.append(d)
