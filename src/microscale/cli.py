@@ -3,7 +3,8 @@
     microscale formats                         every registered format and its derived facts
     microscale quantize IN OUT --format F      convert a safetensors checkpoint's weight matrices, streaming,
                                                each along its reduction (transformers config / --model)
-    microscale inspect FILE                    per-tensor facts and code statistics of a file
+    microscale inspect FILE                    per-tensor facts and code statistics of a file (streaming)
+    microscale verify FILE...                  structure and checksums of files; exit 1 on the first bad one
     microscale demo                            quantize test tensors to every format: bits, bytes, QSNR
     microscale convert IN OUT --to gguf        gpt-oss / GGUF / microscale MXFP4 files, bit for bit, streaming
 
@@ -30,8 +31,9 @@ import torch
 from . import __version__
 from .bdr.qsnr import qsnr_of
 from .formats import ROUNDINGS, SCALE_MODES, BlockFormat, get_format, list_formats
-from .io import MXSpec, PlainSpec, SafetensorsReader, SafetensorsWriter, load_file, save_file
-from .layout import make_layout, to_blocks
+from .io import MXSpec, PlainSpec, SafetensorsReader, SafetensorsWriter, load_file, save_file, verify_file
+from .layout import make_layout
+from .packing import unpack_codes
 from .quantize import quantize
 from .tensor import MXTensor
 
@@ -331,56 +333,163 @@ def _run_quantize(args) -> int:
 
 
 # ---- inspect --------------------------------------------------------------------------------------
-def code_stats(q: MXTensor) -> dict:
-    """Code-level facts of an MXTensor (padding excluded):
+#: Elements per chunk of the streaming code statistics. inspect's memory grows by a few tens of times
+#: this in bytes (the chunk's temporaries, as the allocator keeps them), whatever the file's size.
+STATS_CHUNK_ELEMENTS = 1 << 18
+
+
+def _stats_chunks(lay, chunk_elements: int) -> list[tuple[int, int]]:
+    """Block ranges [b0, b1) of about ``chunk_elements`` elements; b0 is a multiple of 8 blocks, so every
+    packed part of a chunk starts on a byte boundary whatever its bits per block."""
+    per = max(8, (max(chunk_elements, 1) // lay.block_size) // 8 * 8)
+    return [(b0, min(b0 + per, lay.n_blocks)) for b0 in range(0, lay.n_blocks, per)]
+
+
+def _byte_bounds(chunks, bits_per_block: int) -> list[int]:
+    """Byte sizes of the parts of a packed array (``bits_per_block`` bits per block) that the chunks read."""
+    ends = [(b1 * bits_per_block + 7) // 8 for _, b1 in chunks]
+    return [e - s for s, e in zip([0] + ends[:-1], ends)]
+
+
+def _is_any(codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """codes == any of ``values`` (a handful), elementwise, without widening ``codes``."""
+    out = torch.zeros(codes.shape, dtype=torch.bool)
+    for v in values.tolist():
+        out |= codes == v
+    return out
+
+
+class _CodeStats:
+    """Streaming accumulator of :func:`code_stats` over chunks of whole blocks (blocked order)."""
+
+    def __init__(self, fmt: BlockFormat, lay):
+        self.fmt, self.lay = fmt, lay
+        elem = fmt.element
+        values = torch.tensor(elem.code_values, dtype=torch.float64)
+        codes = torch.arange(values.numel(), dtype=torch.int64)
+        # the few codes that saturate (±max) or are zero (±0): compared per element, no int64 copies
+        dtype = torch.uint8 if elem.bits <= 8 else torch.int16
+        self.saturated_codes = codes[torch.isfinite(values) & (values.abs() >= elem.max_normal)].to(dtype)
+        self.zero_codes = codes[values == 0].to(dtype)
+        scale = fmt.scale
+        self.scale_table = None
+        if scale is not None and scale.kind == "e8m0":
+            self.scale_table = torch.tensor(scale.code_values, dtype=torch.float64)
+        elif scale is not None and scale.kind == "fp":
+            self.scale_table = torch.tensor(scale.element.code_values, dtype=torch.float64)
+        self.e8m0 = scale is not None and scale.kind == "e8m0"
+        self.exp_hist = torch.zeros(1 << scale.bits if self.e8m0 else 0, dtype=torch.int64)
+        self.values: list[torch.Tensor] = []  # non-E8M0 scales: one float32 per block (not per element)
+        self.saturated = self.zeros = self.nan_blocks = 0
+
+    def add(self, b0: int, codes: torch.Tensor, scale_codes: torch.Tensor | None) -> None:
+        """``codes``: unpacked [nb, k] element codes of blocks b0..b0+nb; ``scale_codes``: their scales."""
+        lay, scale = self.lay, self.fmt.scale
+        nb, k = codes.shape
+        pos = torch.arange(b0, b0 + nb) % lay.blocks_per_vector
+        n_valid = torch.where(pos == lay.blocks_per_vector - 1, lay.axis_len - (lay.blocks_per_vector - 1) * k, k)
+        valid = torch.arange(k)[None, :] < n_valid[:, None]
+        if scale is None:
+            vals = torch.ones(nb, dtype=torch.float64)
+        elif self.scale_table is not None:
+            vals = self.scale_table[scale_codes.to(torch.int64)]
+        else:
+            vals = scale_codes.to(torch.float64)
+        nan_block = torch.isnan(vals)
+        smallest = (scale_codes == 0) if self.e8m0 else (vals == 0)
+        live = ~nan_block & ~smallest
+        self.saturated += int((_is_any(codes, self.saturated_codes) & valid & ~nan_block[:, None]).sum())
+        self.zeros += int((_is_any(codes, self.zero_codes) & valid & live[:, None]).sum())
+        self.nan_blocks += int(nan_block.sum())
+        if self.e8m0:
+            self.exp_hist += torch.bincount(scale_codes[~nan_block].to(torch.int64), minlength=self.exp_hist.numel())
+        else:
+            self.values.append(vals[~nan_block].to(torch.float32))
+
+    def result(self) -> dict:
+        counts = None
+        if self.e8m0:
+            bias = self.fmt.scale.bias
+            counts = {int(c) - bias: int(self.exp_hist[c]) for c in self.exp_hist.nonzero().reshape(-1)}
+        values = None if self.e8m0 else (torch.cat(self.values) if self.values else torch.empty(0))
+        return {"saturated": self.saturated, "zeros": self.zeros, "nan_blocks": self.nan_blocks,
+                "n_blocks": self.lay.n_blocks, "scale_exponent_counts": counts, "scale_values": values}
+
+
+def code_stats(q: MXTensor, chunk_elements: int | None = None) -> dict:
+    """Code-level facts of an MXTensor (padding excluded), computed chunk by chunk (memory: a few times
+    ``chunk_elements`` bytes, whatever the tensor's size):
 
     - ``saturated``: elements whose code is ±(largest finite magnitude) of the element format;
     - ``zeros``: zero codes in live blocks (blocks whose scale is neither NaN nor the smallest code a
       zero block gets): underflows plus true zeros, which the codes cannot tell apart;
-    - ``nan_blocks``: blocks with a NaN scale;
-    - ``scale_exponents``: log2 of each non-NaN power-of-two scale (E8M0-style scales), else None;
-    - ``scale_values``: float64 value of each non-NaN scale.
+    - ``nan_blocks``: blocks with a NaN scale; ``n_blocks``;
+    - ``scale_exponent_counts``: {log2 of the scale: number of blocks} over non-NaN E8M0 scales, else None;
+    - ``scale_values``: float32 value of each non-NaN scale of other scale formats (one per block), else None.
     """
-    fmt, elem = q.format, q.format.element
     lay = q.layout
-    blocks = q.to_blocks()
-    valid = to_blocks(torch.ones(q.shape, dtype=torch.uint8), lay).bool()
-    values = torch.tensor(elem.code_values)[blocks.codes.to(torch.int64)]
-    scale = fmt.scale
-    if scale is None:
-        scale_vals = torch.ones(lay.n_blocks, dtype=torch.float64)
-    elif scale.kind == "e8m0":
-        scale_vals = torch.tensor(scale.code_values)[blocks.scales.to(torch.int64)]
-    elif scale.kind == "fp":
-        scale_vals = torch.tensor(scale.element.code_values)[blocks.scales.to(torch.int64)]
-    else:
-        scale_vals = blocks.scales.to(torch.float64)
-    nan_block = torch.isnan(scale_vals)
-    smallest = (blocks.scales == 0) if scale is not None and scale.kind == "e8m0" else (scale_vals == 0)
-    live = (~nan_block & ~smallest)[:, None]
-    finite = torch.isfinite(values)
-    saturated = finite & (values.abs() >= elem.max_normal) & valid & ~nan_block[:, None]
-    zeros = (values == 0) & valid & live
-    good = scale_vals[~nan_block]
-    exps = None
-    if scale is not None and scale.kind == "e8m0":
-        exps = blocks.scales[~nan_block].to(torch.int64) - scale.bias
-    return {"saturated": int(saturated.sum()), "zeros": int(zeros.sum()), "nan_blocks": int(nan_block.sum()),
-            "n_blocks": lay.n_blocks, "scale_exponents": exps, "scale_values": good}
+    chunk_elements = chunk_elements or STATS_CHUNK_ELEMENTS
+    acc = _CodeStats(q.format, lay)
+    bits, k = q.format.element.bits, lay.block_size
+    scales = q.scales.reshape(-1)
+    for b0, b1 in _stats_chunks(lay, chunk_elements):
+        packed = q.codes[(b0 * k * bits) // 8:(b1 * k * bits + 7) // 8]
+        codes = unpack_codes(packed, bits, (b1 - b0) * k).reshape(b1 - b0, k)
+        acc.add(b0, codes, scales[b0:b1] if scales.numel() else None)
+    return acc.result()
+
+
+def _file_code_stats(reader: SafetensorsReader, entry, chunk_elements: int | None = None) -> dict:
+    """:func:`code_stats` of MX tensor ``entry`` read chunk by chunk from the file (never the whole
+    tensor in memory); its components' checksums are verified on the way, the small ones (microexponents,
+    tensor scales) by reading them whole."""
+    fmt = entry.format
+    chunk_elements = chunk_elements or STATS_CHUNK_ELEMENTS
+    lay = make_layout(entry.shape, entry.axis, fmt.block_size)
+    k, bits = lay.block_size, fmt.element.bits
+    acc = _CodeStats(fmt, lay)
+    chunks = _stats_chunks(lay, chunk_elements)
+    codes_it = reader.iter_chunks(entry.components["codes"], _byte_bounds(chunks, k * bits))
+    scale_dtype = reader.header.entries[entry.components["scales"]].dtype
+    scale_size = torch.empty((), dtype=scale_dtype).element_size()
+    has_scales = fmt.scale is not None
+    scales_it = reader.iter_chunks(entry.components["scales"],
+                                   [(b1 - b0) * scale_size for b0, b1 in chunks] if has_scales else [])
+    for (b0, b1), buf in zip(chunks, codes_it):
+        codes = unpack_codes(torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8),
+                             bits, (b1 - b0) * k).reshape(b1 - b0, k)
+        sc = None
+        if has_scales:
+            raw = next(scales_it)
+            sc = torch.frombuffer(raw, dtype=scale_dtype) if raw else torch.empty(0, dtype=scale_dtype)
+        acc.add(b0, codes, sc)
+    for it in (codes_it, scales_it):  # finish both: the checksum verdict comes after the last piece
+        for _ in it:
+            pass
+    for suffix in ("micro", "tensor_scale"):
+        if suffix in entry.components:
+            reader.get_stored(entry.components[suffix])
+    return acc.result()
 
 
 def _scale_summary(stats: dict, top: int = 3) -> str:
-    exps = stats["scale_exponents"]
-    if exps is not None:
-        if exps.numel() == 0:
+    counts = stats.get("scale_exponent_counts")
+    if counts is not None:
+        if not counts:
             return "-"
-        e_min, e_med, e_max = int(exps.min()), int(exps.median()), int(exps.max())
-        vals, counts = torch.unique(exps, return_counts=True)
-        order = torch.argsort(counts, descending=True, stable=True)[:top]
-        bins = " ".join(f"{int(vals[i])}:{int(counts[i])}" for i in order)
-        return f"2^[{e_min},{e_max}] med {e_med}; top {bins}"
+        exps = sorted(counts)
+        n = sum(counts.values())
+        cum, med = 0, exps[-1]
+        for e in exps:  # lower median, as torch.median
+            cum += counts[e]
+            if cum > (n - 1) // 2:
+                med = e
+                break
+        order = sorted(counts, key=lambda e: (-counts[e], e))[:top]
+        bins = " ".join(f"{e}:{counts[e]}" for e in order)
+        return f"2^[{exps[0]},{exps[-1]}] med {med}; top {bins}"
     v = stats["scale_values"]
-    if v.numel() == 0:
+    if v is None or v.numel() == 0:
         return "-"
     return f"[{float(v.min()):.3g}, {float(v.max()):.3g}] med {float(v.median()):.3g}"
 
@@ -390,27 +499,52 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args) -> int:
+    """Per-tensor facts, streaming: MX codes chunk by chunk, plain tensors only checksummed; memory stays
+    at a few chunks whatever the file's size. Checksums are verified as the data streams past."""
     rows, total = [], 0
     with SafetensorsReader(args.file) as reader:
         header = reader.header
         for name in reader.names():
-            t = reader.get(name)
-            nbytes = _tensor_nbytes(t)
-            total += nbytes
-            if isinstance(t, MXTensor):
-                st = code_stats(t)
-                rows.append([name, "mx", t.format.name, list(t.shape), f"packed/{t.axis}", nbytes,
-                             f"{t.bits_per_element:.3f}", st["saturated"], st["zeros"],
+            mx = header.mx.get(name)
+            if mx is not None:
+                fmt = mx.format
+                nbytes = sum(header.entries[c].nbytes for c in mx.components.values())
+                numel = math.prod(mx.shape)
+                st = _file_code_stats(reader, mx)
+                rows.append([name, "mx", fmt.name, list(mx.shape), f"packed/{mx.axis}", nbytes,
+                             f"{8.0 * nbytes / max(numel, 1):.3f}", st["saturated"], st["zeros"],
                              f"{st['nan_blocks']}/{st['n_blocks']}", _scale_summary(st)])
             else:
-                rows.append([name, "plain", "-", list(t.shape), _dtype_str(t.dtype), nbytes,
-                             f"{8 * t.element_size()}", "-", "-", "-", "-"])
-            del t
+                e = header.entries[name]
+                nbytes = e.nbytes
+                for _ in reader.iter_chunks(name, 1 << 24):  # verify the checksum, 16 MiB at a time
+                    pass
+                rows.append([name, "plain", "-", list(e.shape), _dtype_str(e.dtype), nbytes,
+                             f"{8 * torch.empty((), dtype=e.dtype).element_size()}", "-", "-", "-", "-"])
+            total += nbytes
     print(format_table(["tensor", "kind", "format", "shape", "dtype/axis", "bytes", "bits/elem", "saturated",
                         "zero codes", "NaN blocks", "block scales (E8M0: log2)"], rows, "llllllrrrrl"))
     meta = header.user_metadata
+    sums = header.checksums
     print(f"\n{len(rows)} tensors ({len(header.mx)} MX), {total} bytes of tensor data, file "
-          f"{os.path.getsize(args.file)} bytes" + (f"; metadata: {meta}" if meta else ""))
+          f"{os.path.getsize(args.file)} bytes; checksums: "
+          f"{'verified (' + sums.algorithm + ')' if sums is not None else 'none in the file'}"
+          + (f"; metadata: {meta}" if meta else ""))
+    return 0
+
+
+# ---- verify ---------------------------------------------------------------------------------------
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", metavar="FILE", help="safetensors file(s) to check")
+
+
+def _run_verify(args) -> int:
+    """Structure, header checksum and every tensor's checksum, streaming; exit 1 at the first bad file."""
+    for path in args.files:
+        r = verify_file(path)
+        what = (f"checksums verified ({r['algorithm']})" if r["algorithm"]
+                else "no checksums in the file (structure checked only)")
+        print(f"{path}: OK, {r['tensors']} stored tensors, {r['bytes']} bytes; {what}")
     return 0
 
 
@@ -493,6 +627,8 @@ register_command("quantize", "convert a safetensors checkpoint's weight matrices
                  _quantize_arguments, _run_quantize)
 register_command("inspect", "per-tensor facts and code statistics of a safetensors file", _inspect_arguments,
                  _run_inspect)
+register_command("verify", "check safetensors files: structure, header and per-tensor checksums (streaming)",
+                 _verify_arguments, _run_verify)
 register_command("demo", "quantize test tensors to every format: bits, bytes, QSNR, error, round trip",
                  _demo_arguments, _run_demo)
 

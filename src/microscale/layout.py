@@ -9,17 +9,29 @@ in the same order, one per row. Padding elements are zeros, so they never change
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockLayout", "normalize_axis", "make_layout", "to_blocks", "from_blocks"]
+__all__ = ["BlockLayout", "as_int", "normalize_axis", "make_layout", "to_blocks", "from_blocks"]
+
+
+def as_int(value, what: str) -> int:
+    """``value`` as a Python int: any integer type (``operator.index``: int, numpy integers, 0-d integer
+    tensors), not bool; TypeError naming ``what`` otherwise."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{what} must be an integer, got {type(value).__name__}")
 
 
 def normalize_axis(axis: int, ndim: int) -> int:
-    """Return ``axis`` as a non-negative index, with a clear error when it is out of range."""
-    if not isinstance(axis, int) or isinstance(axis, bool):
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    """Return ``axis`` as a non-negative Python int, with a clear error when it is out of range.
+    Any integer type is accepted (:func:`as_int`)."""
+    axis = as_int(axis, "axis")
     if ndim == 0:
         raise ValueError("cannot quantize a 0-d tensor in blocks: give it at least one dimension")
     if not -ndim <= axis < ndim:

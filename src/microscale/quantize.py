@@ -3,6 +3,11 @@
 They validate arguments, draw the stochastic-rounding seed once, and dispatch to a fast kernel when one
 covers the request (microscale.kernels), else to the reference quantizer (microscale.reference). Both
 paths give the same bits; tests hold them to that.
+
+Shapes without data: on the ``meta`` device nothing is computed; ``fake_quantize`` returns a meta tensor
+of x's shape and dtype and ``quantize`` an MXTensor whose components are meta tensors of the sizes
+:func:`microscale.tensor.component_specs` gives (so a model can be planned on ``meta``). Empty tensors
+(a zero dimension other than the block axis) work in every format and give empty components.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from .formats import BlockFormat, get_format
 from .reference import (COMPAT_MODES, cast_values, check_rounding, check_scale_mode, dequantize_blocks, draw_seed,
                         quantize_reference)
 from .layout import from_blocks, make_layout
-from .tensor import MXTensor, check_out
+from .tensor import MXTensor, check_out, component_specs
 
 __all__ = ["quantize", "dequantize", "fake_quantize", "packed_linear"]
 
@@ -27,6 +32,8 @@ def _check_args(x, fmt, axis, rounding, scale_mode, compat) -> tuple[BlockFormat
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _IN_DTYPES:
         raise TypeError(f"expected a float32, bfloat16, float16 or float64 tensor, got {x.dtype}")
+    if x.layout != torch.strided:
+        raise TypeError(f"expected a dense (strided) tensor, got layout {x.layout}")
     fmt = get_format(fmt)
     check_rounding(rounding)
     scale_mode = check_scale_mode(scale_mode or fmt.scale_mode)
@@ -57,6 +64,11 @@ def quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, rounding: 
     fmt, scale_mode = _check_args(x, fmt, axis, rounding, scale_mode, compat)
     if fmt.element is None:
         raise ValueError("format 'none' does not quantize: there is nothing to pack")
+    if x.device.type == "meta":  # shapes only
+        layout = make_layout(x.shape, axis, fmt.block_size)
+        parts = {name: torch.empty(shape, dtype=dtype, device="meta")
+                 for name, (dtype, shape) in component_specs(layout.shape, layout.axis, fmt).items()}
+        return MXTensor(shape=layout.shape, axis=layout.axis, format=fmt, **parts)
     s = _seed(rounding, generator, seed)
     x = x.detach()
     fast = kernels.quantize(x, fmt, axis, rounding, scale_mode, s, compat)
@@ -75,6 +87,8 @@ def dequantize(q: MXTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 def _fake_quantize_impl(x, fmt, axis, rounding, scale_mode, s, compat, out=None):
+    if x.device.type == "meta":  # shapes only
+        return torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
     fast = kernels.fake_quantize(x, fmt, axis, rounding, scale_mode, s, compat, out)
     if fast is not None:
         return fast
@@ -105,7 +119,7 @@ def fake_quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, round
     into (saves the page faults of a fresh allocation in loops; not differentiable).
     """
     fmt, scale_mode = _check_args(x, fmt, axis, rounding, scale_mode, compat)
-    check_out(out, x.shape, x.dtype)
+    check_out(out, x.shape, x.dtype, x.device)
     if fmt.element is None:
         return x if out is None else out.copy_(x)
     s = _seed(rounding, generator, seed)

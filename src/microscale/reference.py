@@ -464,7 +464,7 @@ def _quantize_amax_scaled(v, fmt, rounding, u, group_size) -> QuantizedBlocks:
     t_blk = torch.ones(n, dtype=torch.float64)
     tensor_scale = None
     if fmt.tensor_scale is not None:
-        g = n if group_size is None else int(group_size)
+        g = (n or 1) if group_size is None else int(group_size)  # an empty tensor: no groups at all
         if g <= 0 or n % g:
             raise ValueError(f"group_size {group_size} must divide the number of blocks {n}")
         gamax = bamax.reshape(n // g, g).amax(dim=1)
@@ -474,7 +474,8 @@ def _quantize_amax_scaled(v, fmt, rounding, u, group_size) -> QuantizedBlocks:
             t = torch.where(bspecial.reshape(n // g, g).any(dim=1), torch.nan, t)
         tensor_scale = t.to(torch.float32)
         if fmt.tensor_scale_granularity == "tensor" and group_size is None:
-            tensor_scale = tensor_scale.reshape(())
+            # an empty tensor is a zero group: t = 1
+            tensor_scale = tensor_scale.reshape(()) if n else torch.ones((), dtype=torch.float32)
         t_blk = t.repeat_interleave(g)
     if scale is None:
         s = torch.ones(n, dtype=torch.float64)
@@ -535,5 +536,6 @@ def dequantize_blocks_bdr(q: QuantizedBlocks, fmt: BlockFormat) -> torch.Tensor:
         s = q.scales.to(torch.float64)
     if fmt.tensor_scale is not None:
         t = q.tensor_scale.reshape(-1).to(torch.float64)
-        s = s * t.repeat_interleave(n // t.numel())
+        if n:  # (an empty tensor may have no tensor scales at all)
+            s = s * t.repeat_interleave(n // t.numel())
     return vals * s[:, None]

@@ -9,6 +9,13 @@ Storage (see layout.py for the blocked order):
   bit-packed.
 - ``tensor_scale`` (formats with a per-tensor FP32 scale, e.g. NVFP4): a 0-d float32 tensor.
 
+An MXTensor is immutable: its fields cannot be reassigned after construction (``q.codes = ...`` raises
+``dataclasses.FrozenInstanceError``), and construction validates every component's dtype, shape and
+device against :func:`component_specs`. The component tensors themselves are ordinary torch tensors
+whose storage could still be changed in place, so the C kernels re-check every buffer they are handed
+(``microscale.kernels.checked_pointers``). All components live on one device; on ``meta`` an MXTensor
+carries shapes only.
+
 For an OCP MX format ``nbytes`` is exactly (elements in whole blocks) * (element_bits + 8/32) / 8, i.e.
 4.25 / 6.25 / 8.25 bits per element for MXFP4 / MXFP6 / MXFP8, plus the zero padding of each vector's
 last block.
@@ -21,13 +28,37 @@ from dataclasses import dataclass
 import torch
 
 from .formats import BlockFormat, get_format
-from .layout import BlockLayout, from_blocks, make_layout
+from .layout import BlockLayout, as_int, from_blocks, make_layout, normalize_axis
 from .packing import pack_codes, packed_nbytes, unpack_codes
 from .reference import QuantizedBlocks
 
-__all__ = ["MXTensor", "component_specs", "check_out"]
+__all__ = ["MXTensor", "component_specs", "check_out", "check_shape", "MAX_DIM"]
 
 _OUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: Largest dimension, and largest product of dimensions, of a tensor (torch sizes are int64).
+MAX_DIM = 2**63 - 1
+_COMPONENTS = ("codes", "scales", "micro", "tensor_scale")
+
+
+def check_shape(shape) -> tuple[int, ...]:
+    """``shape`` as a tuple of Python ints, each and their product (zeros included, so ``[0, 2^64]``
+    is refused too) within int64 as torch requires. Raises TypeError / ValueError."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of integers, got {type(shape).__name__}") from None
+    out, prod = [], 1
+    for d in dims:
+        d = as_int(d, f"each dimension of shape {list(dims)!r}")
+        if not 0 <= d <= MAX_DIM:
+            raise ValueError(f"shape dimensions must lie in [0, 2^63 - 1], got {d} in {list(dims)!r}")
+        out.append(d)
+    for d in out:  # product of the non-zero dimensions: a zero does not excuse an overflowing rest
+        prod *= max(d, 1)
+        if prod > MAX_DIM:
+            raise ValueError(f"shape {list(dims)!r} has more than 2^63 - 1 elements (counting non-zero "
+                             f"dimensions), more than a torch tensor can index")
+    return tuple(out)
 
 
 def component_specs(shape, axis: int, fmt: str | BlockFormat) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -39,7 +70,7 @@ def component_specs(shape, axis: int, fmt: str | BlockFormat) -> dict[str, tuple
     fmt = get_format(fmt)
     if fmt.element is None:
         raise ValueError("format 'none' does not quantize: it has no stored components")
-    lay = make_layout(shape, axis, fmt.block_size)
+    lay = make_layout(check_shape(shape), axis, fmt.block_size)
     fp32_scale = fmt.scale is not None and fmt.scale.kind == "fp32"
     n_scales = lay.n_blocks if fmt.scale is not None else 0  # unscaled / per-tensor only: no block scales
     out = {"codes": (torch.uint8, (packed_nbytes(lay.n_elements_padded, fmt.element.bits),)),
@@ -53,12 +84,17 @@ def component_specs(shape, axis: int, fmt: str | BlockFormat) -> dict[str, tuple
     return out
 
 
-def check_out(out: torch.Tensor | None, shape, dtype: torch.dtype) -> None:
-    """``out=`` must be a contiguous CPU tensor of the result's shape and dtype (it is written in place)."""
+def check_out(out: torch.Tensor | None, shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+    """``out=`` must be a contiguous dense tensor of the result's shape and dtype, on the input's
+    ``device`` (it is written in place)."""
     if out is None:
         return
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.device != torch.device(device):
+        raise ValueError(f"out must be on the input's device {torch.device(device)}, got {out.device}")
+    if out.layout != torch.strided:
+        raise ValueError(f"out must be a dense (strided) tensor, got layout {out.layout}")
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, got "
                          f"{out.dtype} {tuple(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
@@ -66,9 +102,13 @@ def check_out(out: torch.Tensor | None, shape, dtype: torch.dtype) -> None:
         raise ValueError("out= does not support automatic differentiation (out requires grad)")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, frozen=True)
 class MXTensor:
-    """Packed block-quantized tensor. Build with :func:`microscale.quantize`; read with :meth:`dequantize`."""
+    """Packed block-quantized tensor. Build with :func:`microscale.quantize`; read with :meth:`dequantize`.
+
+    Immutable and validated: construction checks every component against :func:`component_specs`
+    (dtype, shape, dense layout, one device for all) and normalizes ``axis`` to a non-negative int;
+    the fields cannot be reassigned afterwards."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -79,8 +119,10 @@ class MXTensor:
     tensor_scale: torch.Tensor | None = None
 
     def __post_init__(self):
-        self.format = get_format(self.format)
-        self.shape = tuple(int(s) for s in self.shape)
+        shape = check_shape(self.shape)
+        object.__setattr__(self, "format", get_format(self.format))
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "axis", normalize_axis(self.axis, len(shape)))
         self.validate()
 
     # ---- structure ------------------------------------------------------------------------------
@@ -103,13 +145,14 @@ class MXTensor:
         return n
 
     def validate(self) -> None:
-        """Check that the stored arrays have exactly the dtypes and sizes the shape and format imply."""
+        """Check that the stored arrays have exactly the dtypes and sizes the shape and format imply, are
+        dense, and share one device. Changes nothing."""
         if self.format.element is None:
             raise ValueError("an MXTensor needs a quantizing format, not 'none'")
         specs = component_specs(self.shape, self.axis, self.format)
-        self.axis = make_layout(self.shape, self.axis, self.format.block_size).axis
-        given = {"codes": self.codes, "scales": self.scales, "micro": self.micro, "tensor_scale": self.tensor_scale}
-        for name, value in given.items():
+        device = None
+        for name in _COMPONENTS:
+            value = getattr(self, name)
             if name not in specs:
                 if value is not None:
                     raise ValueError(f"{self.format.name} has no {name}, but {name} was given")
@@ -121,12 +164,23 @@ class MXTensor:
             if value.dtype != dtype or tuple(value.shape) != shape:
                 raise ValueError(f"{self.format.name} tensor of shape {self.shape} along axis {self.axis} needs "
                                  f"{name} as {dtype} of shape {shape}, got {value.dtype} {tuple(value.shape)}")
+            if value.layout != torch.strided:
+                raise ValueError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
+            if device is None:
+                device = value.device
+            elif value.device != device:
+                raise ValueError(f"all components of an MXTensor must be on one device: codes are on {device}, "
+                                 f"{name} on {value.device}")
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the stored components (``meta``: shapes only, no data)."""
+        return self.codes.device
 
     def components(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name (codes, scales, and micro / tensor_scale where the format has them),
         in the order of :func:`component_specs`."""
-        given = {"codes": self.codes, "scales": self.scales, "micro": self.micro, "tensor_scale": self.tensor_scale}
-        return {name: given[name] for name in component_specs(self.shape, self.axis, self.format)}
+        return {name: getattr(self, name) for name in component_specs(self.shape, self.axis, self.format)}
 
     @property
     def nbytes(self) -> int:
@@ -171,7 +225,10 @@ class MXTensor:
         preallocated contiguous tensor of that shape and dtype to write into."""
         if dtype not in _OUT_DTYPES:
             raise TypeError(f"dtype must be one of {_OUT_DTYPES}, got {dtype}")
-        check_out(out, self.shape, dtype)
+        self.validate()  # cheap; the fields are frozen, but this keeps a hand-built subclass honest
+        check_out(out, self.shape, dtype, self.device)
+        if self.device.type == "meta":  # shapes only: nothing to decode
+            return torch.empty(self.shape, dtype=dtype, device="meta") if out is None else out
         from . import kernels
         fast = kernels.dequantize(self, dtype, out)
         if fast is not None:

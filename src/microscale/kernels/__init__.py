@@ -19,6 +19,14 @@ install time, ``-O3 -fopenmp``). Why C rather than torch ops or a torch C++ exte
   chosen at import with ``__builtin_cpu_supports`` (no -march=native); loops are auto-vectorized
   (``#pragma omp simd``) and split among ``torch.get_num_threads()`` OpenMP threads.
 
+Memory safety: the C functions take raw addresses and trust them, so every call into ``_mxkernels``
+goes through :func:`checked_pointers` first, which re-checks each buffer it is about to hand over
+(a CPU, dense, contiguous tensor of exactly the dtype and byte size the format and shape imply, with a
+non-NULL address) and the loop geometry against the input, and raises ValueError / TypeError otherwise.
+The coverage checks before it return None ("not covered") for tensors on any other device, so those
+reach the device-agnostic path; the guard is the last line that holds even when a component tensor was
+resized in place after an MXTensor was built.
+
 If the extension is missing or fails to load, every entry point returns None (reference fallback)
 after one RuntimeWarning. Set ``MICROSCALE_KERNELS=0`` to disable the kernels (benchmarks/tests).
 
@@ -47,7 +55,7 @@ from ..formats import ROUNDINGS, SCALE_MODES, get_format
 from ..layout import make_layout
 from ..packing import packed_nbytes
 
-__all__ = ["fake_quantize", "quantize", "dequantize", "packed_linear", "available", "info"]
+__all__ = ["fake_quantize", "quantize", "dequantize", "packed_linear", "available", "info", "checked_pointers"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 _ENC = {"fp": 0, "twos": 1, "sign_magnitude": 2}
@@ -148,11 +156,61 @@ def _params(fmt) -> tuple | None:
     return p
 
 
+def checked_pointers(entry: str, buffers, geometry: tuple[int, int, int] | None = None) -> list[int]:
+    """Addresses of the buffers about to be handed to the C function ``entry``, after checking each one.
+
+    ``buffers``: ``(role, tensor, dtype, nbytes)`` tuples; each tensor must be a dense, contiguous CPU
+    tensor of ``dtype`` holding exactly ``nbytes`` bytes, with a non-NULL address when ``nbytes > 0``.
+    ``tensor=None`` passes NULL, for the buffers the C function does not touch in this mode (its
+    ``nbytes`` must be 0). ``geometry``: the ``(outer, L, inner)`` loop bounds the C side will walk; their
+    product must be the element count of the first buffer (the input). Every entry into ``_mxkernels``
+    goes through here; a violation raises ValueError / TypeError naming the entry point and the buffer
+    instead of letting C read or write out of bounds. This is the one place those checks live.
+    """
+    ptrs = []
+    for role, t, dtype, nbytes in buffers:
+        where = f"microscale.kernels.{entry}: buffer {role!r}"
+        if t is None:
+            if nbytes:
+                raise ValueError(f"{where}: missing, but {nbytes} bytes are needed")
+            ptrs.append(0)
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"{where}: the C kernels take CPU tensors only, got one on {t.device}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{where}: expected a dense tensor, got layout {t.layout}")
+        if t.dtype != dtype:
+            raise TypeError(f"{where}: expected {dtype}, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{where}: expected a contiguous tensor")
+        got = t.numel() * t.element_size()
+        if got != nbytes:
+            raise ValueError(f"{where}: expected exactly {nbytes} bytes, got {got} "
+                             f"({t.dtype} {tuple(t.shape)}); was a component replaced or resized?")
+        ptr = t.data_ptr()
+        if nbytes and not ptr:
+            raise ValueError(f"{where}: has no data (NULL address)")
+        ptrs.append(ptr)
+    if geometry is not None:
+        outer, length, inner = geometry
+        first = buffers[0][1]
+        if min(geometry) < 0 or outer * length * inner != first.numel():
+            raise ValueError(f"microscale.kernels.{entry}: loop geometry {geometry} does not match the "
+                             f"{first.numel()} elements of {buffers[0][0]!r}")
+    return ptrs
+
+
+def _on_cpu(*tensors) -> bool:
+    return all(t is None or (isinstance(t, torch.Tensor) and t.device.type == "cpu") for t in tensors)
+
+
 def _covered(x: torch.Tensor, fmt, rounding: str, scale_mode: str, compat):
     """(format parameters, loaded library) when the kernels cover this request, else None."""
     if compat is not None or rounding not in ROUNDINGS or scale_mode not in SCALE_MODES or x.dim() == 0:
         return None
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.device.type != "cpu":
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not _on_cpu(x):
         return None
     params = _params(get_format(fmt))
     lib = _load() if params is not None else None
@@ -168,12 +226,41 @@ def _threads(n: int) -> int:
     return torch.get_num_threads() if n >= _PARALLEL_MIN else 1
 
 
-def _run_quantize(mode, x, out_ptr, codes_ptr, scales_ptr, params, axis, rounding, scale_mode, seed, lib,
-                  micro_ptrs=()):
-    outer, L, inner = _geometry(tuple(x.shape), axis)
-    lib.quantize(mode, x.data_ptr(), out_ptr, codes_ptr, scales_ptr, _DTYPE_CODES[x.dtype], outer, L, inner,
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _packed_sizes(layout, fmt) -> dict[str, int]:
+    """Bytes of the packed codes, uint8 scales and (two-level formats) microexponents of ``layout``:
+    the sizes MXTensor storage has (tensor.component_specs), restated for the formats covered here."""
+    sizes = {"codes": packed_nbytes(layout.n_elements_padded, fmt.element.bits), "scales": layout.n_blocks}
+    if fmt.is_two_level:
+        n_sub = layout.n_blocks * (layout.block_size // fmt.subblock_size)
+        sizes["micro scratch"] = n_sub
+        sizes["micro"] = packed_nbytes(n_sub, fmt.micro_bits)
+    return sizes
+
+
+def _run_quantize(mode, x, out, codes, scales, params, fmt, axis, rounding, scale_mode, seed, lib,
+                  micro=None):
+    """One call of the C quantizer: mode 0 fake-quantizes ``x`` into ``out``; mode 1 writes packed
+    ``codes``/``scales`` (and, for two-level formats, ``micro`` = (scratch, packed)), sizes from the
+    layout."""
+    geometry = _geometry(tuple(x.shape), axis)
+    if mode == 0:
+        bufs = [("x", x, x.dtype, _nbytes(x)), ("out", out, x.dtype, _nbytes(x)),
+                ("codes", None, torch.uint8, 0), ("scales", None, torch.uint8, 0)]
+    else:
+        sizes = _packed_sizes(make_layout(x.shape, axis, fmt.block_size), fmt)
+        bufs = [("x", x, x.dtype, _nbytes(x)), ("out", None, x.dtype, 0),
+                ("codes", codes, torch.uint8, sizes["codes"]), ("scales", scales, torch.uint8, sizes["scales"])]
+        if micro is not None:
+            bufs += [("micro scratch", micro[0], torch.uint8, sizes["micro scratch"]),
+                     ("micro", micro[1], torch.uint8, sizes["micro"])]
+    ptrs = checked_pointers("quantize", bufs, geometry)
+    lib.quantize(mode, *ptrs[:4], _DTYPE_CODES[x.dtype], *geometry,
                  params, ROUNDINGS.index(rounding), SCALE_MODES.index(scale_mode),
-                 (seed or 0) & 0xFFFFFFFF, _threads(x.numel()), *micro_ptrs)
+                 (seed or 0) & 0xFFFFFFFF, _threads(x.numel()), *ptrs[4:])
 
 
 def fake_quantize(x: torch.Tensor, fmt, axis: int, rounding: str, scale_mode: str, seed: int | None,
@@ -181,14 +268,14 @@ def fake_quantize(x: torch.Tensor, fmt, axis: int, rounding: str, scale_mode: st
     """quantize + dequantize of ``x`` in its own dtype (into ``out`` when given: contiguous, same shape
     and dtype, checked by the caller), or None when not covered."""
     covered = _covered(x, fmt, rounding, scale_mode, compat)
-    if covered is None:
+    if covered is None or not _on_cpu(out):
         return None
     params, lib = covered
     x = x.detach().contiguous()
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel():
-        _run_quantize(0, x, out.data_ptr(), 0, 0, params, axis, rounding, scale_mode, seed, lib)
+        _run_quantize(0, x, out, None, None, params, get_format(fmt), axis, rounding, scale_mode, seed, lib)
     return out
 
 
@@ -206,30 +293,28 @@ def quantize(x: torch.Tensor, fmt, axis: int, rounding: str, scale_mode: str, se
     x = x.detach().contiguous()
     codes = torch.empty(packed_nbytes(layout.n_elements_padded, fmt.element.bits), dtype=torch.uint8)
     scales = torch.empty(layout.n_blocks, dtype=torch.uint8)
-    micro_ptrs, micro = (), None
+    micro_bufs, micro = None, None
     if fmt.is_two_level:
-        n_sub = layout.n_blocks * (layout.block_size // fmt.subblock_size)
-        scratch = torch.empty(n_sub, dtype=torch.uint8)   # one byte per sub-block, packed by the kernel
-        micro = torch.empty(packed_nbytes(n_sub, fmt.micro_bits), dtype=torch.uint8)
-        micro_ptrs = (scratch.data_ptr(), micro.data_ptr())
+        sizes = _packed_sizes(layout, fmt)
+        scratch = torch.empty(sizes["micro scratch"], dtype=torch.uint8)  # one byte per sub-block, packed by C
+        micro = torch.empty(sizes["micro"], dtype=torch.uint8)
+        micro_bufs = (scratch, micro)
     if layout.n_blocks:
-        _run_quantize(1, x, 0, codes.data_ptr(), scales.data_ptr(), params, layout.axis, rounding, scale_mode,
-                      seed, lib, micro_ptrs)
+        _run_quantize(1, x, None, codes, scales, params, fmt, layout.axis, rounding, scale_mode, seed, lib,
+                      micro_bufs)
     return (codes, scales, layout) if micro is None else (codes, scales, layout, micro)
 
 
 def dequantize(q, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """Dense tensor from an MXTensor (into ``out`` when given: contiguous, q.shape, ``dtype``, checked by
-    the caller), or None when not covered.""" 
+    the caller), or None when not covered."""
     fmt = q.format
     params = _params(fmt)
     if params is None or dtype not in _DTYPE_CODES or q.tensor_scale is not None:
         return None
     if (q.micro is not None) != fmt.is_two_level:
         return None
-    if q.codes.device.type != "cpu" or q.scales.dtype != torch.uint8:
-        return None
-    if q.micro is not None and (q.micro.device.type != "cpu" or q.micro.dtype != torch.uint8):
+    if not _on_cpu(q.codes, q.scales, q.micro, out) or q.scales.dtype != torch.uint8:
         return None
     lib = _load()
     if lib is None:
@@ -237,11 +322,16 @@ def dequantize(q, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.
     if out is None:
         out = torch.empty(q.shape, dtype=dtype)
     if out.numel():
-        codes, scales = q.codes.contiguous(), q.scales.contiguous()
-        micro = () if q.micro is None else (q.micro.contiguous(),)
-        outer, L, inner = _geometry(q.shape, q.axis)
-        lib.dequantize(codes.data_ptr(), scales.data_ptr(), out.data_ptr(), _DTYPE_CODES[dtype], outer, L, inner,
-                       params, _threads(out.numel()), *(m.data_ptr() for m in micro))
+        sizes = _packed_sizes(make_layout(q.shape, q.axis, fmt.block_size), fmt)
+        parts = {"codes": q.codes.contiguous(), "scales": q.scales.contiguous()}
+        if q.micro is not None:
+            parts["micro"] = q.micro.contiguous()
+        out_nbytes = math.prod(q.shape) * torch.empty((), dtype=dtype).element_size()
+        bufs = [("out", out, dtype, out_nbytes)] + [(n, t, torch.uint8, sizes[n]) for n, t in parts.items()]
+        geometry = _geometry(q.shape, q.axis)
+        out_ptr, codes_ptr, scales_ptr, *micro_ptr = checked_pointers("dequantize", bufs, geometry)
+        lib.dequantize(codes_ptr, scales_ptr, out_ptr, _DTYPE_CODES[dtype], *geometry,
+                       params, _threads(out.numel()), *micro_ptr)
     return out
 
 
