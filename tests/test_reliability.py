@@ -695,3 +695,28 @@ def test_f4_with_an_odd_last_dimension_is_refused(tmp_path):
     header["f"]["shape"] = [2, 3]  # 6 four-bit elements = 3 bytes, but not whole bytes per row
     _join(path, header, data)
     _expect(path, "'f'", "even last dimension")
+
+
+def test_atomic_path_writes_through_symlinks_sweeps_and_cleans_up(tmp_path):
+    """io.atomic_path (used by writers that open their own file, e.g. GGUF) follows SafetensorsWriter's
+    rules: the link stays a link, the temporary file is gone after success and after an exception, and
+    an error names the user's path."""
+    import os
+    from microscale.io import atomic_path
+    real = tmp_path / "real.bin"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    with atomic_path(link) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new"
+    with pytest.raises(RuntimeError):
+        with atomic_path(real) as tmp:
+            open(tmp, "wb").write(b"half")
+            raise RuntimeError("writer failed")
+    assert real.read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["link.bin", "real.bin"]
+    with pytest.raises(OSError, match="missing"):
+        with atomic_path(tmp_path / "missing" / "x.bin"):
+            pass

@@ -69,7 +69,7 @@ from typing import Iterator, Mapping
 import torch
 
 from .formats import BlockFormat, get_format
-from .layout import make_layout, normalize_axis
+from .layout import normalize_axis
 from .packing import unpack_codes
 from .tensor import MAX_DIM, MXTensor, check_shape, component_specs
 
@@ -609,13 +609,19 @@ def _fsync_dir(directory: str) -> None:
 def atomic_path(path) -> Iterator[str]:
     """A temporary path next to ``path`` for a writer that opens its file itself (e.g. gguf's GGUFWriter).
 
-    Leaving the block normally fsyncs the temporary file and moves it onto ``path`` (os.replace), as
-    :class:`SafetensorsWriter` does; an exception removes it and leaves ``path`` untouched.
+    Same rules as :class:`SafetensorsWriter`: stale temporary files of the target are swept first, a
+    symbolic link at ``path`` is written through (the link stays), leaving the block normally fsyncs the
+    temporary file and moves it onto the target (os.replace), and an exception removes it and leaves
+    ``path`` untouched. OSErrors name ``path``, not the temporary file.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
+    user_path = os.fspath(path)
+    target = _resolve_target(user_path)
+    sweep_stale_temp_files(target)
+    tmp = _temp_name(os.path.abspath(target))
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+    except OSError as e:
+        raise _user_path_error(e, user_path, "write") from None
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -623,14 +629,14 @@ def atomic_path(path) -> Iterator[str]:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(directory)
+    _fsync_dir(os.path.dirname(os.path.abspath(target)))
 
 
 def save_file(tensors: Mapping[str, MXTensor | torch.Tensor], path, metadata: Mapping[str, str] | None = None
