@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .backends import select_dequantize
 from .formats import BlockFormat, get_format
 from .layout import BlockLayout, from_blocks, make_layout
 from .packing import pack_codes, packed_nbytes, unpack_codes
@@ -172,13 +173,7 @@ class MXTensor:
         if dtype not in _OUT_DTYPES:
             raise TypeError(f"dtype must be one of {_OUT_DTYPES}, got {dtype}")
         check_out(out, self.shape, dtype)
-        from . import kernels
-        fast = kernels.dequantize(self, dtype, out)
-        if fast is not None:
-            return fast
-        from .reference import cast_values, dequantize_blocks
-        y = cast_values(from_blocks(dequantize_blocks(self.to_blocks(), self.format), self.layout), dtype)
-        return y if out is None else out.copy_(y)
+        return select_dequantize(self, dtype).dequantize(self, dtype, out)
 
     # ---- interop ------------------------------------------------------------------------------------
     def scales_as_e8m0(self) -> torch.Tensor:
