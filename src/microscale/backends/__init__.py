@@ -18,6 +18,11 @@ backend, the format and the reason; nothing falls back silently.
 ``use_backend`` keeps its choice in a :class:`contextvars.ContextVar`: it is thread-safe and
 async-safe, and it applies to the thread (or task) that entered it only; threads started inside it do not
 inherit it (set ``MICROSCALE_BACKEND`` for a process-wide choice).
+
+``microscale.backends`` is this module and is also callable: ``ms.backends()`` is :func:`backends`.
+
+Inside ``torch.compile`` the verbs always run the ``torch`` backend, the only one made of traceable tensor
+ops (a request it does not cover raises); the selection rules above apply to eager calls.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import sys
+import types
 
 import torch
 
@@ -114,6 +121,15 @@ def selected_backend() -> tuple[str | None, str]:
 
 
 def _pick(test, what: str) -> Backend:
+    if torch.compiler.is_compiling():
+        # only the torch backend is made of traceable tensor ops (c and triton call compiled code on raw
+        # pointers, reference moves data to the CPU), so a traced call runs it whatever was selected
+        b = _REGISTRY["torch"]
+        cov = test(b)
+        if not cov:
+            raise ValueError(f"under torch.compile only the torch backend runs, and it does not cover {what}: "
+                             f"{cov.reason}")
+        return b
     name, source = selected_backend()
     if name is not None:
         b = get_backend(name)
@@ -154,3 +170,13 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.T
     """A fused x · dequantize(weight)ᵀ + bias from the backend that would dequantize ``weight``, or None
     when it has no fused kernel for the request (the caller then dequantizes and runs F.linear)."""
     return select_dequantize(weight, x.dtype).packed_linear(x, weight, bias)
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable: ``microscale.backends()`` lists the backends (see :func:`backends`)."""
+
+    def __call__(self) -> list[dict]:
+        return backends()
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+
+import torch
 
 from ..formats import BlockFormat
 
@@ -57,7 +58,11 @@ def _floor_log2(v: float) -> int:
     return math.frexp(v)[1] - 1
 
 
-@lru_cache(maxsize=256)
+_CACHE: dict = {}
+
+
+# torch.compile evaluates it at trace time and keeps the result as a constant (no tracing into numpy)
+@torch.compiler.assume_constant_result
 def bit_facts(fmt: BlockFormat) -> BitFacts | str:
     """The :class:`BitFacts` of ``fmt``, or a sentence saying why bit-pattern quantization does not cover it.
 
@@ -66,6 +71,12 @@ def bit_facts(fmt: BlockFormat) -> BitFacts | str:
     an fp32 value (smallest element quantum times the smallest scale, lowered by the largest
     microexponent, >= 2^-149).
     """
+    if fmt not in _CACHE:
+        _CACHE[fmt] = _derive(fmt)
+    return _CACHE[fmt]
+
+
+def _derive(fmt: BlockFormat) -> BitFacts | str:
     elem, scale, k = fmt.element, fmt.scale, fmt.block_size
     if elem is None:
         return "format 'none' does not quantize"
