@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from ..formats import BlockFormat
 
 __all__ = ["BitFacts", "bit_facts"]
@@ -61,8 +59,6 @@ def _floor_log2(v: float) -> int:
 _CACHE: dict = {}
 
 
-# torch.compile evaluates it at trace time and keeps the result as a constant (no tracing into numpy)
-@torch.compiler.assume_constant_result
 def bit_facts(fmt: BlockFormat) -> BitFacts | str:
     """The :class:`BitFacts` of ``fmt``, or a sentence saying why bit-pattern quantization does not cover it.
 
@@ -74,6 +70,12 @@ def bit_facts(fmt: BlockFormat) -> BitFacts | str:
     if fmt not in _CACHE:
         _CACHE[fmt] = _derive(fmt)
     return _CACHE[fmt]
+
+
+# torch.compile evaluates bit_facts at trace time and keeps the result as a constant (rather than tracing
+# into numpy). This is what torch.compiler.assume_constant_result(bit_facts) does; setting its marker
+# directly avoids importing torch._dynamo (and with it triton) whenever microscale is imported.
+bit_facts._dynamo_marked_constant = True
 
 
 def _derive(fmt: BlockFormat) -> BitFacts | str:
