@@ -25,7 +25,7 @@ from ..packing import pack_bits, unpack_codes
 from .base import COVERED, Backend, Coverage, Packed, QuantSpec, not_covered
 from .bitfacts import BitFacts, bit_facts
 
-__all__ = ["TorchBackend", "quantize_bits", "fake_quantize_bits", "dequantize_parts"]
+__all__ = ["TorchBackend", "quantize_bits", "fake_quantize_bits", "dequantize_parts", "values_to_dtype"]
 
 _IN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -87,6 +87,21 @@ def _value_bits64(n: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """fp64 bits (int64) of n * 2^p: every such value is a normal float64."""
     nb = n.to(torch.float64).view(torch.int64)
     return torch.where(n == 0, 0, nb + (p.to(torch.int64) << 52))
+
+
+_CANONICAL_NAN16 = {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
+
+
+def values_to_dtype(v: torch.Tensor, layout, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 value bits in blocked order -> a tensor of ``layout.shape`` and ``dtype`` (float32, bfloat16 or
+    float16): round to nearest even (torch's conversion; exact for every MX value) with each dtype's
+    canonical quiet NaN written as an integer, as reference.cast_values does (a float NaN fill would let
+    the conversion or a compiler choose the payload)."""
+    y = from_blocks(v.view(torch.float32), layout)
+    if dtype == torch.float32:
+        return y
+    nan = from_blocks((v & 0x7FFFFFFF) > _INF32, layout)
+    return torch.where(nan, _CANONICAL_NAN16[dtype], y.to(dtype).view(torch.int16)).view(dtype)
 
 
 def _round_significand(sig, sh, rounding: str, u):
@@ -173,10 +188,7 @@ def fake_quantize_bits(x: torch.Tensor, spec: QuantSpec, axis: int, seed=None) -
     signed = neg if f.fp else neg & (n_val != 0)   # int codes decode to +0
     v = torch.where(signed, v | _INT32_MIN, v)
     v = torch.where(special[:, None], _NAN32, v)
-    y = from_blocks(v.view(torch.float32), layout).to(x.dtype)
-    if x.dtype != torch.float32:  # one canonical NaN whatever torch's conversion wrote (reference.cast_values)
-        y = y.masked_fill(torch.isnan(y), float("nan"))
-    return y
+    return values_to_dtype(v, layout, x.dtype)
 
 
 def quantize_bits(x: torch.Tensor, spec: QuantSpec, axis: int, seed=None) -> Packed:
@@ -233,10 +245,7 @@ def dequantize_parts(codes: torch.Tensor, scales: torch.Tensor, micro: torch.Ten
     v = torch.where(inf, _INF32, v)
     v = torch.where(neg, v | _INT32_MIN, v)
     v = torch.where(nan, _NAN32, v)
-    y = from_blocks(v.view(torch.float32), layout).to(dtype)
-    if dtype != torch.float32:
-        y = y.masked_fill(torch.isnan(y), float("nan"))
-    return y
+    return values_to_dtype(v, layout, dtype)
 
 
 class TorchBackend(Backend):

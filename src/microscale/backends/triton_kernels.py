@@ -26,6 +26,7 @@ from ..layout import from_blocks, make_layout, to_blocks
 from ..packing import pack_bits, unpack_codes
 from .base import COVERED, Backend, Coverage, Packed, QuantSpec, not_covered
 from .bitfacts import BitFacts, bit_facts
+from .torch_native import values_to_dtype
 
 __all__ = ["TritonBackend", "triton_status"]
 
@@ -101,11 +102,6 @@ def _run_quant(x: torch.Tensor, spec: QuantSpec, axis: int, seed, want_val: bool
     return f, layout, val, codes, scales, shifts
 
 
-def _to_dtype(y32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    y = y32.to(dtype)
-    return y if dtype == torch.float32 else y.masked_fill(torch.isnan(y), float("nan"))
-
-
 def _pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
@@ -147,7 +143,7 @@ class TritonBackend(Backend):
 
     def fake_quantize(self, x, spec, axis, seed, out=None):
         _, layout, val, _, _, _ = _run_quant(x, spec, axis, seed, True)
-        y = _to_dtype(from_blocks(val.view(torch.float32), layout), x.dtype)
+        y = values_to_dtype(val, layout, x.dtype)
         return y if out is None else out.copy_(y)
 
     def quantize(self, x, spec, axis, seed):
@@ -170,6 +166,5 @@ class TritonBackend(Backend):
             dequant_kernel[(triton.cdiv(n, _ROWS),)](codes, scales, micro, res, n, ROWS=_ROWS, INF_MAG=f.inf_mag,
                                                       S_BIAS=f.s_bias, S_NAN=f.s_nan, OUT64=out64,
                                                       **_facts_kwargs(f))
-        y = from_blocks(res.view(torch.float64 if out64 else torch.float32), layout)
-        y = y if out64 else _to_dtype(y, dtype)
+        y = from_blocks(res.view(torch.float64), layout) if out64 else values_to_dtype(res, layout, dtype)
         return y if out is None else out.copy_(y)
