@@ -28,7 +28,8 @@ OPS = ["fake_quantize", "quantize", "dequantize"]
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, 2 formats (checks the script runs)")
     p.add_argument("--device", default=None, help="torch device (default: cuda, or cpu for --dry-run)")
     p.add_argument("--shape", type=int, nargs=2, default=None, metavar=("ROWS", "COLS"),
@@ -96,10 +97,12 @@ def main(argv=None) -> int:
     x32 = x.float()
     y32 = torch.empty_like(x32)
     copy_ms = best_ms(lambda: y32.copy_(x32))
-    print(f"# device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"torch {torch.__version__}, input {args.dtype} {list(shape)}, best of {repeat}; "
-          f"copy of the fp32 tensor: {copy_ms:.3f} ms; torch.compile backend: {cbackend}; "
-          f"triton: {'available' + (' (TRITON_INTERPRET=1)' if os.environ.get('TRITON_INTERPRET') == '1' else '') if tri_reason is None else tri_reason}")
+    interp = " (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else ""
+    tri_state = "available" + interp if tri_reason is None else tri_reason
+    gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"# device {device} ({gpu_name}), torch {torch.__version__}, input {args.dtype} {list(shape)}, best of "
+          f"{repeat}; copy of the fp32 tensor: {copy_ms:.3f} ms; torch.compile backend: {cbackend}; "
+          f"triton: {tri_state}")
     if args.dry_run:
         print("# DRY RUN: tiny CPU shapes, numbers say nothing about speed")
     head = ("| format | op | copy ms | torch ms | compiled ms | triton ms | torchao ms | torch/copy | compiled/copy "
@@ -114,11 +117,12 @@ def main(argv=None) -> int:
                  "quantize": lambda: quantize_bits(x, spec, -1),
                  "dequantize": lambda: dequantize_parts(*parts, q.shape, q.axis, q.format, dtype)}
         torch._dynamo.reset()
-        compiled = {"fake_quantize": torch.compile(lambda t: fake_quantize_bits(t, spec, -1), fullgraph=True,
-                                                   backend=cbackend),
-                    "quantize": torch.compile(lambda t: quantize_bits(t, spec, -1), fullgraph=True, backend=cbackend),
-                    "dequantize": torch.compile(lambda c, s, m: dequantize_parts(c, s, m, q.shape, q.axis, q.format,
-                                                                                 dtype), fullgraph=True, backend=cbackend)}
+        def comp(fn):
+            return torch.compile(fn, fullgraph=True, backend=cbackend)
+
+        compiled = {"fake_quantize": comp(lambda t: fake_quantize_bits(t, spec, -1)),
+                    "quantize": comp(lambda t: quantize_bits(t, spec, -1)),
+                    "dequantize": comp(lambda c, s, m: dequantize_parts(c, s, m, q.shape, q.axis, q.format, dtype))}
         tri_ok = tri_reason is None and bool(tri.covers(spec, x))
         for op in OPS:
             t_eager = best_ms(eager[op])

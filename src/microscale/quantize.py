@@ -103,8 +103,8 @@ def packed_linear(x: torch.Tensor, weight: MXTensor, bias: torch.Tensor | None =
 
     The result equals ``F.linear(x, weight.dequantize(x.dtype), bias)`` up to summation order; a fused
     kernel (the selected backend's packed_linear; for ``c``: microscale.kernels.packed_linear) decodes the
-    codes in registers when it covers the request, else the weight is dequantized first. ``x``: [..., K] float32/bfloat16/float16; ``y``: [..., out] in
-    x's dtype.
+    codes in registers when it covers the request, else the weight is dequantized first. ``x``: [..., K]
+    float32/bfloat16/float16; ``y``: [..., out] in x's dtype.
     """
     if not isinstance(weight, MXTensor):
         raise TypeError(f"weight must be an MXTensor, got {type(weight).__name__}")

@@ -51,6 +51,7 @@ class ReferenceBackend(Backend):
 
     def dequantize(self, q, dtype, out=None):
         qb = q.to_blocks()   # unpacked on q's device; the oracle decodes on the CPU
-        qb = QuantizedBlocks(*(None if t is None else t.cpu() for t in (qb.codes, qb.scales, qb.micro, qb.tensor_scale)))
+        qb = QuantizedBlocks(*(None if t is None else t.cpu()
+                               for t in (qb.codes, qb.scales, qb.micro, qb.tensor_scale)))
         y = cast_values(from_blocks(dequantize_blocks(qb, q.format), q.layout), dtype).to(q.codes.device)
         return y if out is None else out.copy_(y)
