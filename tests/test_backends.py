@@ -365,3 +365,15 @@ def test_importing_microscale_imports_neither_dynamo_nor_triton():
     code = "import sys, microscale; print('torch._dynamo' in sys.modules, 'triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_pack_codes_on_meta_and_pack_bits_match():
+    # packing is device-generic: the range check needs data, so meta codes skip it; pack_bits == pack_codes
+    from microscale.packing import pack_bits, pack_codes, unpack_codes
+    assert pack_codes(torch.empty(10, dtype=torch.uint8, device="meta"), 6).shape == (8,)
+    codes = torch.randint(0, 32, (37,), generator=torch.Generator().manual_seed(0))
+    for bits in (5, 6, 7):
+        assert torch.equal(pack_bits(codes, bits), pack_codes(codes, bits))
+        assert torch.equal(unpack_codes(pack_bits(codes, bits), bits, 37), codes.to(torch.uint8))
+    with pytest.raises(ValueError, match=rf"codes out of range for 4-bit packing: \[0, {int(codes.max())}\]"):
+        pack_codes(codes, 4)
