@@ -8,6 +8,8 @@
 from .formats import (BlockFormat, ElementFormat, ScaleFormat, get_format, list_formats,  # noqa: F401
                       register_format)
 from .quantize import dequantize, fake_quantize, packed_linear, quantize  # noqa: F401
+from . import backends  # noqa: F401  (callable: ms.backends() lists the quantization backends)
+from .backends import use_backend  # noqa: F401
 from .tensor import MXTensor  # noqa: F401
 from .io import load_file, save_file  # noqa: F401
 from . import layout  # noqa: F401

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-__all__ = ["packed_nbytes", "pack_codes", "unpack_codes"]
+__all__ = ["packed_nbytes", "pack_codes", "pack_bits", "unpack_codes"]
 
 
 def packed_nbytes(n_codes: int, bits: int) -> int:
@@ -39,9 +39,18 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise TypeError(f"codes must be an integer tensor, got {flat.dtype}")
     if bits == 8 and flat.dtype == torch.uint8:
         return flat.clone()
-    wide = flat.to(torch.int64)
-    if n and (int(wide.min()) < 0 or int(wide.max()) >= (1 << bits)):
-        raise ValueError(f"codes out of range for {bits}-bit packing: [{int(wide.min())}, {int(wide.max())}]")
+    if n and flat.device.type != "meta":
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < 0 or hi >= (1 << bits):
+            raise ValueError(f"codes out of range for {bits}-bit packing: [{lo}, {hi}]")
+    return pack_bits(flat, bits)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack_codes` without its checks: codes already known to lie in [0, 2^bits). Pure tensor ops
+    on the codes' device (CPU, CUDA, meta, ...), with no data-dependent control flow (torch.compile)."""
+    wide = codes.reshape(-1).to(torch.int64)
+    n, dev = wide.numel(), wide.device
     if bits == 8:
         return wide.to(torch.uint8)
     group = 8 // math.gcd(bits, 8)            # codes per group
@@ -51,22 +60,23 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         if pad:
             wide = torch.cat([wide, wide.new_zeros(pad)])
         g = wide.reshape(-1, group)
-        shifts = torch.arange(group, dtype=torch.int64) * bits
+        shifts = torch.arange(group, dtype=torch.int64, device=dev) * bits
         word = (g << shifts).sum(dim=1)       # disjoint bit fields: sum == bitwise or
-        byte_shifts = torch.arange(group_bytes, dtype=torch.int64) * 8
+        byte_shifts = torch.arange(group_bytes, dtype=torch.int64, device=dev) * 8
         out = ((word[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
     else:  # wide codes: go through a bit array
-        bit_idx = torch.arange(bits, dtype=torch.int64)
+        bit_idx = torch.arange(bits, dtype=torch.int64, device=dev)
         stream = ((wide[:, None] >> bit_idx) & 1).reshape(-1)
         pad = (-stream.numel()) % 8
         if pad:
             stream = torch.cat([stream, stream.new_zeros(pad)])
-        out = (stream.reshape(-1, 8) << torch.arange(8, dtype=torch.int64)).sum(dim=1).to(torch.uint8)
+        out = (stream.reshape(-1, 8) << torch.arange(8, dtype=torch.int64, device=dev)).sum(dim=1).to(torch.uint8)
     return out[: packed_nbytes(n, bits)].contiguous()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: the first ``n_codes`` codes (uint8 for bits <= 8, else int32)."""
+    """Inverse of :func:`pack_codes`: the first ``n_codes`` codes (uint8 for bits <= 8, else int32).
+    Pure tensor ops on ``packed``'s device."""
     _check_bits(bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise TypeError(f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} with shape "
@@ -75,6 +85,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     if packed.numel() < need:
         raise ValueError(f"{n_codes} codes of {bits} bits need {need} bytes, got {packed.numel()}")
     out_dtype = torch.uint8 if bits <= 8 else torch.int32
+    dev = packed.device
     if bits == 8:
         return packed[:n_codes].clone()
     group = 8 // math.gcd(bits, 8)
@@ -86,11 +97,11 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
         if pad:
             b = torch.cat([b, b.new_zeros(pad)])
         b = b.reshape(n_groups, group_bytes)
-        word = (b << (torch.arange(group_bytes, dtype=torch.int64) * 8)).sum(dim=1)
-        shifts = torch.arange(group, dtype=torch.int64) * bits
+        word = (b << (torch.arange(group_bytes, dtype=torch.int64, device=dev) * 8)).sum(dim=1)
+        shifts = torch.arange(group, dtype=torch.int64, device=dev) * bits
         codes = ((word[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
     else:
-        stream = ((packed[:need].to(torch.int64)[:, None] >> torch.arange(8)) & 1).reshape(-1)
+        stream = ((packed[:need].to(torch.int64)[:, None] >> torch.arange(8, device=dev)) & 1).reshape(-1)
         stream = stream[: n_codes * bits].reshape(n_codes, bits)
-        codes = (stream << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
+        codes = (stream << torch.arange(bits, dtype=torch.int64, device=dev)).sum(dim=1)
     return codes[:n_codes].to(out_dtype)

@@ -1,8 +1,9 @@
-"""Public verbs: quantize, dequantize, fake_quantize.
+"""Public verbs: quantize, dequantize, fake_quantize, packed_linear.
 
-They validate arguments, draw the stochastic-rounding seed once, and dispatch to a fast kernel when one
-covers the request (microscale.kernels), else to the reference quantizer (microscale.reference). Both
-paths give the same bits; tests hold them to that.
+They validate arguments into a :class:`~microscale.backends.QuantSpec`, draw the stochastic-rounding seed
+once, and run the backend that :mod:`microscale.backends` selects (``c`` for CPU tensors, ``torch`` for
+other devices, ``reference`` for what neither covers; or the one named by ``use_backend`` /
+``MICROSCALE_BACKEND``). Every backend gives the same bits; tests hold them to that.
 
 Shapes without data: on the ``meta`` device nothing is computed; ``fake_quantize`` returns a meta tensor
 of x's shape and dtype and ``quantize`` an MXTensor whose components are meta tensors of the sizes
@@ -15,11 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import kernels
-from .formats import BlockFormat, get_format
-from .reference import (COMPAT_MODES, cast_values, check_rounding, check_scale_mode, dequantize_blocks, draw_seed,
-                        quantize_reference)
-from .layout import from_blocks, make_layout
+from . import backends
+from .backends import QuantSpec
+from .formats import BlockFormat
+from .layout import make_layout
+from .options import resolve_seed
 from .tensor import MXTensor, check_out, component_specs
 
 __all__ = ["quantize", "dequantize", "fake_quantize", "packed_linear"]
@@ -27,27 +28,17 @@ __all__ = ["quantize", "dequantize", "fake_quantize", "packed_linear"]
 _IN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _check_args(x, fmt, axis, rounding, scale_mode, compat) -> tuple[BlockFormat, str]:
+def _check_args(x, fmt, axis, rounding, scale_mode, compat) -> QuantSpec:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _IN_DTYPES:
         raise TypeError(f"expected a float32, bfloat16, float16 or float64 tensor, got {x.dtype}")
     if x.layout != torch.strided:
         raise TypeError(f"expected a dense (strided) tensor, got layout {x.layout}")
-    fmt = get_format(fmt)
-    check_rounding(rounding)
-    scale_mode = check_scale_mode(scale_mode or fmt.scale_mode)
-    if compat not in COMPAT_MODES:
-        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
-    if fmt.element is not None:
-        make_layout(x.shape, axis, fmt.block_size)  # validates axis and its length
-    return fmt, scale_mode
-
-
-def _seed(rounding: str, generator: torch.Generator | None, seed: int | None) -> int | None:
-    if rounding != "stochastic":
-        return None
-    return int(seed) & 0xFFFFFFFF if seed is not None else draw_seed(generator)
+    spec = QuantSpec.resolve(fmt, rounding, scale_mode, compat)
+    if spec.format.element is not None:
+        make_layout(x.shape, axis, spec.format.block_size)  # validates axis and its length
+    return spec
 
 
 def quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, rounding: str = "even",
@@ -61,22 +52,18 @@ def quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, rounding: 
     ``compat="microxcaling"`` reproduces microsoft/microxcaling's numerics. Ragged axis lengths are zero
     padded to whole blocks internally; the MXTensor keeps the original shape.
     """
-    fmt, scale_mode = _check_args(x, fmt, axis, rounding, scale_mode, compat)
-    if fmt.element is None:
+    spec = _check_args(x, fmt, axis, rounding, scale_mode, compat)
+    if spec.format.element is None:
         raise ValueError("format 'none' does not quantize: there is nothing to pack")
     if x.device.type == "meta":  # shapes only
-        layout = make_layout(x.shape, axis, fmt.block_size)
+        layout = make_layout(x.shape, axis, spec.format.block_size)
         parts = {name: torch.empty(shape, dtype=dtype, device="meta")
-                 for name, (dtype, shape) in component_specs(layout.shape, layout.axis, fmt).items()}
-        return MXTensor(shape=layout.shape, axis=layout.axis, format=fmt, **parts)
-    s = _seed(rounding, generator, seed)
+                 for name, (dtype, shape) in component_specs(layout.shape, layout.axis, spec.format).items()}
+        return MXTensor(shape=layout.shape, axis=layout.axis, format=spec.format, **parts)
+    s = resolve_seed(rounding, generator, seed)
     x = x.detach()
-    fast = kernels.quantize(x, fmt, axis, rounding, scale_mode, s, compat)
-    if fast is not None:
-        codes, scales, layout, *micro = fast  # two-level formats: + packed microexponents
-        return MXTensor(codes, scales, layout.shape, layout.axis, fmt, *micro)
-    q, layout = quantize_reference(x, fmt, axis, rounding, scale_mode, compat=compat, seed=s)
-    return MXTensor.from_blocks(q, layout, fmt)
+    p = backends.select(spec, x).quantize(x, spec, axis, s)
+    return MXTensor(p.codes, p.scales, p.layout.shape, p.layout.axis, spec.format, p.micro, p.tensor_scale)
 
 
 def dequantize(q: MXTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -86,27 +73,22 @@ def dequantize(q: MXTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return q.dequantize(dtype)
 
 
-def _fake_quantize_impl(x, fmt, axis, rounding, scale_mode, s, compat, out=None):
-    if x.device.type == "meta":  # shapes only
+def _fake_quantize_impl(x, spec, axis, s, out=None):
+    if x.device.type == "meta":  # shapes only (every format, whichever backend would run)
         return torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
-    fast = kernels.fake_quantize(x, fmt, axis, rounding, scale_mode, s, compat, out)
-    if fast is not None:
-        return fast
-    q, layout = quantize_reference(x, fmt, axis, rounding, scale_mode, compat=compat, seed=s)
-    y = cast_values(from_blocks(dequantize_blocks(q, fmt), layout), x.dtype)
-    return y if out is None else out.copy_(y)
+    return backends.select(spec, x).fake_quantize(x, spec, axis, s, out)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
     """Straight-through estimator: forward quantizes, backward passes the gradient unchanged."""
 
     @staticmethod
-    def forward(ctx, x, fmt, axis, rounding, scale_mode, s, compat):
-        return _fake_quantize_impl(x, fmt, axis, rounding, scale_mode, s, compat)
+    def forward(ctx, x, spec, axis, s):
+        return _fake_quantize_impl(x, spec, axis, s)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None
 
 
 def fake_quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, rounding: str = "even",
@@ -118,25 +100,25 @@ def fake_quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, round
     Format "none" returns ``x`` itself. ``out``: a preallocated contiguous tensor like ``x`` to write
     into (saves the page faults of a fresh allocation in loops; not differentiable).
     """
-    fmt, scale_mode = _check_args(x, fmt, axis, rounding, scale_mode, compat)
+    spec = _check_args(x, fmt, axis, rounding, scale_mode, compat)
     check_out(out, x.shape, x.dtype, x.device)
-    if fmt.element is None:
+    if spec.format.element is None:
         return x if out is None else out.copy_(x)
-    s = _seed(rounding, generator, seed)
+    s = resolve_seed(rounding, generator, seed)
     if x.requires_grad and torch.is_grad_enabled():
         if out is not None:
             raise ValueError("out= does not support automatic differentiation (x requires grad)")
-        return _FakeQuantizeSTE.apply(x, fmt, axis, rounding, scale_mode, s, compat)
-    return _fake_quantize_impl(x.detach(), fmt, axis, rounding, scale_mode, s, compat, out)
+        return _FakeQuantizeSTE.apply(x, spec, axis, s)
+    return _fake_quantize_impl(x.detach(), spec, axis, s, out)
 
 
 def packed_linear(x: torch.Tensor, weight: MXTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x · dequantize(weight)ᵀ + bias`` for a packed 2-D weight of shape [out, K] blocked along K.
 
     The result equals ``F.linear(x, weight.dequantize(x.dtype), bias)`` up to summation order; a fused
-    kernel (microscale.kernels.packed_linear) decodes the codes in registers when it covers the request,
-    else the weight is dequantized first. ``x``: [..., K] float32/bfloat16/float16; ``y``: [..., out] in
-    x's dtype.
+    kernel (the selected backend's packed_linear; for ``c``: microscale.kernels.packed_linear) decodes the
+    codes in registers when it covers the request, else the weight is dequantized first. ``x``: [..., K]
+    float32/bfloat16/float16; ``y``: [..., out] in x's dtype.
     """
     if not isinstance(weight, MXTensor):
         raise TypeError(f"weight must be an MXTensor, got {type(weight).__name__}")
@@ -152,7 +134,7 @@ def packed_linear(x: torch.Tensor, weight: MXTensor, bias: torch.Tensor | None =
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
         raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},), got "
                          f"{getattr(bias, 'shape', type(bias).__name__)}")
-    fast = kernels.packed_linear(x, weight, bias)
+    fast = backends.packed_linear(x, weight, bias)   # the c backend: kernels.packed_linear
     if fast is not None:
         return fast
     return F.linear(x, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))

@@ -38,8 +38,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import ROUNDINGS, SCALE_MODES, BlockFormat, ElementFormat, ScaleFormat, get_format
+from .formats import ROUNDINGS, BlockFormat, ElementFormat, ScaleFormat, get_format
 from .layout import BlockLayout, make_layout, to_blocks
+# option checks and the random stream are shared with the backends; re-exported here for old callers
+from .options import (COMPAT_MODES, check_rounding, check_scale_mode, draw_seed,  # noqa: F401
+                      stochastic_uniform)
 
 __all__ = [
     "QuantizedBlocks",
@@ -60,22 +63,6 @@ __all__ = [
     "cast_values",
 ]
 
-#: Numerics compatibility modes: None (this library, OCP-exact) or "microxcaling".
-COMPAT_MODES = (None, "microxcaling")
-
-
-def check_rounding(rounding: str) -> str:
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    return rounding
-
-
-def check_scale_mode(scale_mode: str) -> str:
-    if scale_mode not in SCALE_MODES:
-        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
-    return scale_mode
-
-
 @dataclass
 class QuantizedBlocks:
     """Element codes and scale codes of a blocked tensor (unpacked, one code per element).
@@ -91,30 +78,6 @@ class QuantizedBlocks:
     scales: torch.Tensor
     micro: torch.Tensor | None = None
     tensor_scale: torch.Tensor | None = None
-
-
-# ---- random stream for stochastic rounding --------------------------------------------------------
-_M32 = 0xFFFFFFFF
-
-
-def stochastic_uniform(seed: int, index: torch.Tensor) -> torch.Tensor:
-    """32-bit hash h(seed, index) as int64 in [0, 2^32): u = h / 2^32 is the rounding offset.
-
-    h = lowbias32((index * 0x9E3779B9 + seed) mod 2^32) with lowbias32 (C. Wellons' 32-bit integer
-    hash: x ^= x>>16; x *= 0x7feb352d; x ^= x>>15; x *= 0x846ca68b; x ^= x>>16, all mod 2^32).
-    Kernels implement the same function on uint32.
-    """
-    h = (index.to(torch.int64) * 0x9E3779B9 + (seed & _M32)) & _M32
-    h = h ^ (h >> 16)
-    h = (h * 0x7FEB352D) & _M32
-    h = h ^ (h >> 15)
-    h = (h * 0x846CA68B) & _M32
-    return h ^ (h >> 16)
-
-
-def draw_seed(generator: torch.Generator | None) -> int:
-    """One 32-bit seed from ``generator`` (or torch's global RNG when None)."""
-    return int(torch.randint(0, 2**32, (1,), generator=generator, dtype=torch.int64).item())
 
 
 # ---- elements -------------------------------------------------------------------------------------

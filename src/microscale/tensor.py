@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .backends import select_dequantize
 from .formats import BlockFormat, get_format
 from .layout import BlockLayout, as_int, from_blocks, make_layout, normalize_axis
 from .packing import pack_codes, packed_nbytes, unpack_codes
@@ -229,13 +230,7 @@ class MXTensor:
         check_out(out, self.shape, dtype, self.device)
         if self.device.type == "meta":  # shapes only: nothing to decode
             return torch.empty(self.shape, dtype=dtype, device="meta") if out is None else out
-        from . import kernels
-        fast = kernels.dequantize(self, dtype, out)
-        if fast is not None:
-            return fast
-        from .reference import cast_values, dequantize_blocks
-        y = cast_values(from_blocks(dequantize_blocks(self.to_blocks(), self.format), self.layout), dtype)
-        return y if out is None else out.copy_(y)
+        return select_dequantize(self, dtype).dequantize(self, dtype, out)
 
     # ---- interop ------------------------------------------------------------------------------------
     def scales_as_e8m0(self) -> torch.Tensor:

@@ -124,17 +124,43 @@ def test_relation_ratio_within_25_percent(key):
 
 
 # The stricter reading: the relative *increase* of a step within +-25 % of the paper's increase. The
-# calibrated model meets it for the MX6/MX4 headline ratios and for MX4's d2 and k2 2->1 steps; the
-# rest are strict xfails (docs/bdr.md explains them), so a model change that closes one fails loudly.
+# calibrated model meets it for the MX6/MX4 headline ratios and for MX4's d2 and k2 2->1 steps; the other
+# seven cases miss it (k2 8->2 provably: test_cost_k2_8_to_2_memory_alone_exceeds_paper) and are listed,
+# with the model's figures, in docs/bdr.md's table, which the test below holds to bdr.relations().
 _MET_STRICTLY = {("MX6 ~2x cheaper than FP8", "mx6"), ("MX4 ~4x cheaper than FP8", "mx4"),
                  ("d2 1 -> 2 costs 30-50 % more", "MX4"), ("k2 2 -> 1 costs 30-40 % more", "MX4")}
-_MISS = pytest.mark.xfail(strict=True, reason="increment reading missed by the calibrated model (docs/bdr.md)")
 
 
-@pytest.mark.parametrize("key", [k if k in _MET_STRICTLY else pytest.param(k, marks=_MISS) for k in _ROWS],
-                         ids=[f"{a}|{b}" for a, b in _ROWS])
-def test_relation_increment_within_25_percent(key):
+@pytest.mark.parametrize("key", sorted(_MET_STRICTLY), ids=[f"{a}|{b}" for a, b in sorted(_MET_STRICTLY)])
+def test_relation_increase_met(key):
     assert _ROWS[key]["increment_ok"]
+
+
+def _docs_miss_table() -> dict[tuple[str, str], float]:
+    """(relation step, format) -> model increase in % from docs/bdr.md's table of increase-reading misses."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[2] / "docs" / "bdr.md").read_text()
+    head = "| relation | format | paper increase | allowed (±25 %) | model increase |"
+    lines = text[text.index(head):].splitlines()[2:]
+    rows = {}
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[(cells[0].split(" (")[0], cells[1])] = float(cells[4].strip("+ %"))
+    return rows
+
+
+def test_increase_reading_misses_match_docs():
+    step = {"k2 8 -> 2 costs ~3 % more": "k2 8→2", "d2 1 -> 2 costs 30-50 % more": "d2 1→2",
+            "k2 2 -> 1 costs 30-40 % more": "k2 2→1"}
+    misses = {(step[r["relation"]], r["format"]): 100 * (r["model"] - 1) for r in bdr.relations()
+              if not r["increment_ok"]}
+    documented = _docs_miss_table()
+    assert set(misses) == set(documented)
+    assert len(misses) + len(_MET_STRICTLY) == len(_ROWS)   # every row either met or documented
+    for key, value in misses.items():
+        assert documented[key] == pytest.approx(value, abs=0.05), key
 
 
 def test_relations_report_both_readings_consistently():

@@ -1,0 +1,117 @@
+"""The backend interface: what every quantization backend implements, and the records it exchanges.
+
+A backend answers :meth:`Backend.covers` (and :meth:`Backend.covers_dequantize`) with a
+:class:`Coverage` that is truthy when it takes the request and carries the reason when it does not, then
+runs ``quantize`` / ``fake_quantize`` / ``dequantize`` (and ``packed_linear`` where it has a fused GEMM).
+Backends return storage components (:class:`Packed`), not MXTensors, so they sit below tensor.py.
+Every backend is tested bit for bit against the reference quantizer (reference.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats import BlockFormat, get_format
+from ..layout import BlockLayout
+from ..options import check_compat, check_rounding, check_scale_mode
+
+__all__ = ["QuantSpec", "Coverage", "COVERED", "not_covered", "Packed", "Backend"]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One resolved quantization request: a format object and validated option strings.
+
+    Built once at the public edge (:meth:`resolve`), so backends never re-validate. ``scale_mode`` is
+    never None (the format's default is filled in). Typed enums can replace the strings later without
+    changing the backend interface.
+    """
+
+    format: BlockFormat
+    rounding: str = "even"
+    scale_mode: str = "floor"
+    compat: str | None = None
+
+    @classmethod
+    def resolve(cls, fmt: str | BlockFormat, rounding: str = "even", scale_mode: str | None = None,
+                compat: str | None = None) -> "QuantSpec":
+        """Validate the options (ValueError naming the accepted values) and look the format up."""
+        fmt = get_format(fmt)
+        return cls(fmt, check_rounding(rounding), check_scale_mode(scale_mode or fmt.scale_mode),
+                   check_compat(compat))
+
+    def describe(self) -> str:
+        extra = "" if self.compat is None else f", compat={self.compat}"
+        return f"{self.format.name} (rounding={self.rounding}, scale_mode={self.scale_mode}{extra})"
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """A backend's answer to "do you take this request?": truthy when covered, else ``reason`` says why."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+COVERED = Coverage(True)
+
+
+def not_covered(reason: str) -> Coverage:
+    return Coverage(False, reason)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Stored components of a quantized tensor (the parts of an MXTensor, see tensor.py) and its layout."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    layout: BlockLayout
+    micro: torch.Tensor | None = None
+    tensor_scale: torch.Tensor | None = None
+
+
+class Backend:
+    """Base class: a named implementation of the quantization verbs. Subclasses override what they run.
+
+    ``quantize(x, spec, axis, seed) -> Packed``: blocks of ``spec.format`` along ``axis`` (validated by
+    the caller); ``seed``: the stochastic-rounding seed (None for other roundings).
+    ``fake_quantize(x, spec, axis, seed, out=None) -> Tensor``: quantize + dequantize in x's dtype.
+    ``dequantize(q, dtype, out=None) -> Tensor``: an MXTensor decoded to ``dtype``.
+    ``packed_linear(x, weight, bias) -> Tensor | None``: a fused x · dequantize(weight)ᵀ + bias, or None
+    when the backend has no fused kernel for it (the caller dequantizes and runs F.linear).
+    """
+
+    name: str = ""
+    description: str = ""
+
+    def unavailable_reason(self) -> str | None:
+        """None when the backend can run in this process, else why not (missing package, no build...)."""
+        return None
+
+    def covers(self, spec: QuantSpec, x: torch.Tensor) -> Coverage:
+        raise NotImplementedError
+
+    def covers_dequantize(self, q, dtype: torch.dtype) -> Coverage:
+        raise NotImplementedError
+
+    def quantize(self, x: torch.Tensor, spec: QuantSpec, axis: int, seed: int | None) -> Packed:
+        raise NotImplementedError
+
+    def fake_quantize(self, x: torch.Tensor, spec: QuantSpec, axis: int, seed: int | None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self, q, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def packed_linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"<microscale backend {self.name!r}>"
