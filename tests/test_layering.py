@@ -1,5 +1,6 @@
 """The library stands alone (DESIGN.md, "experiments/ ... the library never imports them"): nothing under
-src/ edits ``sys.path`` or imports the ``experiments`` scripts, read from the source's syntax trees."""
+src/ edits ``sys.path`` or imports the ``experiments`` scripts, read from the source's syntax trees; the
+experiments' own modules import each other without a cycle and name only registered formats and recipes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pathlib
 
 import pytest
 
-SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+EXPERIMENTS = ROOT / "experiments"
 SOURCES = sorted(SRC.rglob("*.py"))
 
 
@@ -63,3 +66,62 @@ def test_checker_passes_lookalikes():
     ok = ("from .experiments import x\nimport os\nos.path.join('a')\nimport experiments_lib\n"
           "p = 'sys.path'\nfrom experimental import y\n")
     assert violations(ok) == []
+
+
+# ---- experiments/ ----------------------------------------------------------------------------------
+def relative_imports(source: str) -> set[str]:
+    """Sibling modules a module imports with ``from .x import ...`` / ``from . import x``, anywhere in it
+    (function-level imports included: a cycle through a lazy import is still a cycle)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (module -> modules it imports) as a path, or None."""
+    state: dict[str, int] = {}   # 1: on the current path, 2: done
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [nxt])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def test_find_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"common": {"mx"}, "mx": {"common"}}) == ["common", "mx", "common"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"b"}}) == ["b", "c", "b"]
+    assert relative_imports("from .common import x\ndef f():\n    from . import mx, zoo\nfrom os import path") \
+        == {"common", "mx", "zoo"}
+
+
+def test_experiments_import_graph_has_no_cycle():
+    graph = {p.stem: relative_imports(p.read_text()) for p in EXPERIMENTS.glob("*.py")}
+    assert {"common", "mx", "direct_cast", "all"} <= set(graph)
+    assert find_cycle(graph) is None
+
+
+def test_experiment_formats_and_recipes_are_registered(monkeypatch):
+    # the experiments run every format and recipe they name (no "when registered" switch): all must exist
+    monkeypatch.syspath_prepend(str(ROOT))
+    import microscale as ms
+    import microscale.nn as msnn
+    from experiments import common, mx
+    for name in common.DIRECT_CAST_FORMATS + common.BDR_FORMATS:
+        assert ms.get_format(name).name == name
+    for label in mx.TRAIN_RECIPES:
+        assert (label == "fp32") == (mx.training_recipe(label) is None)
+    assert set(mx.BDR_TRAIN_RECIPES) <= set(mx.TRAIN_RECIPES)
+    assert isinstance(mx.training_recipe("mx9"), msnn.Recipe)
