@@ -1,6 +1,7 @@
 """QSNR on real tensors (BDR §4): capture from a TinyGPT trained here and from models and batches the caller
-gives (an nn.Sequential, a transformers Llama), the io-written cache, rows along the reduction axis, the sample_vectors names, and two measured properties (MX6 above its bound; large blocks lose more
-on real activations than on Gaussian vectors)."""
+gives (an nn.Sequential, a transformers Llama), the io-written cache, rows along the reduction axis, the
+sample_vectors names, and two measured properties (MX6 above its bound; large blocks lose more on real
+activations than on Gaussian vectors)."""
 
 import json
 import os

@@ -6,13 +6,14 @@ channel structure that i.i.d. samples lack (and that penalize large blocks). Thi
 tensors from any model, and by default from one trained offline, deterministically, in seconds:
 
 * :func:`capture_linear_tensors` records every ``nn.Linear``'s weight, input activation and output gradient
-  over batches the caller gives, on a model the caller gives (any ``nn.Module``: a transformers GPT-2, an
-  ``nn.Sequential``...), with the model's own loss or a ``loss`` function; no training involved.
-* :func:`capture_tensors` is the default capture: it trains :class:`~microscale.nn.models.TinyGPT` (plain FP32 AdamW, next-byte
-  prediction) on a byte corpus made of the running interpreter's standard-library sources (the sorted
-  ``*.py`` files of :data:`CORPUS_PACKAGES` under ``sysconfig.get_paths()["stdlib"]``; every tenth file
-  is held out), then runs :func:`capture_linear_tensors` on one held-out batch, which records, for every
-  ``nn.Linear``: its weight ``[out, in]``, its input activation ``[tokens, in]`` and the gradient of the
+  over batches the caller gives, on a model the caller gives (any ``nn.Module``: a transformers Llama, an
+  ``nn.Sequential``...; transformers' GPT-2 computes with ``Conv1D``, so only its ``lm_head`` is an
+  ``nn.Linear``), with the model's own loss or a ``loss`` function; no training involved.
+* :func:`capture_tensors` is the default capture: it trains :class:`~microscale.nn.models.TinyGPT` (plain
+  FP32 AdamW, next-byte prediction) on a byte corpus made of the running interpreter's standard-library
+  sources (the sorted ``*.py`` files of :data:`CORPUS_PACKAGES` under ``sysconfig.get_paths()["stdlib"]``;
+  every tenth file is held out), then runs :func:`capture_linear_tensors` on one held-out batch, which
+  records, for every ``nn.Linear``: its weight ``[out, in]``, its input activation ``[tokens, in]`` and the gradient of the
   (mean cross-entropy) loss with respect to its output ``[tokens, out]``. In each the last axis is the
   one a matmul reduces over when the tensor is an operand (``in`` for the forward pass and for the weight,
   ``out`` for the backward pass's ``dY @ W``), i.e. the axis MX blocks run along.
