@@ -15,8 +15,8 @@ tensors from any model, and by default from one trained offline, deterministical
   every tenth file is held out), then runs :func:`capture_linear_tensors` on one held-out batch, which
   records, for every ``nn.Linear``: its weight ``[out, in]``, its input activation ``[tokens, in]`` and
   the gradient of the (mean cross-entropy) loss with respect to its output ``[tokens, out]``. In each the
-  last axis is the one a matmul reduces over when the tensor is an operand (``in`` for the forward pass and for the weight,
-  ``out`` for the backward pass's ``dY @ W``), i.e. the axis MX blocks run along.
+  last axis is the one a matmul reduces over when the tensor is an operand (``in`` for the forward pass
+  and for the weight, ``out`` for the backward pass's ``dY @ W``), i.e. the axis MX blocks run along.
 * The default capture is cached (a safetensors file written atomically by :func:`microscale.io.save_file`)
   under ``$MICROSCALE_CACHE`` or ``~/.cache/microscale``; see :func:`cache_path`.
 * :func:`tensor_vectors` cuts the captured tensors into ``[n, length]`` rows along that axis, the input of
