@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 QUICK_RESULTS = RESULTS / "quick"
 
-#: Formats of the direct-cast sweep, in table order; BDR formats are used only when registered.
+#: Formats of the direct-cast sweep, in table order: the MX formats, then the BDR paper's.
 DIRECT_CAST_FORMATS = ("mxint8", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4_e2m1")
 BDR_FORMATS = ("mx9", "mx6", "mx4")
 
@@ -135,13 +135,6 @@ def pm(mean: float, spread: float, digits: int = 3) -> str:
 
 
 # ---- formats and sizes -------------------------------------------------------------------------
-def available(names) -> list[str]:
-    """The names in ``names`` registered in microscale (BDR formats appear once issue 5 lands)."""
-    import microscale as ms
-    known = set(ms.list_formats(include_aliases=True))
-    return [n for n in names if n in known]
-
-
 def bits_per_element(fmt: str) -> float:
     import microscale as ms
     return float(ms.get_format(fmt).bits_per_element)

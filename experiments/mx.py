@@ -10,18 +10,12 @@ import copy
 
 import torch.nn as nn
 
-from .common import available
-
 #: Training recipes (MX paper §6.3, GPT training): "mxfp8" (E4M3 weights and activations, E5M2
 #: gradients), "mxfp6" (E3M2 everywhere), "mxfp4-w+mxfp6" (E2M1 weights, E3M2 activations and gradients),
-#: and the BDR paper's MX9 / MX6 (one format for every operand), when registered.
+#: and the BDR paper's MX9 / MX6 (one format for every operand).
 TRAIN_RECIPES = ("fp32", "mxfp8", "mxfp6", "mxfp4-w+mxfp6", "mx9", "mx6")
+#: The BDR recipes (two-level formats, the slowest to emulate): scheduled last.
 BDR_TRAIN_RECIPES = ("mx9", "mx6")
-
-
-def training_recipes() -> list[str]:
-    """The training recipes this checkout can run (BDR ones only once their formats are registered)."""
-    return [r for r in TRAIN_RECIPES if r not in BDR_TRAIN_RECIPES or available([r])]
 
 
 def training_recipe(label: str):

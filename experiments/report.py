@@ -98,8 +98,6 @@ def direct_cast_section(dc: dict, img) -> tuple[str, dict]:
         out.append("† ran with fake-quantized weights (same numbers, FP32 storage at run time); model bytes are "
                    "the exact packed sizes from `microscale.quantize(...).nbytes`.\n")
     out.append(f"![direct cast]({img('direct_cast.png')})\n")
-    if dc.get("skipped_formats"):
-        out.append(f"Not run (not registered in this checkout): {', '.join(dc['skipped_formats'])}.\n")
     checks = {}
     for m in models:
         g = {r["format"]: r for r in rows if r["model"] == m}

@@ -195,7 +195,7 @@ def main(argv=None):
     preset, out = setup(args)
     corpus = load_corpus()
     models = args.models or list(preset.gpt_sizes)
-    recipes_of = {m: [r for r in (args.recipes or mx.training_recipes()) if r in preset.recipes_for(m)]
+    recipes_of = {m: [r for r in (args.recipes or mx.TRAIN_RECIPES) if r in preset.recipes_for(m)]
                   for m in models}
     skipped = {m: [r for r in mx.TRAIN_RECIPES if r not in recipes_of[m]] for m in models}
     # FP32 first (the baselines and checkpoints), then the MX recipes, the slow BDR recipes last.

@@ -1,4 +1,5 @@
-"""The `microscale` console script: formats / quantize / inspect / demo, exit codes, the subcommand hook."""
+"""The `microscale` console script: formats / quantize / inspect / demo, exit codes, the subcommand hook,
+no `report` (experiments run with python -m experiments.all)."""
 
 from __future__ import annotations
 
@@ -198,3 +199,13 @@ def test_subcommand_hook(capsys, monkeypatch):
     assert (rc, out, seen) == (3, "hello\n", {"n": 5})
     rc, out, _ = _run(capsys, "--help")
     assert rc == 0 and "say hello" in out
+
+
+def test_no_report_subcommand(capsys):
+    # the experiments are scripts of the source checkout (python -m experiments.all), not installed commands
+    assert "report" not in cli.COMMANDS
+    rc, out, _ = _run(capsys, "--help")
+    listed = re.findall(r"^    (\w+)\s", out, flags=re.M)
+    assert rc == 0 and listed == list(cli.COMMANDS) and "report" not in listed
+    rc, _, err = _run(capsys, "report")
+    assert rc == 2 and "invalid choice: 'report'" in err

@@ -668,34 +668,6 @@ register_command("convert", "convert a checkpoint between microscale, gpt-oss MX
                  "streaming)", _convert_arguments, _run_convert)
 
 
-def _report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="smoke-test sizes, into results/quick/ (minutes)")
-    p.add_argument("--jobs", type=int, default=1, help="worker processes for the training runs")
-    p.add_argument("--fresh", action="store_true", help="recompute instead of reusing cached runs")
-    p.add_argument("--only-page", action="store_true",
-                   help="only regenerate the results page from the existing results/*.json")
-
-
-def _run_report(args) -> int:
-    # The experiments are scripts in the source checkout (experiments/), not part of the installed package.
-    import pathlib
-    root = pathlib.Path(__file__).resolve().parents[2]
-    if not (root / "experiments" / "all.py").exists():
-        raise ValueError(f"`microscale report` runs the experiments of a source checkout; none found at {root}")
-    sys.path.insert(0, str(root))
-    from experiments import all as run_all, report
-    argv = ["--quick"] if args.quick else []
-    if args.only_page:
-        report.main(argv)
-    else:
-        run_all.main(argv + ["--jobs", str(args.jobs)] + (["--fresh"] if args.fresh else []))
-    return 0
-
-
-register_command("report", "regenerate the paper-reproduction results (python -m experiments.all) and docs/results.md",
-                 _report_arguments, _run_report)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="microscale", description="Microscaling (MX) block formats for PyTorch.")
     parser.add_argument("--version", action="version", version=f"microscale {__version__}")

@@ -1,14 +1,18 @@
-"""QSNR on real tensors (BDR §4): capture from a TinyGPT trained here, the cache, rows along the reduction
-axis, the sample_vectors names, and two measured properties (MX6 above its bound; large blocks lose more
-on real activations than on Gaussian vectors)."""
+"""QSNR on real tensors (BDR §4): capture from a TinyGPT trained here and from models and batches the caller
+gives (an nn.Sequential, a transformers Llama), the io-written cache, rows along the reduction axis, the
+sample_vectors names, and two measured properties (MX6 above its bound; large blocks lose more on real
+activations than on Gaussian vectors)."""
 
+import json
 import os
 
 import pytest
+import safetensors.torch as st
 import torch
 import torch.nn.functional as F
 
 from microscale import bdr
+from microscale import io as ms_io
 from microscale.bdr import tensors as bt
 from microscale.bdr.qsnr import DISTRIBUTIONS
 from microscale.formats import bfp_format
@@ -76,8 +80,11 @@ def test_capture_linear_tensors_matches_recomputation():
     model = TinyGPT(GPTConfig(vocab_size=256, block_size=8, n_layer=1, n_head=2, n_embd=16))
     idx = torch.randint(0, 256, (3, 8))
     tgt = torch.randint(0, 256, (3, 8))
-    t, loss = bt.capture_linear_tensors(model, idx, tgt)
+    cap = bt.capture_linear_tensors(model, [(idx, tgt)])
+    t, loss = cap.tensors, cap.meta["losses"][0]
     assert all(p.grad is None for p in model.parameters())
+    assert cap.meta == {"layers": ["blocks.0.attn.c_attn", "blocks.0.attn.c_proj", "blocks.0.mlp.0",
+                                   "blocks.0.mlp.2", "lm_head"], "losses": [loss], "batches": 1, "tokens": 24}
     # recompute the first block's attention input and the LM head's output gradient by hand
     h = model.wte(idx) + model.wpe(torch.arange(8))
     ln1 = model.blocks[0].ln_1(h).reshape(-1, 16)
@@ -88,7 +95,122 @@ def test_capture_linear_tensors_matches_recomputation():
     torch.testing.assert_close(t["gradient"]["lm_head"], expect.detach())
     torch.testing.assert_close(t["weight"]["blocks.0.mlp.0"], model.blocks[0].mlp[0].weight.detach())
     with pytest.raises(ValueError, match="no nn.Linear"):
-        bt.capture_linear_tensors(torch.nn.Sequential(torch.nn.ReLU()), idx, tgt)
+        bt.capture_linear_tensors(torch.nn.Sequential(torch.nn.ReLU()), [(idx, tgt)])
+
+
+def _mlp_and_batches():
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4))
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(7, 6, generator=g), torch.randn(7, 4, generator=g)),
+               (torch.randn(2, 3, 6, generator=g), torch.randn(2, 3, 4, generator=g))]
+    return model, batches
+
+
+def test_capture_user_sequential_with_loss_function():
+    # a model the library did not write, batches and loss from the caller; checked against the chain rule
+    model, batches = _mlp_and_batches()
+    model.eval()
+    cap = bt.capture_linear_tensors(model, (x for x, _ in batches),
+                                    loss=lambda out, x: ((out - dict(zip(map(id, (b[0] for b in batches)),
+                                                                         (b[1] for b in batches)))[id(x)]) ** 2
+                                                         ).mean())
+    assert cap.meta == {"layers": ["0", "2"], "losses": cap.meta["losses"], "batches": 2, "tokens": 13}
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    w1, b1, w2, b2 = (p.detach() for p in model.parameters())
+    acts1, acts2, g1, g2, losses = [], [], [], [], []
+    for x, y in batches:
+        x, y = x.reshape(-1, 6), y.reshape(-1, 4)
+        h = x @ w1.T + b1
+        r = h.clamp_min(0)
+        out = r @ w2.T + b2
+        d_out = 2 * (out - y) / out.numel()               # d mean((out - y)^2) / d out
+        acts1.append(x), acts2.append(r), g2.append(d_out), g1.append((d_out @ w2) * (h > 0))
+        losses.append(((out - y) ** 2).mean().item())
+    for name, want in (("0", acts1), ("2", acts2)):
+        torch.testing.assert_close(cap.tensors["activation"][name], torch.cat(want))
+    for name, want in (("0", g1), ("2", g2)):
+        torch.testing.assert_close(cap.tensors["gradient"][name], torch.cat(want))
+    assert cap.meta["losses"] == pytest.approx(losses, rel=1e-6)
+    assert torch.equal(cap.tensors["weight"]["0"], w1) and torch.equal(cap.tensors["weight"]["2"], w2)
+    # the concatenation is batch by batch: capturing each batch alone gives the pieces
+    one = bt.capture_linear_tensors(model, [batches[1][0]], loss=lambda out, x: ((out - batches[1][1]) ** 2).mean())
+    assert torch.equal(one.tensors["gradient"]["0"], cap.tensors["gradient"]["0"][7:])
+    assert torch.equal(one.tensors["activation"]["2"], cap.tensors["activation"]["2"][7:])
+
+
+def test_capture_transformers_model_with_its_own_loss():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, 64, (2, 8), generator=g), torch.randint(0, 64, (1, 8), generator=g)]
+    cap = bt.capture_linear_tensors(model, [{"input_ids": i, "labels": i} for i in ids])
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert cap.meta["layers"] == list(linears) and len(linears) == 2 * 7 + 1 and cap.meta["tokens"] == 24
+    assert all(p.grad is None for p in model.parameters())
+    for name, m in linears.items():
+        assert cap.tensors["weight"][name].shape == (m.out_features, m.in_features)
+        assert cap.tensors["activation"][name].shape == (24, m.in_features)
+        assert cap.tensors["gradient"][name].shape == (24, m.out_features)
+    with torch.no_grad():
+        want = [model(input_ids=i, labels=i).loss.item() for i in ids]
+    assert cap.meta["losses"] == pytest.approx(want, rel=1e-5)
+    # dloss/dlogits of a mean cross-entropy over the 7 predicted positions per row: softmax - onehot over
+    # the count, so each row sums to 0; the last position of a row predicts nothing: gradient 0
+    gl = cap.tensors["gradient"]["lm_head"].double()
+    assert gl.sum(dim=1).abs().max() < 1e-6
+    last = torch.tensor([7, 15, 23])
+    assert gl[last].abs().max() == 0 and gl.abs().sum(dim=1).gt(0).sum() == 21
+
+
+def test_capture_linear_tensors_bad_input():
+    model, batches = _mlp_and_batches()
+    mse = lambda out, b: out.pow(2).mean()   # noqa: E731
+    with pytest.raises(TypeError, match="iterable of batches"):
+        bt.capture_linear_tensors(model, batches[0][0], loss=mse)
+    with pytest.raises(TypeError, match="iterable of batches"):
+        bt.capture_linear_tensors(model, {"x": batches[0][0]}, loss=mse)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        bt.capture_linear_tensors(lambda x: x, [batches[0][0]], loss=mse)
+    with pytest.raises(TypeError, match="loss must be None or a callable"):
+        bt.capture_linear_tensors(model, [batches[0][0]], loss="mse")
+    with pytest.raises(ValueError, match="batches is empty"):
+        bt.capture_linear_tensors(model, [], loss=mse)
+    with pytest.raises(TypeError, match="cannot find the loss"):
+        bt.capture_linear_tensors(model, [batches[0][0]])               # [7, 4] output, not a loss
+    with pytest.raises(TypeError, match="batch 0: the loss must be a scalar floating tensor"):
+        bt.capture_linear_tensors(model, [batches[0][0]], loss=lambda out, b: out)
+    frozen = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
+    frozen[0].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"nn.Linear layers \['0'\]"):
+        bt.capture_linear_tensors(frozen, [batches[0][0]], loss=mse)
+
+    class Skips(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.used(x)
+    with pytest.raises(ValueError, match=r"batch 0: nn.Linear layers \['unused'\] did not run"):
+        bt.capture_linear_tensors(Skips(), [batches[0][0]], loss=mse)
+
+
+def test_tensor_vectors_of_a_given_capture():
+    model, batches = _mlp_and_batches()
+    cap = bt.capture_linear_tensors(model, [x for x, _ in batches], loss=lambda out, b: out.pow(2).sum())
+    rows = bt.tensor_vectors("activation", length=5, captured=cap)
+    # layer "0": 13 rows of 6 -> one piece of 5 each; layer "2": 13 rows of 5 (ReLU zeros dropped)
+    want = torch.cat([cap.tensors["activation"]["0"][:, :5], cap.tensors["activation"]["2"]])
+    assert torch.equal(rows, want[want.ne(0).any(dim=1)])
+    assert bdr.sample_vectors("weights", n=3, length=4, captured=cap).shape == (3, 4)
+    with pytest.raises(TypeError, match="default capture only"):
+        bt.tensor_vectors("weight", captured=cap, steps=3)
+    with pytest.raises(TypeError, match="captured must be a CapturedTensors"):
+        bt.tensor_vectors("weight", captured=cap.tensors)
 
 
 def test_cache_hit_and_corrupt_file(captured, cache_dir, monkeypatch):
@@ -119,6 +241,39 @@ def test_cache_hit_and_corrupt_file(captured, cache_dir, monkeypatch):
     fresh = bdr.capture_tensors(**{**SMALL, "steps": 3}, cache=False)
     assert fresh.meta["cache_key"] != captured.meta["cache_key"]
     assert not os.path.exists(bt.cache_path(fresh.meta["cache_key"]))
+
+
+def test_cache_is_an_io_file_and_old_layout_still_reads(captured, monkeypatch):
+    # the cache is written by microscale.io (atomic, validated on load): every tensor and the meta come back
+    path = bt.cache_path(captured.meta["cache_key"])
+    flat = ms_io.load_file(path)
+    assert set(flat) == {f"{k}/{n}" for k in bt.KINDS for n in LAYERS}
+    assert all(torch.equal(flat[f"{k}/{n}"], captured.tensors[k][n]) for k in bt.KINDS for n in LAYERS)
+    assert json.loads(ms_io.read_header(path).user_metadata["meta"]) == captured.meta
+    # a cache file of the same layout written by safetensors itself (earlier versions) is a hit, not retrained
+    good = open(path, "rb").read()
+    try:
+        st.save_file(flat, path, metadata={"meta": json.dumps(captured.meta, sort_keys=True)})
+        assert open(path, "rb").read() != good
+
+        def no_training(*a, **k):
+            raise AssertionError("an old-layout cache file must be read, not retrained")
+        monkeypatch.setattr("microscale.nn.models.TinyGPT", no_training)
+        hit = bdr.capture_tensors(**SMALL)
+        assert hit.meta == captured.meta
+        assert all(torch.equal(hit.tensors[k][n], captured.tensors[k][n]) for k in bt.KINDS for n in LAYERS)
+    finally:
+        with open(path, "wb") as fh:
+            fh.write(good)
+
+
+def test_cache_write_failure_warns_and_still_captures(cache_dir, monkeypatch):
+    def refuse(*a, **k):
+        raise PermissionError("read-only cache")
+    monkeypatch.setattr(bt, "save_file", refuse)
+    with pytest.warns(RuntimeWarning, match="could not write tensor cache"):
+        got = bdr.capture_tensors(**{**SMALL, "steps": 2})
+    assert got.meta["steps"] == 2 and not os.path.exists(bt.cache_path(got.meta["cache_key"]))
 
 
 def test_tensor_rows_exact():

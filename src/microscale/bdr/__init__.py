@@ -3,6 +3,7 @@ model and a Pareto design-space explorer (docs/bdr.md).
 
     ms.bdr.qsnr(x, "mx6"); ms.bdr.vectors_qsnr(ms.bdr.gaussian_vectors(), "mx6")
     ms.bdr.vectors_qsnr(ms.bdr.tensor_vectors("activation", n=64), "mx6")   # real tensors (trains once)
+    ms.bdr.tensor_vectors("weight", captured=ms.bdr.capture_linear_tensors(model, batches))  # your model
     ms.bdr.qsnr_lower_bound("mx6"); ms.bdr.cost("mx6"); ms.bdr.explore(quick=True)
 """
 

@@ -79,8 +79,9 @@ def student_t_vectors(n: int = 1024, length: int = 1024, df: float = 3.0,
 def _real_tensor_vectors(kind: str):
     """A sampler with the synthetic ones' keywords for rows of captured real tensors of ``kind``
     (:func:`microscale.bdr.tensors.tensor_vectors`; BDR §4). ``n=None`` (default) gives every row;
-    ``log2_sigma`` is accepted and ignored (real tensors bring their own scales); other keywords go to
-    :func:`~microscale.bdr.tensors.capture_tensors`."""
+    ``log2_sigma`` is accepted and ignored (real tensors bring their own scales); ``captured=`` takes a
+    capture of your own model (:func:`~microscale.bdr.tensors.capture_linear_tensors`), other keywords go
+    to the default :func:`~microscale.bdr.tensors.capture_tensors`."""
     def sample(n: int | None = None, length: int = 1024, log2_sigma: tuple[float, float] | None = None,
                seed: int = 0, **capture_kwargs) -> torch.Tensor:
         from .tensors import tensor_vectors  # lazy: tensors.py trains a model, qsnr.py must stay light

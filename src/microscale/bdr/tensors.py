@@ -1,23 +1,28 @@
-"""QSNR on real tensors: weights, activations and gradients captured from a small model trained here.
+"""QSNR on real tensors: weights, activations and gradients captured from a model, yours or one trained here.
 
 The BDR paper (Rouhani et al., ISCA 2023, §4) compares block formats on Gaussian vectors *and* on real
 weight / activation / gradient tensors of trained models, because real tensors have outliers and
 channel structure that i.i.d. samples lack (and that penalize large blocks). This module produces such
-tensors offline, deterministically, in seconds:
+tensors from any model, and by default from one trained offline, deterministically, in seconds:
 
-* :func:`capture_tensors` trains :class:`~microscale.nn.models.TinyGPT` (plain FP32 AdamW, next-byte
-  prediction) on a byte corpus made of the running interpreter's standard-library sources (the sorted
-  ``*.py`` files of :data:`CORPUS_PACKAGES` under ``sysconfig.get_paths()["stdlib"]``; every tenth file
-  is held out), then runs one forward/backward pass on a held-out batch and records, for every
-  ``nn.Linear``: its weight ``[out, in]``, its input activation ``[tokens, in]`` and the gradient of the
-  (mean cross-entropy) loss with respect to its output ``[tokens, out]``. In each the last axis is the
-  one a matmul reduces over when the tensor is an operand (``in`` for the forward pass and for the weight,
-  ``out`` for the backward pass's ``dY @ W``), i.e. the axis MX blocks run along.
-* The capture is cached (safetensors) under ``$MICROSCALE_CACHE`` or ``~/.cache/microscale``; see
-  :func:`cache_path`.
+* :func:`capture_linear_tensors` records every ``nn.Linear``'s weight, input activation and output gradient
+  over batches the caller gives, on a model the caller gives (any ``nn.Module``: a transformers Llama, an
+  ``nn.Sequential``...; transformers' GPT-2 computes with ``Conv1D``, so only its ``lm_head`` is an
+  ``nn.Linear``), with the model's own loss or a ``loss`` function; no training involved.
+* :func:`capture_tensors` is the default capture: it trains :class:`~microscale.nn.models.TinyGPT` (plain
+  FP32 AdamW, next-byte prediction) on a byte corpus made of the running interpreter's standard-library
+  sources (the sorted ``*.py`` files of :data:`CORPUS_PACKAGES` under ``sysconfig.get_paths()["stdlib"]``;
+  every tenth file is held out), then runs :func:`capture_linear_tensors` on one held-out batch, which
+  records, for every ``nn.Linear``: its weight ``[out, in]``, its input activation ``[tokens, in]`` and
+  the gradient of the (mean cross-entropy) loss with respect to its output ``[tokens, out]``. In each the
+  last axis is the one a matmul reduces over when the tensor is an operand (``in`` for the forward pass
+  and for the weight, ``out`` for the backward pass's ``dY @ W``), i.e. the axis MX blocks run along.
+* The default capture is cached (a safetensors file written atomically by :func:`microscale.io.save_file`)
+  under ``$MICROSCALE_CACHE`` or ``~/.cache/microscale``; see :func:`cache_path`.
 * :func:`tensor_vectors` cuts the captured tensors into ``[n, length]`` rows along that axis, the input of
-  :func:`~microscale.bdr.qsnr.vectors_qsnr`; ``sample_vectors("activations", n=..., length=...)`` and
-  ``"weights"``, ``"gradients"``, ``"tensors"`` (all three) reach it by name.
+  :func:`~microscale.bdr.qsnr.vectors_qsnr` (``captured=`` takes your own capture, else the default one);
+  ``sample_vectors("activations", n=..., length=...)`` and ``"weights"``, ``"gradients"``, ``"tensors"``
+  (all three) reach it by name.
 
 Gradients of a mean loss over ~10^3 tokens are small (default capture: median |g| 2.5e-6, max 1e-3);
 QSNR does not depend on scale for power-of-two block scales within their range, but unscaled formats
@@ -30,12 +35,14 @@ import hashlib
 import json
 import os
 import sysconfig
-import tempfile
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from ..io import load_file, read_header, save_file
 
 __all__ = ["CORPUS_PACKAGES", "HOLDOUT_EVERY", "KINDS", "SEPARATOR", "CapturedTensors", "StdlibCorpus",
            "corpus_files", "read_corpus", "capture_tensors", "capture_linear_tensors", "cache_dir",
@@ -55,8 +62,10 @@ _CAPTURE_VERSION = 1
 
 @dataclass(frozen=True)
 class CapturedTensors:
-    """``tensors[kind][layer]``: float32 tensors, kind in :data:`KINDS`, layer = the ``nn.Linear``'s name
-    in ``model.named_modules()`` (module order); ``meta``: config, steps, losses, corpus facts, cache key."""
+    """``tensors[kind][layer]``: float32 CPU tensors, kind in :data:`KINDS`, layer = the ``nn.Linear``'s name
+    in ``model.named_modules()`` (module order); ``meta``: facts of the capture (for
+    :func:`capture_linear_tensors` the layers and per-batch losses; for :func:`capture_tensors` also the
+    training settings, losses, corpus facts and cache key)."""
 
     tensors: dict[str, dict[str, torch.Tensor]]
     meta: dict = field(default_factory=dict)
@@ -167,34 +176,26 @@ def cache_path(key: str) -> str:
 
 
 def _save(path: str, captured: CapturedTensors) -> None:
-    from safetensors.torch import save_file
+    """Write ``captured`` to ``path`` with :func:`microscale.io.save_file` (atomic: a reader sees the old
+    file or the whole new one): tensors named ``<kind>/<layer>``, ``meta`` as JSON in the metadata."""
     flat = {f"{kind}/{layer}": t.contiguous() for kind, d in captured.tensors.items() for layer, t in d.items()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".capture-", suffix=".tmp", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata={"meta": json.dumps(captured.meta, sort_keys=True)})
-        os.replace(tmp, path)   # atomic: readers see the old file or the whole new one
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_file(flat, path, metadata={"meta": json.dumps(captured.meta, sort_keys=True)})
 
 
 def _load(path: str, key: str) -> CapturedTensors | None:
-    """The cached capture, or None when the file is missing, unreadable, or not this key's."""
+    """The cached capture, or None when the file is missing, unreadable, or not this key's.
+
+    Read with :mod:`microscale.io` (header validated before any data); files of the same layout written
+    by earlier versions with ``safetensors.torch.save_file`` read the same way."""
     if not os.path.exists(path):
         return None
-    from safetensors import safe_open
     try:
-        tensors: dict[str, dict[str, torch.Tensor]] = {k: {} for k in KINDS}
-        with safe_open(path, framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["meta"])
-            names = meta["layers"]
-            for kind in KINDS:
-                for layer in names:
-                    tensors[kind][layer] = f.get_tensor(f"{kind}/{layer}")
-        if meta.get("cache_key") != key or not all(t.dtype == torch.float32 for d in tensors.values()
-                                                   for t in d.values()):
+        meta = json.loads(read_header(path).user_metadata["meta"])
+        flat = load_file(path)
+        tensors = {kind: {layer: flat[f"{kind}/{layer}"] for layer in meta["layers"]} for kind in KINDS}
+        if meta.get("cache_key") != key or not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32
+                                                   for d in tensors.values() for t in d.values()):
             raise ValueError("cache key or dtype mismatch")
     except Exception as e:  # any corruption (truncated, garbage, wrong content): recapture, never crash
         warnings.warn(f"ignoring unreadable tensor cache {path!r} ({type(e).__name__}: {e}); recapturing",
@@ -207,7 +208,7 @@ def capture_tensors(steps: int = 300, seed: int = 0, *, n_layer: int = 2, n_head
                     block_size: int = 64, batch_size: int = 32, capture_batch: int = 16, lr: float = 2e-3,
                     weight_decay: float = 0.01, packages: tuple[str, ...] = CORPUS_PACKAGES,
                     cache: bool = True) -> CapturedTensors:
-    """Train a byte-level TinyGPT and capture every ``nn.Linear``'s weight, input and output gradient.
+    """The default capture: train a byte-level TinyGPT here, then :func:`capture_linear_tensors` on it.
 
     The real-tensor setting of the BDR paper (Rouhani et al., ISCA 2023, §4: QSNR on weights, activations
     and gradients of trained models), scaled down to train on CPU: ``steps`` AdamW steps (FP32, constant
@@ -222,14 +223,13 @@ def capture_tensors(steps: int = 300, seed: int = 0, *, n_layer: int = 2, n_head
     * ``"gradient"``: dloss/d(its output) ``[tokens, out]``, loss = the mean next-byte cross-entropy
       over the capture batch.
 
+    To capture your own model instead, call :func:`capture_linear_tensors` with it and your batches.
     The model and optimizer state are not kept. With ``cache`` (default) the result is read from / written
-    to :func:`cache_path` (key: every setting above, the torch version and the corpus SHA-256); an
-    unreadable cache file is recaptured with a RuntimeWarning. ``meta`` holds the settings, ``losses`` (train
-    loss per step), ``initial_loss``, ``final_loss`` (mean of the last 10 steps), ``capture_loss``,
-    ``corpus_sha256``, ``corpus_files``, ``layers``, ``cache_key`` and ``torch``.
+    to :func:`cache_path` with :mod:`microscale.io` (key: every setting above, the torch version and the
+    corpus SHA-256); an unreadable cache file is recaptured with a RuntimeWarning. ``meta`` holds the
+    settings, ``losses`` (train loss per step), ``initial_loss``, ``final_loss`` (mean of the last 10
+    steps), ``capture_loss``, ``corpus_sha256``, ``corpus_files``, ``layers``, ``cache_key`` and ``torch``.
     """
-    from ..nn.models import GPTConfig, TinyGPT
-
     packages = tuple(packages) if not isinstance(packages, str) else packages
     settings = _settings(steps, seed, n_layer, n_head, n_embd, block_size, batch_size, capture_batch, lr,
                          weight_decay, packages)
@@ -241,31 +241,17 @@ def capture_tensors(steps: int = 300, seed: int = 0, *, n_layer: int = 2, n_head
         if hit is not None:
             return hit
 
-    torch.manual_seed(seed)
-    cfg = GPTConfig(**settings["config"])
-    model = TinyGPT(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        x, y = _windows(train, batch_size, block_size, g)
-        _, loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-
+    model, losses = _train_tinygpt(settings, train, g)
     x, y = _windows(holdout, capture_batch, block_size, g)
-    tensors, capture_loss = capture_linear_tensors(model, x, y)
-    layers = list(tensors["weight"])
+    capture = capture_linear_tensors(model, [(x, y)])
+    capture_loss = capture.meta["losses"][0]
     tail = losses[-10:]
     meta = {**settings, "losses": losses, "initial_loss": losses[0] if losses else capture_loss,
             "final_loss": sum(tail) / len(tail) if tail else capture_loss, "capture_loss": capture_loss,
-            "corpus_sha256": sha, "corpus_files": n_files, "layers": layers, "cache_key": key,
+            "corpus_sha256": sha, "corpus_files": n_files, "layers": capture.meta["layers"], "cache_key": key,
             "torch": torch.__version__}
-    captured = CapturedTensors(tensors, meta)
+    captured = CapturedTensors(capture.tensors, meta)
     if cache:
         try:
             _save(path, captured)
@@ -274,47 +260,155 @@ def capture_tensors(steps: int = 300, seed: int = 0, *, n_layer: int = 2, n_head
     return captured
 
 
-def capture_linear_tensors(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor):
-    """``(tensors, loss)`` of one forward/backward pass of ``model(idx, targets) -> (logits, loss)``.
+def _train_tinygpt(settings: dict, train: torch.Tensor, g: torch.Generator):
+    """``(model, losses)``: the default capture's TinyGPT after ``settings["steps"]`` AdamW steps on windows
+    of ``train`` drawn with ``g`` (see :func:`capture_tensors`)."""
+    from ..nn.models import GPTConfig, TinyGPT
 
-    ``tensors[kind][name]`` for every ``nn.Linear`` in ``model.named_modules()`` order, float32 copies:
-    "weight" ``[out, in]``; "activation", its input (forward hook) flattened to ``[tokens, in]``;
-    "gradient", dloss/d(its output) ``[tokens, out]`` (the outputs are kept by the same hook and
-    differentiated with ``torch.autograd.grad``, so the parameters' ``.grad`` are left untouched; a layer
-    the loss does not depend on gets zeros; a layer called twice keeps its last call). ``loss`` is a float.
+    torch.manual_seed(settings["seed"])
+    model = TinyGPT(GPTConfig(**settings["config"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
+    block_size = settings["config"]["block_size"]
+    losses = []
+    model.train()
+    for _ in range(settings["steps"]):
+        x, y = _windows(train, settings["batch_size"], block_size, g)
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    return model, losses
+
+
+def _model_loss(output) -> torch.Tensor:
+    """The loss a model returned: ``output`` itself when a 0-dim tensor, ``output.loss`` (transformers'
+    ModelOutput, given labels), or the one 0-dim floating tensor of a tuple / list output."""
+    if torch.is_tensor(output) and output.dim() == 0:
+        return output
+    if torch.is_tensor(getattr(output, "loss", None)):
+        return output.loss
+    if isinstance(output, (tuple, list)):
+        found = [t for t in output if torch.is_tensor(t) and t.dim() == 0 and t.is_floating_point()]
+        if len(found) == 1:
+            return found[0]
+    raise TypeError(f"cannot find the loss in the model's output ({_describe(output)}): expected a scalar "
+                    f"tensor, an object with a tensor .loss (transformers models given labels), or a tuple "
+                    f"holding one scalar tensor (TinyGPT's (logits, loss)); pass "
+                    f"loss=lambda output, batch: ... to compute it")
+
+
+def _describe(value) -> str:
+    if torch.is_tensor(value):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _call(model: torch.nn.Module, batch):
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def capture_linear_tensors(model: torch.nn.Module, batches: Iterable, loss=None) -> CapturedTensors:
+    """Every ``nn.Linear``'s weight, input activation and output gradient over batches the caller gives.
+
+    The tensors the BDR paper (Rouhani et al., ISCA 2023, §4) measures QSNR on, from any model (a
+    transformers model, an ``nn.Sequential``, a TinyGPT...): nothing is trained, and the parameters, their
+    ``.grad`` and the train/eval mode are left as they are.
+
+    ``batches``: an iterable of batches (a list, a DataLoader...). Each is given to the model as
+    ``model(**batch)`` when a mapping, ``model(*batch)`` when a tuple or list, else ``model(batch)``; one
+    batch is ``[x]`` (a bare tensor is refused, since iterating it would split it into rows).
+    ``loss``: ``loss(output, batch) -> scalar tensor``; by default the model's own loss, found in its
+    output: the output itself when it is a 0-dim tensor, ``output.loss`` (transformers models given ``labels``),
+    or the one scalar floating tensor of a tuple output (TinyGPT's ``(logits, loss)``).
+
+    Per batch, one forward pass with hooks on every ``nn.Linear`` and ``torch.autograd.grad`` of that
+    batch's loss with respect to the layers' outputs. ``tensors[kind][name]``, for every ``nn.Linear`` in
+    ``model.named_modules()`` order, float32 copies on the CPU:
+
+    * ``"weight"``: ``W`` ``[out, in]``;
+    * ``"activation"``: its input flattened to ``[tokens, in]``, batches concatenated in order;
+    * ``"gradient"``: d(the batch's loss)/d(its output) ``[tokens, out]``, batches concatenated.
+
+    A layer the loss does not depend on gets zero gradients; a layer called twice in one forward pass keeps
+    its last call; a layer that does not run, or whose output cannot carry a gradient (frozen parameters
+    and input), is a ValueError. ``meta``: ``layers`` (names), ``losses`` (one float per batch),
+    ``batches`` and ``tokens`` (rows of each activation).
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if torch.is_tensor(batches) or isinstance(batches, (Mapping, str, bytes)) or not isinstance(batches, Iterable):
+        raise TypeError(f"batches must be an iterable of batches, e.g. [x], [(idx, targets)] or a DataLoader; "
+                        f"got {type(batches).__name__} (wrap one batch in a list)")
+    if loss is not None and not callable(loss):
+        raise TypeError(f"loss must be None or a callable loss(output, batch) -> scalar tensor, "
+                        f"got {type(loss).__name__}")
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers to capture")
-    acts: dict[str, torch.Tensor] = {}
-    outs: dict[str, torch.Tensor] = {}
+    layers = [name for name, _ in linears]
+    acts: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    losses: list[float] = []
+    for batch in batches:
+        batch_acts, batch_grads, batch_loss = _capture_batch(model, linears, batch, loss, len(losses))
+        for n in layers:
+            acts[n].append(batch_acts[n])
+            grads[n].append(batch_grads[n])
+        losses.append(batch_loss)
+    if not losses:
+        raise ValueError("batches is empty: give at least one batch to capture")
+    tensors = {"weight": {n: m.weight.detach().to("cpu", torch.float32, copy=True) for n, m in linears},
+               "activation": {n: torch.cat(acts[n]) for n in layers},
+               "gradient": {n: torch.cat(grads[n]) for n in layers}}
+    meta = {"layers": layers, "losses": losses, "batches": len(losses),
+            "tokens": tensors["activation"][layers[0]].shape[0]}
+    return CapturedTensors(tensors, meta)
+
+
+def _capture_batch(model, linears, batch, loss_fn, index: int):
+    """``(activations, gradients, loss)`` of one batch for :func:`capture_linear_tensors`."""
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
 
     def hook(name):
-        def forward_hook(module, inputs, output):
-            acts[name] = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().clone()
-            outs[name] = output
+        def forward_hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["input"]
+            inputs[name] = x.detach().reshape(-1, x.shape[-1]).to("cpu", torch.float32, copy=True)
+            outputs[name] = output
         return forward_hook
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in linears]
+    handles = [m.register_forward_hook(hook(name), with_kwargs=True) for name, m in linears]
     try:
         with torch.enable_grad():
-            out = model(idx, targets)
+            output = _call(model, batch)
+            value = _model_loss(output) if loss_fn is None else loss_fn(output, batch)
     finally:
         for hd in handles:
             hd.remove()
-    if not (isinstance(out, tuple) and len(out) == 2 and torch.is_tensor(out[1]) and out[1].dim() == 0):
-        raise TypeError("model(idx, targets) must return (logits, scalar loss), as TinyGPT does")
-    loss = out[1]
+    if not (torch.is_tensor(value) and value.dim() == 0 and value.is_floating_point()):
+        got = f"shape {tuple(value.shape)} {value.dtype}" if torch.is_tensor(value) else type(value).__name__
+        raise TypeError(f"batch {index}: the loss must be a scalar floating tensor, got {got}")
     layers = [name for name, _ in linears]
-    missing = [n for n in layers if n not in outs]
+    missing = [n for n in layers if n not in outputs]
     if missing:
-        raise ValueError(f"nn.Linear layers {missing} did not run in the forward pass; cannot capture them")
-    grads = torch.autograd.grad(loss, [outs[n] for n in layers], allow_unused=True)
-    gradient = {n: (torch.zeros_like(outs[n]) if gr is None else gr).detach().reshape(-1, outs[n].shape[-1])
-                .float().clone() for n, gr in zip(layers, grads)}
-    tensors = {"weight": {n: m.weight.detach().float().clone() for n, m in linears},
-               "activation": {n: acts[n] for n in layers}, "gradient": gradient}
-    return tensors, loss.item()
+        raise ValueError(f"batch {index}: nn.Linear layers {missing} did not run in the forward pass; "
+                         f"cannot capture them")
+    frozen = [n for n in layers if not outputs[n].requires_grad]
+    if frozen or not value.requires_grad:
+        raise ValueError(f"batch {index}: no gradient can flow to the output of nn.Linear layers "
+                         f"{frozen or layers} (their parameters and inputs do not require grad); enable "
+                         f"requires_grad on the parameters to capture gradients")
+    got = torch.autograd.grad(value, [outputs[n] for n in layers], allow_unused=True)
+    gradients = {n: (torch.zeros_like(outputs[n]) if g is None else g).detach()
+                 .reshape(-1, outputs[n].shape[-1]).to("cpu", torch.float32, copy=True)
+                 for n, g in zip(layers, got)}
+    return inputs, gradients, value.item()
 
 
 # ---- rows along the reduction axis ----------------------------------------------------------------
@@ -341,15 +435,17 @@ def _kind_rows(captured: CapturedTensors, kind: str, length: int) -> torch.Tenso
 
 
 def tensor_vectors(kind: str = "all", n: int | None = None, length: int = 1024, seed: int = 0,
-                   **capture_kwargs) -> torch.Tensor:
+                   captured: CapturedTensors | None = None, **capture_kwargs) -> torch.Tensor:
     """``[n, length]`` float32 rows of captured real tensors (BDR, Rouhani et al., ISCA 2023, §4).
 
     ``kind``: "weight", "activation", "gradient" or "all". Rows come from :func:`tensor_rows` of every
     captured tensor of that kind (layers in module order), all-zero rows dropped. ``n=None``: all rows (for
     "all": every row of every kind, weights first). Otherwise ``n`` rows drawn without replacement by a
     ``torch.Generator`` seeded with ``seed`` (kept in their original order); "all" takes n // 3 of each
-    kind, the remainder from weights. ``capture_kwargs`` go to :func:`capture_tensors` (``steps``,
-    ``seed`` is the capture's as ``capture_seed``, ``n_embd``, ``cache``...).
+    kind, the remainder from weights. ``captured``: the tensors to cut (e.g. from
+    :func:`capture_linear_tensors` on your model); None (default) takes the default capture, with
+    ``capture_kwargs`` going to :func:`capture_tensors` (``steps``, ``seed`` is the capture's as
+    ``capture_seed``, ``n_embd``, ``cache``...).
     """
     if kind != "all" and kind not in KINDS:
         raise ValueError(f"kind must be one of {['all', *KINDS]}, got {kind!r}")
@@ -357,9 +453,16 @@ def tensor_vectors(kind: str = "all", n: int | None = None, length: int = 1024, 
         raise ValueError(f"length must be a positive int, got {length!r}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
         raise ValueError(f"n must be None or an int >= 0, got {n!r}")
-    if "capture_seed" in capture_kwargs:
-        capture_kwargs["seed"] = capture_kwargs.pop("capture_seed")
-    captured = capture_tensors(**capture_kwargs)
+    if captured is not None:
+        if not isinstance(captured, CapturedTensors):
+            raise TypeError(f"captured must be a CapturedTensors, got {type(captured).__name__}")
+        if capture_kwargs:
+            raise TypeError(f"capture settings {sorted(capture_kwargs)} apply to the default capture only, "
+                            f"not to a given captured=")
+    else:
+        if "capture_seed" in capture_kwargs:
+            capture_kwargs["seed"] = capture_kwargs.pop("capture_seed")
+        captured = capture_tensors(**capture_kwargs)
     kinds = list(KINDS) if kind == "all" else [kind]
     if n is None:
         return torch.cat([_kind_rows(captured, k, length) for k in kinds])
