@@ -246,6 +246,8 @@ def dequantize(q, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.
 
 
 def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """Fused ``x · dequantize(weight)ᵀ + bias`` (arguments checked by the caller), or None when no fused
-    kernel covers the request (the caller then dequantizes the weight and runs F.linear)."""
-    return None
+    """Fused ``x · dequantize(weight)ᵀ + bias``, or None when no fused kernel covers the request (the
+    caller then dequantizes the weight and runs F.linear). See :mod:`microscale.kernels.gemm`: it checks
+    every argument the C code relies on and raises ValueError / TypeError before any C runs."""
+    from . import gemm
+    return gemm.packed_linear(x, weight, bias, _load())

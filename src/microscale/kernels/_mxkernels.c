@@ -1566,7 +1566,12 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_mxkernels", "MX quantization kernels (C)", -1,
                                     methods, NULL, NULL, NULL, NULL};
 
+/* _mxgemm.c (fused packed-weight GEMV / GEMM tiles) adds its functions to this module. */
+int mxgemm_add_functions(PyObject *module);
+
 PyMODINIT_FUNC PyInit__mxkernels(void) {
     select_isa();
-    return PyModule_Create(&moddef);
+    PyObject *m = PyModule_Create(&moddef);
+    if (m && mxgemm_add_functions(m) < 0) { Py_DECREF(m); return NULL; }
+    return m;
 }
