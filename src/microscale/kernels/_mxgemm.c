@@ -46,6 +46,7 @@
 #endif
 
 #define GEMV_MAX_M 8
+#define GEMV_GROUP 32   /* rows sharing one pass over each K chunk of x (AVX-512 GEMV) */
 #define GEMM_MAXK 1024
 
 /* decode modes (chosen in Python from the format's code table) */
@@ -53,6 +54,7 @@ enum { GM_GENERIC = 0, GM_LUT6 = 1, GM_SM8 = 2, GM_INT8 = 3 };
 
 typedef struct {
     const float *x;          /* [M, Kp] fp32 */
+    const float *xq;         /* [M, K128] x reordered for the 4-bit path (see gemv512_fp4), or NULL */
     int64_t M, Kp;
     const uint8_t *codes;    /* [N, nb * k * bits / 8] */
     const uint8_t *scales;   /* [N, nb] */
@@ -191,7 +193,7 @@ AI512 void dec512_32(const uint8_t *src, const int BITS, const int MODE, const d
 
 /* R output rows at a time (R = 2 when M <= 4: more independent FMA chains and one x load for two rows). */
 AI512 void gemv512_rows(const gjob_t *J, int64_t n, const int M, const int R, const int BITS, const int MODE,
-                        const dec512_t *D, const float *sclv) {
+                        const dec512_t *D, const float *sclv, int64_t b0, int64_t b1, float *part) {
     const int64_t nb = J->nb, Kp = J->Kp;
     const int k = J->k, chunk_bytes = 4 * BITS;
     const int64_t row_bytes = nb * k * BITS / 8;
@@ -200,7 +202,7 @@ AI512 void gemv512_rows(const gjob_t *J, int64_t n, const int M, const int R, co
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 8
         for (int m = 0; m < M; m++) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
+    for (int64_t b = b0; b < b1; b++) {
         __m512 s[2];
 #pragma GCC unroll 2
         for (int r = 0; r < R; r++) s[r] = _mm512_set1_ps(sclv[J->scales[(n + r) * nb + b]]);
@@ -228,30 +230,133 @@ AI512 void gemv512_rows(const gjob_t *J, int64_t n, const int M, const int R, co
 #pragma GCC unroll 2
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 8
-        for (int m = 0; m < M; m++) {
-            float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
-            J->y[m * J->N + n + r] = v + (J->bias ? J->bias[n + r] : 0.0f);
+        for (int m = 0; m < M; m++) part[r * GEMV_MAX_M + m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
+}
+
+/* 2^X of four E8M0 scale codes, each repeated over four lanes (lane j: code j / 4), by exponent
+ * arithmetic: the fp32 bits of 2^(c - 127) are c << 23 for c in 1..254; c = 0 is the subnormal 2^-127 and
+ * c = 255 NaN. */
+AI512 __m512 scale4_512(const uint8_t *sc) {
+    uint32_t four;
+    memcpy(&four, sc, 4);
+    const __m512i pick = _mm512_set_epi32(0xFFFFFF03, 0xFFFFFF03, 0xFFFFFF03, 0xFFFFFF03, 0xFFFFFF02, 0xFFFFFF02,
+                                          0xFFFFFF02, 0xFFFFFF02, 0xFFFFFF01, 0xFFFFFF01, 0xFFFFFF01, 0xFFFFFF01,
+                                          (int)0xFFFFFF00, (int)0xFFFFFF00, (int)0xFFFFFF00, (int)0xFFFFFF00);
+    __m512i c = _mm512_shuffle_epi8(_mm512_set1_epi32((int)four), pick);
+    __m512i e = _mm512_slli_epi32(c, 23);
+    e = _mm512_mask_mov_epi32(e, _mm512_cmpeq_epi32_mask(c, _mm512_setzero_si512()), _mm512_set1_epi32(0x00400000));
+    e = _mm512_mask_mov_epi32(e, _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(255)), _mm512_set1_epi32(0x7FC00000));
+    return _mm512_castsi512_ps(e);
+}
+
+/* 4-bit codes, 128 at a time (four 32-element blocks, one 64-byte load): dword lane j holds codes
+ * 8j .. 8j+7 of the chunk in its nibbles; shifting by 4s and looking the low nibble up in the 16-entry fp32
+ * table (vpermps) yields codes {8j + s}. x is reordered to match once per call (xq[c*128 + 16s + j] =
+ * x[c*128 + 8j + s]), so no code is moved across lanes: one permute per 16 weights, and the scale of the
+ * lane's block (j / 4) by exponent arithmetic. Tail blocks (K not a multiple of 128) take dec512_32. */
+AI512 void gemv512_fp4_rows(const gjob_t *J, int64_t n, const int M, const int R, const dec512_t *D,
+                            const float *sclv, int64_t b0, int64_t b1, float *part) {
+    const int64_t nb = J->nb, Kp = J->Kp, nchunk = nb / 4, row_bytes = nb * 16;
+    const __m512 lut = _mm512_loadu_ps(J->lut32);
+    __m512 acc[2][GEMV_MAX_M][2];
+#pragma GCC unroll 2
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
+    const int64_t c1 = (b1 < 4 * nchunk ? b1 : 4 * nchunk) / 4;
+    for (int64_t c = b0 / 4; c < c1; c++) {
+        __m512i q[2];
+        __m512 s[2];
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) {
+            q[r] = _mm512_loadu_si512(J->codes + (n + r) * row_bytes + c * 64);
+            s[r] = scale4_512(J->scales + (n + r) * nb + 4 * c);
         }
+#pragma GCC unroll 8
+        for (int sh = 0; sh < 8; sh++) {
+            __m512 w[2];
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++)
+                w[r] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q[r], 4 * sh), lut), s[r]);
+            const float *xb = J->xq + c * 128 + sh * 16;
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++) {
+                __m512 xv = _mm512_loadu_ps(xb + m * Kp);
+#pragma GCC unroll 2
+                for (int r = 0; r < R; r++) acc[r][m][sh & 1] = _mm512_fmadd_ps(xv, w[r], acc[r][m][sh & 1]);
+            }
+        }
+    }
+    for (int64_t b = b0 > 4 * nchunk ? b0 : 4 * nchunk; b < b1; b++) {
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) {
+            __m512 v0, v1, sv = _mm512_set1_ps(sclv[J->scales[(n + r) * nb + b]]);
+            dec512_32(J->codes + (n + r) * row_bytes + b * 16, 4, GM_LUT6, D, &v0, &v1);
+            v0 = _mm512_mul_ps(v0, sv); v1 = _mm512_mul_ps(v1, sv);
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++) {
+                acc[r][m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(J->x + m * Kp + b * 32), v0, acc[r][m][0]);
+                acc[r][m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(J->x + m * Kp + b * 32 + 16), v1, acc[r][m][1]);
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) part[r * GEMV_MAX_M + m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
+}
+
+/* Rows [n0, n1) in groups of GEMV_GROUP rows; within a group, K in chunks small enough that the chunk of
+ * x (M rows) stays in L1 while every row of the group uses it (x is re-read per row: without chunking,
+ * M = 8 rows of a 4096-wide x would stream 128 KB from L2 for every 2 KB of MXFP4 weights). */
+AI512 void gemv512_range_any(const gjob_t *J, int64_t n0, int64_t n1, const int M, const int BITS, const int MODE,
+                             const dec512_t *D, const float *sclv, const int FP4) {
+    const int64_t nb = J->nb;
+    int64_t kcb = (int64_t)(128 / M) & ~(int64_t)3;   /* blocks of 32 per K chunk: M * kcb * 128 B <= 16 KiB */
+    if (kcb < 4) kcb = 4;
+    for (int64_t g0 = n0; g0 < n1; g0 += GEMV_GROUP) {
+        const int64_t g1 = g0 + GEMV_GROUP < n1 ? g0 + GEMV_GROUP : n1;
+        float part[GEMV_GROUP * GEMV_MAX_M];
+        memset(part, 0, sizeof part);
+        for (int64_t b0 = 0; b0 < nb; b0 += kcb) {
+            const int64_t b1 = b0 + kcb < nb ? b0 + kcb : nb;
+            int64_t n = g0;
+            if (M <= 4)
+                for (; n + 2 <= g1; n += 2) {
+                    if (FP4) gemv512_fp4_rows(J, n, M, 2, D, sclv, b0, b1, part + (n - g0) * GEMV_MAX_M);
+                    else gemv512_rows(J, n, M, 2, BITS, MODE, D, sclv, b0, b1, part + (n - g0) * GEMV_MAX_M);
+                }
+            for (; n < g1; n++) {
+                if (FP4) gemv512_fp4_rows(J, n, M, 1, D, sclv, b0, b1, part + (n - g0) * GEMV_MAX_M);
+                else gemv512_rows(J, n, M, 1, BITS, MODE, D, sclv, b0, b1, part + (n - g0) * GEMV_MAX_M);
+            }
+        }
+        for (int64_t n = g0; n < g1; n++)
+            for (int m = 0; m < M; m++)
+                J->y[m * J->N + n] = part[(n - g0) * GEMV_MAX_M + m] + (J->bias ? J->bias[n] : 0.0f);
+    }
+}
+
+AI512 void gemv512_fp4_range(const gjob_t *J, int64_t n0, int64_t n1, const int M, const int BITS, const int MODE,
+                             const dec512_t *D, const float *sclv) {
+    gemv512_range_any(J, n0, n1, M, BITS, MODE, D, sclv, 1);
 }
 
 AI512 void gemv512_range(const gjob_t *J, int64_t n0, int64_t n1, const int M, const int BITS, const int MODE,
                          const dec512_t *D, const float *sclv) {
-    int64_t n = n0;
-    if (M <= 4)
-        for (; n + 2 <= n1; n += 2) gemv512_rows(J, n, M, 2, BITS, MODE, D, sclv);
-    for (; n < n1; n++) gemv512_rows(J, n, M, 1, BITS, MODE, D, sclv);
+    gemv512_range_any(J, n0, n1, M, BITS, MODE, D, sclv, 0);
 }
 
-#define GEMV512_M(BITS, MODE) \
+#define GEMV512_M(FN, BITS, MODE) \
     switch (J->M) { \
-    case 1: gemv512_range(J, a, b, 1, BITS, MODE, &D, sclv); break; \
-    case 2: gemv512_range(J, a, b, 2, BITS, MODE, &D, sclv); break; \
-    case 3: gemv512_range(J, a, b, 3, BITS, MODE, &D, sclv); break; \
-    case 4: gemv512_range(J, a, b, 4, BITS, MODE, &D, sclv); break; \
-    case 5: gemv512_range(J, a, b, 5, BITS, MODE, &D, sclv); break; \
-    case 6: gemv512_range(J, a, b, 6, BITS, MODE, &D, sclv); break; \
-    case 7: gemv512_range(J, a, b, 7, BITS, MODE, &D, sclv); break; \
-    default: gemv512_range(J, a, b, 8, BITS, MODE, &D, sclv); break; \
+    case 1: FN(J, a, b, 1, BITS, MODE, &D, sclv); break; \
+    case 2: FN(J, a, b, 2, BITS, MODE, &D, sclv); break; \
+    case 3: FN(J, a, b, 3, BITS, MODE, &D, sclv); break; \
+    case 4: FN(J, a, b, 4, BITS, MODE, &D, sclv); break; \
+    case 5: FN(J, a, b, 5, BITS, MODE, &D, sclv); break; \
+    case 6: FN(J, a, b, 6, BITS, MODE, &D, sclv); break; \
+    case 7: FN(J, a, b, 7, BITS, MODE, &D, sclv); break; \
+    default: FN(J, a, b, 8, BITS, MODE, &D, sclv); break; \
     }
 
 /* The MXINT8 path converts the int8 code itself: its unit 2^-frac (lut32[1]) goes into the scale table. */
@@ -260,17 +365,30 @@ T512 static void scale_table(const gjob_t *J, float *sclv) {
     for (int i = 0; i < 256; i++) sclv[i] = J->scl[i] * unit;
 }
 
+/* The scale table is E8M0 with bias 127 (what scale4_512 computes by exponent arithmetic). */
+static int e8m0_scales(const gjob_t *J) {
+    for (int c = 1; c < 255; c++) {
+        uint32_t u;
+        memcpy(&u, &J->scl[c], 4);
+        if (u != (uint32_t)c << 23) return 0;
+    }
+    uint32_t z, nan;
+    memcpy(&z, &J->scl[0], 4); memcpy(&nan, &J->scl[255], 4);
+    return z == 0x00400000u && (nan & 0x7F800000u) == 0x7F800000u && (nan & 0x7FFFFFu);
+}
+
 T512 static void gemv_avx512(const gjob_t *J, int64_t a, int64_t b) {
     if (J->mode == GM_GENERIC || J->k % 32) { gemv_generic_impl(J, a, b); return; }
     dec512_t D;
     float sclv[256];
     dec512_init(J, &D);
     scale_table(J, sclv);
-    if (J->mode == GM_INT8) { GEMV512_M(8, GM_INT8) }
-    else if (J->mode == GM_SM8) { GEMV512_M(8, GM_SM8) }
-    else if (J->bits == 4) { GEMV512_M(4, GM_LUT6) }
-    else if (J->bits == 6) { GEMV512_M(6, GM_LUT6) }
-    else { GEMV512_M(8, GM_LUT6) }
+    if (J->mode == GM_INT8) { GEMV512_M(gemv512_range, 8, GM_INT8) }
+    else if (J->mode == GM_SM8) { GEMV512_M(gemv512_range, 8, GM_SM8) }
+    else if (J->bits == 4 && J->k == 32 && J->xq && e8m0_scales(J)) { GEMV512_M(gemv512_fp4_range, 4, GM_LUT6) }
+    else if (J->bits == 4) { GEMV512_M(gemv512_range, 4, GM_LUT6) }
+    else if (J->bits == 6) { GEMV512_M(gemv512_range, 6, GM_LUT6) }
+    else { GEMV512_M(gemv512_range, 8, GM_LUT6) }
 }
 
 AI512 void decode512_range(const gjob_t *J, int64_t n0, int64_t n1, const int BITS, const int MODE,
@@ -328,18 +446,19 @@ void mxgemm_select_isa(void) {
 #endif
 }
 
+/* Rows are handed out in chunks of ROW_CHUNK (dynamic schedule: on a shared machine a descheduled thread
+ * does not hold the others back at the end). */
+#define ROW_CHUNK 256
 static void run_rows(gworker_fn fn, const gjob_t *J, int64_t nrows, int nthreads) {
 #ifdef _OPENMP
-    if (nthreads > 1 && nrows > 1) {
-        if (nthreads > nrows) nthreads = (int)nrows;
-#pragma omp parallel num_threads(nthreads)
-        {
-            int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            /* even split, on row pairs (the 2-row AVX-512 loop) */
-            int64_t pairs = (nrows + 1) / 2;
-            int64_t a = 2 * (pairs * t / nt), b = 2 * (pairs * (t + 1) / nt);
-            if (b > nrows) b = nrows;
-            if (a < b) fn(J, a, b);
+    if (nthreads > 1 && nrows > 2 * GEMV_GROUP) {
+        int64_t chunk = nrows / (4 * (int64_t)nthreads);
+        chunk = chunk > ROW_CHUNK ? ROW_CHUNK : (chunk < GEMV_GROUP ? GEMV_GROUP : chunk / GEMV_GROUP * GEMV_GROUP);
+        const int64_t nchunks = (nrows + chunk - 1) / chunk;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+        for (int64_t c = 0; c < nchunks; c++) {
+            int64_t a = c * chunk, b = a + chunk < nrows ? a + chunk : nrows;
+            fn(J, a, b);
         }
         return;
     }
@@ -367,14 +486,15 @@ static int parse_common(gjob_t *J, unsigned long long codes, unsigned long long 
     return 0;
 }
 
-/* gemv(x, M, codes, scales, N, nb, k, bits, mode, lut32, lut16, scl, bias_or_0, y, nthreads) */
+/* gemv(x, xq_or_0, M, codes, scales, N, nb, k, bits, mode, lut32, lut16, scl, bias_or_0, y, nthreads)
+ * xq: x reordered for the 4-bit path (gemm.py), or 0. */
 static PyObject *py_gemv(PyObject *self, PyObject *args) {
-    unsigned long long x, codes, scales, lut32, lut16, scl, bias, y;
+    unsigned long long x, xq, codes, scales, lut32, lut16, scl, bias, y;
     long long M, N, nb;
     int k, bits, mode, nt;
     gjob_t J;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KLKKLLiiiKKKKKi", &x, &M, &codes, &scales, &N, &nb, &k, &bits, &mode, &lut32,
+    if (!PyArg_ParseTuple(args, "KKLKKLLiiiKKKKKi", &x, &xq, &M, &codes, &scales, &N, &nb, &k, &bits, &mode, &lut32,
                           &lut16, &scl, &bias, &y, &nt))
         return NULL;
     if (parse_common(&J, codes, scales, N, nb, k, bits, mode, lut32, lut16, scl)) return NULL;
@@ -382,7 +502,7 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bad packed_linear kernel arguments (gemv takes 1..8 rows)");
         return NULL;
     }
-    J.x = (const float *)(uintptr_t)x; J.M = M;
+    J.x = (const float *)(uintptr_t)x; J.xq = (const float *)(uintptr_t)xq; J.M = M;
     J.bias = (const float *)(uintptr_t)bias; J.y = (float *)(uintptr_t)y;
     Py_BEGIN_ALLOW_THREADS
     run_rows(G_GEMV, &J, N, nt);

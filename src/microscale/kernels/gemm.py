@@ -57,7 +57,9 @@ class _Tables:
         # every MX element value is an fp16 value; the fp16 path is used only where that holds exactly
         exact = bool(np.all((half.astype(np.float64) == vals) | (np.isnan(vals) & np.isnan(half))))
         h16 = half.view(np.uint16).copy()
-        h16[np.isnan(vals)] = 0x7E00 | (h16[np.isnan(vals)] & 0x8000)
+        # NaN codes: one quiet NaN carrying the code's sign bit (keeps the sign-magnitude symmetry below)
+        sign_bit = (np.arange(256) >> (elem.bits - 1)) & 1
+        h16[np.isnan(vals)] = (0x7E00 | (sign_bit * 0x8000))[np.isnan(vals)].astype(np.uint16)
         mode = _GM_GENERIC
         if elem.kind == "int" and elem.encoding == "twos" and elem.bits == 8:
             signed = np.arange(256, dtype=np.int64)
@@ -127,6 +129,15 @@ def _check(x: torch.Tensor, weight, bias: torch.Tensor | None) -> None:
             raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
 
 
+def _reorder_for_nibbles(xf: torch.Tensor, kp: int) -> torch.Tensor:
+    """x in the order the AVX-512 4-bit GEMV reads it: per 128-element chunk, ``xq[16 s + j] = x[8 j + s]``
+    (lane j of a 64-byte load holds codes 8j .. 8j+7 in its nibbles, see _mxgemm.c); same row stride kp."""
+    m, c = xf.shape[0], kp // 128
+    xq = torch.zeros(m, kp, dtype=torch.float32)
+    xq[:, : 128 * c] = xf[:, : 128 * c].reshape(m, c, 16, 8).transpose(2, 3).reshape(m, 128 * c)
+    return xq
+
+
 def _threads(nbytes: int) -> int:
     return torch.get_num_threads() if nbytes >= _PARALLEL_MIN_BYTES else 1
 
@@ -165,7 +176,8 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lib) -> to
     if m <= GEMV_MAX_ROWS:
         b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
         y = torch.empty(m, n_out, dtype=torch.float32)
-        lib.gemm_gemv(xf.data_ptr(), m, codes.data_ptr(), scales.data_ptr(), n_out, nb, k, *tables,
+        xq = _reorder_for_nibbles(xf, kp) if bits == 4 and k == 32 else None
+        lib.gemm_gemv(xf.data_ptr(), 0 if xq is None else xq.data_ptr(), m, codes.data_ptr(), scales.data_ptr(), n_out, nb, k, *tables,
                       0 if b32 is None else b32.data_ptr(), y.data_ptr(), nt)
     else:
         row_bytes = nb * k * bits // 8
