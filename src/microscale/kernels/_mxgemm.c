@@ -486,15 +486,14 @@ static int parse_common(gjob_t *J, unsigned long long codes, unsigned long long 
     return 0;
 }
 
-/* gemv(x, xq_or_0, M, codes, scales, N, nb, k, bits, mode, lut32, lut16, scl, bias_or_0, y, nthreads)
- * xq: x reordered for the 4-bit path (gemm.py), or 0. */
+/* gemv(x, M, codes, scales, N, nb, k, bits, mode, lut32, lut16, scl, bias_or_0, y, nthreads) */
 static PyObject *py_gemv(PyObject *self, PyObject *args) {
-    unsigned long long x, xq, codes, scales, lut32, lut16, scl, bias, y;
+    unsigned long long x, codes, scales, lut32, lut16, scl, bias, y;
     long long M, N, nb;
     int k, bits, mode, nt;
     gjob_t J;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKLKKLLiiiKKKKKi", &x, &xq, &M, &codes, &scales, &N, &nb, &k, &bits, &mode, &lut32,
+    if (!PyArg_ParseTuple(args, "KLKKLLiiiKKKKKi", &x, &M, &codes, &scales, &N, &nb, &k, &bits, &mode, &lut32,
                           &lut16, &scl, &bias, &y, &nt))
         return NULL;
     if (parse_common(&J, codes, scales, N, nb, k, bits, mode, lut32, lut16, scl)) return NULL;
@@ -502,11 +501,30 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bad packed_linear kernel arguments (gemv takes 1..8 rows)");
         return NULL;
     }
-    J.x = (const float *)(uintptr_t)x; J.xq = (const float *)(uintptr_t)xq; J.M = M;
+    J.x = (const float *)(uintptr_t)x; J.M = M;
     J.bias = (const float *)(uintptr_t)bias; J.y = (float *)(uintptr_t)y;
+    float *xq = NULL;
+#ifdef GEMM_X86
+    if (G_GEMV == gemv_avx512 && bits == 4 && k == 32 && mode == GM_LUT6) {
+        /* x in the order of the 4-bit nibble-lane loop: per 128-element chunk, xq[16 s + j] = x[8 j + s] */
+        xq = (float *)malloc((size_t)(M * J.Kp) * sizeof(float));
+        if (!xq) return PyErr_NoMemory();
+        const int64_t K128 = J.Kp / 128 * 128;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xr = J.x + m * J.Kp;
+            float *qr = xq + m * J.Kp;
+            for (int64_t c = 0; c < K128; c += 128)
+                for (int sft = 0; sft < 8; sft++)
+                    for (int j = 0; j < 16; j++) qr[c + 16 * sft + j] = xr[c + 8 * j + sft];
+            memcpy(qr + K128, xr + K128, (size_t)(J.Kp - K128) * sizeof(float));
+        }
+        J.xq = xq;
+    }
+#endif
     Py_BEGIN_ALLOW_THREADS
     run_rows(G_GEMV, &J, N, nt);
     Py_END_ALLOW_THREADS
+    free(xq);
     Py_RETURN_NONE;
 }
 

@@ -85,10 +85,14 @@ def covers(fmt) -> bool:
             and fmt.block_size <= 1024 and _params(fmt) is not None)
 
 
-def _tables(fmt) -> _Tables:
-    t = _TABLES.get(fmt)
-    if t is None:
-        t = _TABLES[fmt] = _Tables(fmt)
+def _tables(fmt) -> _Tables | None:
+    """Decode tables of ``fmt``, or None when the fused kernels do not cover it (cached by identity: the
+    per-call cost matters for small decode-time GEMVs, and hashing a BlockFormat is not free)."""
+    hit = _TABLES.get(id(fmt))
+    if hit is not None and hit[0] is fmt:
+        return hit[1]
+    t = _Tables(fmt) if covers(fmt) else None
+    _TABLES[id(fmt)] = (fmt, t)   # holding fmt keeps its id from being reused
     return t
 
 
@@ -129,15 +133,6 @@ def _check(x: torch.Tensor, weight, bias: torch.Tensor | None) -> None:
             raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
 
 
-def _reorder_for_nibbles(xf: torch.Tensor, kp: int) -> torch.Tensor:
-    """x in the order the AVX-512 4-bit GEMV reads it: per 128-element chunk, ``xq[16 s + j] = x[8 j + s]``
-    (lane j of a 64-byte load holds codes 8j .. 8j+7 in its nibbles, see _mxgemm.c); same row stride kp."""
-    m, c = xf.shape[0], kp // 128
-    xq = torch.zeros(m, kp, dtype=torch.float32)
-    xq[:, : 128 * c] = xf[:, : 128 * c].reshape(m, c, 16, 8).transpose(2, 3).reshape(m, 128 * c)
-    return xq
-
-
 def _threads(nbytes: int) -> int:
     return torch.get_num_threads() if nbytes >= _PARALLEL_MIN_BYTES else 1
 
@@ -153,10 +148,10 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lib) -> to
     if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tensors):
         return None
     fmt = weight.format
-    if lib is None or not hasattr(lib, "gemm_gemv") or not covers(fmt):
+    tab = _tables(fmt)
+    if lib is None or tab is None or not hasattr(lib, "gemm_gemv"):
         return None
     _check(x, weight, bias)
-    tab = _tables(fmt)
     n_out, k_in = weight.shape
     k, bits = fmt.block_size, fmt.element.bits
     nb = math.ceil(k_in / k)
@@ -176,8 +171,7 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lib) -> to
     if m <= GEMV_MAX_ROWS:
         b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
         y = torch.empty(m, n_out, dtype=torch.float32)
-        xq = _reorder_for_nibbles(xf, kp) if bits == 4 and k == 32 else None
-        lib.gemm_gemv(xf.data_ptr(), 0 if xq is None else xq.data_ptr(), m, codes.data_ptr(), scales.data_ptr(), n_out, nb, k, *tables,
+        lib.gemm_gemv(xf.data_ptr(), m, codes.data_ptr(), scales.data_ptr(), n_out, nb, k, *tables,
                       0 if b32 is None else b32.data_ptr(), y.data_ptr(), nt)
     else:
         row_bytes = nb * k * bits // 8
