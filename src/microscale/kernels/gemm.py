@@ -177,15 +177,23 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lib) -> to
         row_bytes = nb * k * bits // 8
         rows = max(16, min(n_out, (TILE_BYTES // (4 * kp)) // 16 * 16))
         tile = torch.empty(rows, kp, dtype=torch.float32)
-        yt = torch.empty(n_out, m, dtype=torch.float32)   # yᵀ: each tile writes whole rows
-        xt = xf.t()
+        # bf16 x: the tile goes to bf16 (exact: every MX element times 2^X has at most 8 significant bits,
+        # the weights F.linear(x, dequantize(W, bf16)) would use) and torch's bf16 GEMM runs on it
+        half = x.dtype == torch.bfloat16
+        tile_h = torch.empty(rows, kp, dtype=torch.bfloat16) if half else None
+        yt = torch.empty(n_out, m, dtype=x.dtype if half else torch.float32)   # yᵀ: each tile writes whole rows
+        xt = (xf.to(torch.bfloat16) if half else xf).t()
         for n0 in range(0, n_out, rows):
             r = min(rows, n_out - n0)
             lib.gemm_decode(codes.data_ptr() + n0 * row_bytes, scales.data_ptr() + n0 * nb, r, nb, k, *tables,
                             tile.data_ptr(), nt)
-            torch.mm(tile[:r], xt, out=yt[n0:n0 + r])
+            if half:
+                tile_h[:r].copy_(tile[:r])
+                torch.mm(tile_h[:r], xt, out=yt[n0:n0 + r])
+            else:
+                torch.mm(tile[:r], xt, out=yt[n0:n0 + r])
         y = yt.t()
         if bias is not None:
-            y = y + bias.detach().to(torch.float32)
+            y = y + bias.detach().to(y.dtype)
         y = y.contiguous()
     return y.to(x.dtype).reshape(*lead, n_out)
