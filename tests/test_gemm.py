@@ -220,6 +220,14 @@ for fmt in %r:
             wd = q.dequantize()
             ref, mag = F.linear(x, wd, b), F.linear(x.abs(), wd.abs(), b.abs())
             assert bool(((y - ref).abs() <= 1e-5 * mag).all()), (fmt, batch, k)
+from microscale.layout import from_blocks
+from microscale.reference import cast_values, dequantize_blocks
+for fmt in ("mxfp4_e2m1", "mxfp6_e3m2"):
+    f = ms.get_format(fmt)
+    q = ms.MXTensor(torch.randint(0, 256, (6 * 64 * f.element.bits // 8,), dtype=torch.uint8),
+                    torch.randint(0, 256, (12,), dtype=torch.uint8), (6, 64), 1, f)
+    ref = cast_values(from_blocks(dequantize_blocks(q.to_blocks(), f), q.layout), torch.float32)
+    assert torch.equal(q.dequantize().view(torch.int32), ref.view(torch.int32)), fmt
 print(kernels._load().gemm_info()["isa"])
 """ % (COVERED,)
 
@@ -232,3 +240,28 @@ def test_every_compiled_isa_variant(isa):
     assert out.returncode == 0, out.stderr[-2000:]
     got = out.stdout.strip().splitlines()[-1]
     assert got == isa or (isa == "avx2" and got == "baseline")   # a CPU without AVX2 falls back
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4_e2m1", "mxfp6_e3m2", "mxfp6_e2m3"])
+@pytest.mark.parametrize("shape", [(7, 64), (3, 2, 96), (1, 32)])
+def test_fp32_dequantize_through_the_register_decode_is_bit_exact(fmt, shape):
+    """4- / 6-bit dequantize along the last axis (whole blocks) takes the GEMV's decode: bit for bit the
+    reference, for every code and the extreme and NaN scale codes, allocating and with out=."""
+    from microscale.layout import from_blocks
+    from microscale.reference import cast_values, dequantize_blocks
+    f = ms.get_format(fmt)
+    g = torch.Generator().manual_seed(len(shape))
+    n_el = 1
+    for s in shape:
+        n_el *= s
+    codes = torch.randint(0, 256, (n_el * f.element.bits // 8,), dtype=torch.uint8, generator=g)
+    scales = torch.randint(0, 256, (n_el // 32,), dtype=torch.uint8, generator=g)
+    scales[: min(4, scales.numel())] = torch.tensor([0, 254, 255, 127], dtype=torch.uint8)[: min(4, scales.numel())]
+    q = ms.MXTensor(codes, scales, shape, len(shape) - 1, f)
+    assert gemm.dequantize_rows(q, None, kernels._load(), 1) is not None   # this path is the one under test
+    ref = cast_values(from_blocks(dequantize_blocks(q.to_blocks(), f), q.layout), torch.float32)
+    got = q.dequantize()
+    out = torch.empty(shape)
+    q.dequantize(out=out)
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))

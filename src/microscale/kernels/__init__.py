@@ -234,6 +234,11 @@ def dequantize(q, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.
     lib = _load()
     if lib is None:
         return None
+    if dtype == torch.float32 and q.micro is None:   # 4 / 6-bit elements along the last axis: register decode
+        from . import gemm
+        fast = gemm.dequantize_rows(q, out, lib, _threads(math.prod(q.shape)))
+        if fast is not None:
+            return fast
     if out is None:
         out = torch.empty(q.shape, dtype=dtype)
     if out.numel():

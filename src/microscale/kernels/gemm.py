@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["packed_linear", "covers", "GEMV_MAX_ROWS", "TILE_BYTES"]
+__all__ = ["packed_linear", "dequantize_rows", "covers", "GEMV_MAX_ROWS", "TILE_BYTES"]
 
 #: Rows of x up to which the fused GEMV runs; more rows take the tiled GEMM path.
 GEMV_MAX_ROWS = 8
@@ -197,3 +197,32 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lib) -> to
             y = y + bias.detach().to(y.dtype)
         y = y.contiguous()
     return y.to(x.dtype).reshape(*lead, n_out)
+
+
+def dequantize_rows(q, out: torch.Tensor | None, lib, threads: int) -> torch.Tensor | None:
+    """fp32 dequantize of an MXTensor blocked along its last axis in whole blocks, with the register decode
+    of the GEMV (bit-identical to the reference: w = v(code) * 2^X is exact, NaN scales give the canonical
+    quiet NaN), or None when that path does not apply. Used for 4- and 6-bit elements (MXFP4 / MXFP6),
+    whose generic dequantize is bound by decode work rather than by memory; ``out`` is checked by the caller.
+
+    Formats with NaN element codes (8-bit fp) are left to the generic kernel: there the NaN's sign would
+    follow the code's, not the canonical NaN."""
+    if lib is None or not hasattr(lib, "gemm_decode") or q.micro is not None or q.tensor_scale is not None:
+        return None
+    fmt = q.format
+    tab = _tables(fmt)
+    if tab is None or tab.mode != _GM_LUT6 or bool(np.isnan(tab.lut32.numpy()).any()):
+        return None
+    shape = q.shape
+    k = fmt.block_size
+    if q.axis != len(shape) - 1 or shape[-1] % k or q.codes.device.type != "cpu" or not q.codes.is_contiguous() \
+            or not q.scales.is_contiguous() or q.scales.dtype != torch.uint8:
+        return None
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
+    rows = out.numel() // shape[-1] if shape[-1] else 0
+    if rows:
+        lib.gemm_decode(q.codes.data_ptr(), q.scales.data_ptr(), rows, shape[-1] // k, k, fmt.element.bits,
+                        tab.mode, tab.lut32.data_ptr(), tab.lut16.data_ptr(), tab.scl.data_ptr(), out.data_ptr(),
+                        threads)
+    return out
