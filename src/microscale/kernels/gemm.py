@@ -141,8 +141,8 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lib) -> to
     """``x · dequantize(weight)ᵀ + bias`` with the fused kernels of ``lib`` (the loaded extension), or
     None when they do not cover the request (format, non-CPU tensors). Raises before any C runs when an
     argument is malformed."""
-    from ..tensor import MXTensor
-    if not isinstance(weight, MXTensor):
+    # duck-typed: kernels/ sits above tensor.py (docs/architecture.md) and does not import MXTensor
+    if not all(hasattr(weight, a) for a in ("codes", "scales", "format", "shape", "axis", "micro")):
         raise TypeError(f"weight must be an MXTensor, got {type(weight).__name__}")
     tensors = [x, weight.codes, weight.scales] + ([] if bias is None else [bias])
     if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tensors):
