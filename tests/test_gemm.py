@@ -163,6 +163,17 @@ def test_formats_not_covered_return_none():
         assert torch.allclose(ms.packed_linear(x, q), F.linear(x, q.dequantize()))
 
 
+def test_inputs_that_need_gradients_fall_back_to_a_differentiable_linear():
+    q = weight("mxfp4", 8, 64)
+    x = torch.randn(3, 64, requires_grad=True)
+    assert kernels.packed_linear(x, q, None) is None
+    y = ms.packed_linear(x, q)
+    y.sum().backward()
+    assert torch.allclose(x.grad, q.dequantize().sum(0).expand(3, 64))
+    with torch.no_grad():
+        assert kernels.packed_linear(x, q, None) is not None
+
+
 def test_non_cpu_tensors_are_not_covered():
     q = weight("mxfp4", 8, 64)
     assert kernels.packed_linear(torch.randn(2, 64, device="meta"), q, None) is None

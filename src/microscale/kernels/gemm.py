@@ -147,6 +147,9 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lib) -> to
     tensors = [x, weight.codes, weight.scales] + ([] if bias is None else [bias])
     if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tensors):
         return None
+    # the kernels have no backward: a call that autograd must see falls back to F.linear (differentiable)
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, bias)):
+        return None
     fmt = weight.format
     tab = _tables(fmt)
     if lib is None or tab is None or not hasattr(lib, "gemm_gemv"):
