@@ -121,6 +121,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=2, help="interleaved decode runs per variant, best kept")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's); 1 avoids OpenMP team hand-offs, which cost "
+                         "milliseconds each on an oversubscribed machine")
     ap.add_argument("--quick", action="store_true", help="2 layers, 16 tokens")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-variant resident-memory subprocesses")
     ap.add_argument("--out", default="results/bench/decode", help="write OUT.json and OUT.md ('' to skip)")
@@ -129,6 +132,8 @@ def main(argv=None) -> None:
     if args.quick:
         args.layers, args.tokens = 2, 16
     import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:   # one variant alone in this process: its resident memory after building it
         models = build_variants(args.variants, args.layers, args.hidden, args.vocab, args.seed)
         import gc
@@ -162,7 +167,7 @@ def main(argv=None) -> None:
                "model_mb": model_bytes(m) / 2**20, "threads": threads, "note": note, "first_tokens": first[v]}
         if not args.no_memory:
             cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--variants", v, "--layers",
-                   str(args.layers), "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--seed", str(args.seed)]
+                   str(args.layers), "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode == 0:
                 rec.update(json.loads(res.stdout.strip().splitlines()[-1]))

@@ -58,12 +58,17 @@ def main(argv=None) -> None:
                     help="rows of x (default: %(default)s)")
     ap.add_argument("--formats", nargs="+", default=FORMATS, help="MX formats (default: all covered ones)")
     ap.add_argument("--repeat", type=int, default=9, help="interleaved repetitions, best kept (default: 9)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's); 1 avoids OpenMP team hand-offs, which cost "
+                         "milliseconds each on an oversubscribed machine")
     ap.add_argument("--quick", action="store_true", help="4096x4096, rows 1 and 128, 3 repeats")
     ap.add_argument("--out", default="results/bench/packed_linear",
                     help="write OUT.json and OUT.md (default: %(default)s; '' to skip)")
     args = ap.parse_args(argv)
     if args.quick:
         args.shapes, args.rows, args.repeat = ["4096x4096"], [1, 128], 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     info = kernels.info() if kernels.available() else None
