@@ -197,21 +197,22 @@ def test_bad_calls_raise_before_any_c_runs():
     qa = ms.quantize(torch.randn(64, 8), "mxfp4", axis=0)
     with pytest.raises(ValueError, match="blocked along axis 1"):
         kernels.packed_linear(x, qa, None)
-    # storage that no longer matches the shape and format (MXTensor validates at construction only)
+    # storage that no longer matches the shape and format (forced past MXTensor's own checks, which a
+    # caller of the kernels may not have run)
     bad = weight("mxfp4", 8, 64)
-    bad.codes = bad.codes[:-1]
+    object.__setattr__(bad, "codes", bad.codes[:-1])
     with pytest.raises(ValueError, match="codes .* must hold 256 bytes, got 255"):
         kernels.packed_linear(x, bad, None)
     bad = weight("mxfp4", 8, 64)
-    bad.scales = bad.scales[:-2]
+    object.__setattr__(bad, "scales", bad.scales[:-2])
     with pytest.raises(ValueError, match="scales .* must hold 16 bytes, got 14"):
         kernels.packed_linear(x, bad, None)
     bad = weight("mxfp4", 8, 64)
-    bad.codes = torch.zeros(512, dtype=torch.uint8)[::2]
+    object.__setattr__(bad, "codes", torch.zeros(512, dtype=torch.uint8)[::2])
     with pytest.raises(ValueError, match="codes must be contiguous"):
         kernels.packed_linear(x, bad, None)
     bad = weight("mxfp4", 8, 64)
-    bad.codes = bad.codes.to(torch.int16)
+    object.__setattr__(bad, "codes", bad.codes.to(torch.int16))
     with pytest.raises(TypeError, match="1-D uint8"):
         kernels.packed_linear(x, bad, None)
 
@@ -276,3 +277,10 @@ def test_fp32_dequantize_through_the_register_decode_is_bit_exact(fmt, shape):
     q.dequantize(out=out)
     assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
     assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+
+
+def test_register_decode_dequantize_checks_buffer_sizes_before_c():
+    q = ms.quantize(torch.randn(4, 64), "mxfp4", axis=-1)
+    object.__setattr__(q, "codes", torch.zeros(4, dtype=torch.uint8))   # forced past MXTensor's checks
+    with pytest.raises(ValueError, match="expected exactly 128 bytes.*replaced or resized"):
+        kernels.dequantize(q, torch.float32)

@@ -121,7 +121,7 @@ def _check(x: torch.Tensor, weight, bias: torch.Tensor | None) -> None:
                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
         if t.numel() != want:
             raise ValueError(f"weight.{name} of a {fmt.name} weight of shape {weight.shape} must hold {want} bytes, "
-                             f"got {t.numel()}")
+                             f"got {t.numel()}; was a component replaced or resized?")
         if not t.is_contiguous():
             raise ValueError(f"weight.{name} must be contiguous (packed storage), got strides {t.stride()}")
     if weight.micro is not None or weight.tensor_scale is not None:
@@ -223,9 +223,21 @@ def dequantize_rows(q, out: torch.Tensor | None, lib, threads: int) -> torch.Ten
         return None
     shape = q.shape
     k = fmt.block_size
-    if q.axis != len(shape) - 1 or shape[-1] % k or q.codes.device.type != "cpu" or not q.codes.is_contiguous() \
-            or not q.scales.is_contiguous() or q.scales.dtype != torch.uint8:
+    if q.axis != len(shape) - 1 or shape[-1] % k or q.codes.device.type != "cpu" or q.scales.dtype != torch.uint8 \
+            or q.codes.dtype != torch.uint8:
         return None
+    n_el = math.prod(shape)
+    for role, t, want in (("codes", q.codes, n_el * fmt.element.bits // 8), ("scales", q.scales, n_el // k),
+                          ("out", out, 4 * n_el)):
+        if t is None:
+            continue
+        where = f"microscale.kernels.dequantize: buffer {role!r}"
+        got = t.numel() * t.element_size()
+        if got != want:
+            raise ValueError(f"{where}: expected exactly {want} bytes, got {got} ({t.dtype} {tuple(t.shape)}); "
+                             "was a component replaced or resized?")
+        if not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{where}: expected a contiguous CPU tensor, got {t.device} strides {t.stride()}")
     if out is None:
         out = torch.empty(shape, dtype=torch.float32)
     rows = out.numel() // shape[-1] if shape[-1] else 0
