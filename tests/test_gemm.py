@@ -136,8 +136,9 @@ def test_nan_scale_blocks_and_saturated_codes_behave_as_dequantize(fmt):
     codes[6 * row_bytes: 7 * row_bytes] = 0xFF   # row 6: every code all ones (the most negative / NaN code)
     codes[5 * row_bytes: 5 * row_bytes + 4] = 0x77  # row 5: large codes under the largest scale
     q2 = ms.MXTensor(codes, scales, q.shape, q.axis, q.format)
+    g = torch.Generator().manual_seed(5)
     for batch in (1, 5, 20):
-        x = torch.randn(batch, 100)
+        x = torch.randn(batch, 100, generator=g)
         y = kernels.packed_linear(x, q2, None)
         ref = F.linear(x, q2.dequantize(), None)
         # row 5 holds huge finite weights whose products overflow: which of inf / NaN comes out depends on
@@ -148,7 +149,7 @@ def test_nan_scale_blocks_and_saturated_codes_behave_as_dequantize(fmt):
         assert torch.equal(torch.isinf(y[:, other]), torch.isinf(ref[:, other]))
         if bool(torch.isinf(q2.dequantize()[5]).any()):
             assert not bool(torch.isfinite(y[:, 5]).any())
-        finite = torch.isfinite(ref)
+        finite = torch.isfinite(ref) & other    # row 5's finite sums may overflow in another order
         _, mag = reference(x, q2, None)
         assert bool(((y - ref).abs()[finite] <= 1e-5 * mag[finite] + 1e-30).all())
         assert bool(torch.isnan(y[:, 3]).all())
