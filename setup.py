@@ -42,7 +42,8 @@ if _X86 and sys.platform != "win32":
     _cflags.append("-mprefer-vector-width=512")
 
 setup(
-    ext_modules=[Extension("microscale.kernels._mxkernels", ["src/microscale/kernels/_mxkernels.c"],
+    ext_modules=[Extension("microscale.kernels._mxkernels", ["src/microscale/kernels/_mxkernels.c",
+                                                               "src/microscale/kernels/_mxgemm.c"],
                            extra_compile_args=_cflags, optional=True)],
     cmdclass={"build_ext": BuildExt},
 )

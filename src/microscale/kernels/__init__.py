@@ -319,6 +319,11 @@ def dequantize(q, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.
     lib = _load()
     if lib is None:
         return None
+    if dtype == torch.float32 and q.micro is None:   # 4 / 6-bit elements along the last axis: register decode
+        from . import gemm
+        fast = gemm.dequantize_rows(q, out, lib, _threads(math.prod(q.shape)))
+        if fast is not None:
+            return fast
     if out is None:
         out = torch.empty(q.shape, dtype=dtype)
     if out.numel():
@@ -336,6 +341,8 @@ def dequantize(q, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.
 
 
 def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """Fused ``x · dequantize(weight)ᵀ + bias`` (arguments checked by the caller), or None when no fused
-    kernel covers the request (the caller then dequantizes the weight and runs F.linear)."""
-    return None
+    """Fused ``x · dequantize(weight)ᵀ + bias``, or None when no fused kernel covers the request (the
+    caller then dequantizes the weight and runs F.linear). See :mod:`microscale.kernels.gemm`: it checks
+    every argument the C code relies on and raises ValueError / TypeError before any C runs."""
+    from . import gemm
+    return gemm.packed_linear(x, weight, bias, _load())

@@ -541,6 +541,29 @@ AINLINE void rows_impl(const job_t *J, int64_t b0, int64_t b1, const int MODE, c
     }
 }
 
+/* Software prefetch of tile t's input rows (and, fake-quantize, its output rows for writing): a tile
+ * reads k row segments of TILE columns far apart in memory, more concurrent streams than the hardware
+ * prefetchers follow, so without this every segment waits for memory (axis-0 fake-quantize at ~2.5x a
+ * copy). One tile ahead covers the memory latency. */
+AINLINE void prefetch_tile(const job_t *J, int64_t t, int64_t ntile, const int MODE, const int DT) {
+    const int k = J->f.k;
+    const int64_t L = J->L, nb = J->nb, inner = J->inner;
+    int64_t it = t % ntile, ol = t / ntile, lb = ol % nb, o = ol / nb;
+    int64_t i0 = it * TILE;
+    int w = (int)((inner - i0) < TILE ? (inner - i0) : TILE);
+    int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
+    const int es = DT == DT_F32 ? 4 : 2;
+    const char *in = (const char *)J->in, *out = (const char *)J->out;
+    int64_t base = (o * L + lb * k) * inner + i0;
+    for (int j = 0; j < n; j++) {
+        int64_t off = (base + j * inner) * es;
+        for (int c = 0; c < w * es; c += 64) {
+            __builtin_prefetch(in + off + c, 0, 3);
+            if (MODE == 0) __builtin_prefetch(out + off + c, 1, 3);
+        }
+    }
+}
+
 /* Tiles for inner > 1: item t = ((o * nb) + lb) * ntile + it covers rows [lb*k, lb*k+k) and columns
  * [it*TILE, ...) of outer slice o. */
 AINLINE void tiles_impl(const job_t *J, int64_t t0, int64_t t1, const int MODE, const int DT, const int RND) {
@@ -559,6 +582,7 @@ AINLINE void tiles_impl(const job_t *J, int64_t t0, int64_t t1, const int MODE, 
         int w = (int)((inner - i0) < TILE ? (inner - i0) : TILE);
         int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
         int64_t base = (o * L + lb * k) * inner + i0;     /* flat index of (o, lb*k, i0) */
+        if (t + 1 < t1) prefetch_tile(J, t + 1, ntile, MODE, DT);
         for (int c = 0; c < w; c++) amax[c] = 0;
         for (int j = 0; j < n; j++) {
 #pragma omp simd
@@ -1566,7 +1590,12 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_mxkernels", "MX quantization kernels (C)", -1,
                                     methods, NULL, NULL, NULL, NULL};
 
+/* _mxgemm.c (fused packed-weight GEMV / GEMM tiles) adds its functions to this module. */
+int mxgemm_add_functions(PyObject *module);
+
 PyMODINIT_FUNC PyInit__mxkernels(void) {
     select_isa();
-    return PyModule_Create(&moddef);
+    PyObject *m = PyModule_Create(&moddef);
+    if (m && mxgemm_add_functions(m) < 0) { Py_DECREF(m); return NULL; }
+    return m;
 }

@@ -1,0 +1,287 @@
+"""Fused packed-weight linear (microscale.kernels.gemm, _mxgemm.c) against F.linear on the dequantized weight.
+
+The fused kernels decode every weight exactly (w = v(code) * 2^X, the value dequantize() gives), so they
+differ from ``F.linear(x, dequantize(W), b)`` only by fp32 summation order: the tolerance is relative to
+``|x| @ |W|ᵀ + |b|`` (the scale of the rounding error of any summation order).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import microscale as ms
+from microscale import kernels
+from microscale.kernels import gemm
+
+COVERED = ["mxfp4_e2m1", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp8_e4m3", "mxfp8_e5m2", "mxint8"]
+BATCHES = [1, 2, 7, 8, 9, 64, 300]
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="C kernels not built")
+
+
+def reference(x, q, bias):
+    """F.linear in fp32 on the dequantized weight, and the magnitude scale of its rounding error."""
+    w = q.dequantize(torch.float32)
+    xf = x.float()
+    ref = F.linear(xf, w, None if bias is None else bias.float())
+    mag = F.linear(xf.abs(), w.abs(), None if bias is None else bias.float().abs())
+    return ref, mag
+
+
+def assert_close_to_reference(y, x, q, bias, rel):
+    ref, mag = reference(x, q, bias)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    err = (y.float() - ref).abs()
+    assert bool((err <= rel * mag + 1e-30).all()), float((err / (mag + 1e-30)).max())
+
+
+def weight(fmt, n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # a spread of block magnitudes, so blocks get different scales
+    w = torch.randn(n, k, generator=g) * torch.exp2(torch.randint(-6, 6, (n, 1), generator=g).float())
+    return ms.quantize(w, fmt, axis=1)
+
+
+@pytest.mark.parametrize("fmt", COVERED)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_fused_equals_linear_on_dequantized_weight(fmt, batch):
+    g = torch.Generator().manual_seed(batch)
+    for k, with_bias in ((100, True), (288, False), (544, True)):   # 100 and 544: ragged; 544: 4 chunks + 1 block
+        q = weight(fmt, 37, k, seed=k)
+        x = torch.randn(batch, k, generator=g)
+        b = torch.randn(37, generator=g) if with_bias else None
+        y = kernels.packed_linear(x, q, b)
+        assert y is not None, "the fused kernel must cover this format"
+        assert_close_to_reference(y, x, q, b, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_tiles_cover_every_row(monkeypatch, dtype):
+    """The GEMM path decodes the weight a tile of rows at a time: several tiles and a ragged last one."""
+    monkeypatch.setattr(gemm, "TILE_BYTES", 16 * 4 * 128)   # 16 rows of K = 128 per tile
+    q = weight("mxfp6_e3m2", 37, 128)
+    x = torch.randn(20, 128).to(dtype)
+    b = torch.randn(37)
+    y = kernels.packed_linear(x, q, b)
+    ref, mag = reference(x, q, b)
+    rel = 1e-5 if dtype == torch.float32 else 2.0 ** -7
+    assert y.dtype == dtype and bool(((y.float() - ref).abs() <= rel * mag).all())
+
+
+@pytest.mark.parametrize("fmt", COVERED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 9])
+def test_half_precision_inputs(fmt, dtype, batch):
+    """bf16 / fp16 x: computed in fp32, returned in x's dtype (one rounding of the fp32 result)."""
+    q = weight(fmt, 19, 96)
+    x = torch.randn(batch, 96).to(dtype)
+    b = torch.randn(19).to(dtype)
+    y = kernels.packed_linear(x, q, b)
+    assert y.dtype == dtype
+    ref, mag = reference(x, q, b)
+    assert bool(((y.float() - ref).abs() <= 2.0 ** -7 * mag).all())
+    # and within bf16 / fp16 tolerance of F.linear run in x's own dtype
+    y16 = F.linear(x, q.dequantize(dtype), b)
+    assert bool(((y.float() - y16.float()).abs() <= 2.0 ** -6 * mag + 1e-3).all())
+
+
+def test_public_verb_uses_the_fused_kernel(monkeypatch):
+    q = weight("mxfp4", 33, 64)
+    x = torch.randn(2, 3, 64)
+    b = torch.randn(33)
+    called = []
+    real = gemm.packed_linear
+    monkeypatch.setattr(gemm, "packed_linear", lambda *a: called.append(1) or real(*a))
+    y = ms.packed_linear(x, q, b)
+    assert called and y.shape == (2, 3, 33)
+    assert_close_to_reference(y, x, q, b, 1e-5)
+
+
+def test_gemv_threads_do_not_change_the_bits():
+    """Each output row is summed by one thread in a fixed order: 1 thread and all threads agree bit for bit."""
+    q = weight("mxfp6_e2m3", 4096, 256)
+    x = torch.randn(3, 256)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = kernels.packed_linear(x, q, None)
+        torch.set_num_threads(max(2, old))
+        y2 = kernels.packed_linear(x, q, None)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(y1.view(torch.int32), y2.view(torch.int32))
+
+
+def test_non_contiguous_and_empty_inputs():
+    q = weight("mxfp8_e4m3", 10, 64)
+    x = torch.randn(64, 5).t()            # non-contiguous view
+    assert_close_to_reference(kernels.packed_linear(x, q, None), x, q, None, 1e-5)
+    y = kernels.packed_linear(torch.empty(0, 64), q, None)
+    assert y.shape == (0, 10)
+
+
+@pytest.mark.parametrize("fmt", COVERED)
+def test_nan_scale_blocks_and_saturated_codes_behave_as_dequantize(fmt):
+    q = weight(fmt, 12, 100)
+    scales = q.scales.clone()
+    scales[3 * 4 + 1] = 255            # row 3, second block: NaN scale
+    scales[5 * 4] = 254                # row 5, first block: the largest scale, 2^127
+    scales[7 * 4 + 2] = 0              # row 7: the smallest scale, 2^-127 (subnormal weights)
+    codes = q.codes.clone()
+    row_bytes = q.codes.numel() // 12
+    codes[6 * row_bytes: 7 * row_bytes] = 0xFF   # row 6: every code all ones (the most negative / NaN code)
+    codes[5 * row_bytes: 5 * row_bytes + 4] = 0x77  # row 5: large codes under the largest scale
+    q2 = ms.MXTensor(codes, scales, q.shape, q.axis, q.format)
+    g = torch.Generator().manual_seed(5)
+    for batch in (1, 5, 20):
+        x = torch.randn(batch, 100, generator=g)
+        y = kernels.packed_linear(x, q2, None)
+        ref = F.linear(x, q2.dequantize(), None)
+        # row 5 holds huge finite weights whose products overflow: which of inf / NaN comes out depends on
+        # the summation order (FMA or not), so only its finite answers and its inf weights are compared
+        other = torch.ones(12, dtype=torch.bool)
+        other[5] = False
+        assert torch.equal(torch.isnan(y[:, other]), torch.isnan(ref[:, other])), (batch, y[:, 3], ref[:, 3])
+        assert torch.equal(torch.isinf(y[:, other]), torch.isinf(ref[:, other]))
+        if bool(torch.isinf(q2.dequantize()[5]).any()):
+            assert not bool(torch.isfinite(y[:, 5]).any())
+        finite = torch.isfinite(ref) & other    # row 5's finite sums may overflow in another order
+        _, mag = reference(x, q2, None)
+        assert bool(((y - ref).abs()[finite] <= 1e-5 * mag[finite] + 1e-30).all())
+        assert bool(torch.isnan(y[:, 3]).all())
+
+
+def test_formats_not_covered_return_none():
+    x = torch.randn(2, 64)
+    for fmt in ("mx6", "mx9", "nvfp4"):
+        q = ms.quantize(torch.randn(8, 64), fmt, axis=1)
+        assert kernels.packed_linear(x, q, None) is None
+        # the public verb still answers, through dequantize + F.linear
+        assert torch.allclose(ms.packed_linear(x, q), F.linear(x, q.dequantize()))
+
+
+def test_inputs_that_need_gradients_fall_back_to_a_differentiable_linear():
+    q = weight("mxfp4", 8, 64)
+    x = torch.randn(3, 64, requires_grad=True)
+    assert kernels.packed_linear(x, q, None) is None
+    y = ms.packed_linear(x, q)
+    y.sum().backward()
+    assert torch.allclose(x.grad, q.dequantize().sum(0).expand(3, 64))
+    with torch.no_grad():
+        assert kernels.packed_linear(x, q, None) is not None
+
+
+def test_non_cpu_tensors_are_not_covered():
+    q = weight("mxfp4", 8, 64)
+    assert kernels.packed_linear(torch.randn(2, 64, device="meta"), q, None) is None
+
+
+def test_bad_calls_raise_before_any_c_runs():
+    q = weight("mxfp4", 8, 64)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 64\]"):
+        kernels.packed_linear(torch.randn(2, 63), q, None)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16.*int64"):
+        kernels.packed_linear(torch.ones(2, 64, dtype=torch.int64), q, None)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16.*float64"):
+        kernels.packed_linear(x.double(), q, None)
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        kernels.packed_linear(x, q, torch.randn(9))
+    with pytest.raises(TypeError, match="bias must be a floating-point"):
+        kernels.packed_linear(x, q, torch.ones(8, dtype=torch.int32))
+    with pytest.raises(TypeError, match="weight must be an MXTensor"):
+        kernels.packed_linear(x, torch.randn(8, 64), None)
+    qa = ms.quantize(torch.randn(64, 8), "mxfp4", axis=0)
+    with pytest.raises(ValueError, match="blocked along axis 1"):
+        kernels.packed_linear(x, qa, None)
+    # storage that no longer matches the shape and format (forced past MXTensor's own checks, which a
+    # caller of the kernels may not have run)
+    bad = weight("mxfp4", 8, 64)
+    object.__setattr__(bad, "codes", bad.codes[:-1])
+    with pytest.raises(ValueError, match="codes .* must hold 256 bytes, got 255"):
+        kernels.packed_linear(x, bad, None)
+    bad = weight("mxfp4", 8, 64)
+    object.__setattr__(bad, "scales", bad.scales[:-2])
+    with pytest.raises(ValueError, match="scales .* must hold 16 bytes, got 14"):
+        kernels.packed_linear(x, bad, None)
+    bad = weight("mxfp4", 8, 64)
+    object.__setattr__(bad, "codes", torch.zeros(512, dtype=torch.uint8)[::2])
+    with pytest.raises(ValueError, match="codes must be contiguous"):
+        kernels.packed_linear(x, bad, None)
+    bad = weight("mxfp4", 8, 64)
+    object.__setattr__(bad, "codes", bad.codes.to(torch.int16))
+    with pytest.raises(TypeError, match="1-D uint8"):
+        kernels.packed_linear(x, bad, None)
+
+
+_VARIANT_CHECK = r"""
+import torch, torch.nn.functional as F
+import microscale as ms
+from microscale import kernels
+torch.manual_seed(0)
+for fmt in %r:
+    for batch in (1, 2, 5, 8, 9, 40):
+        for k in (100, 544):
+            w = torch.randn(21, k) * torch.exp2(torch.randint(-6, 6, (21, 1)).float())
+            q = ms.quantize(w, fmt, axis=1)
+            x, b = torch.randn(batch, k), torch.randn(21)
+            y = kernels.packed_linear(x, q, b)
+            wd = q.dequantize()
+            ref, mag = F.linear(x, wd, b), F.linear(x.abs(), wd.abs(), b.abs())
+            assert bool(((y - ref).abs() <= 1e-5 * mag).all()), (fmt, batch, k)
+from microscale.layout import from_blocks
+from microscale.reference import cast_values, dequantize_blocks
+for fmt in ("mxfp4_e2m1", "mxfp6_e3m2"):
+    f = ms.get_format(fmt)
+    q = ms.MXTensor(torch.randint(0, 256, (6 * 64 * f.element.bits // 8,), dtype=torch.uint8),
+                    torch.randint(0, 256, (12,), dtype=torch.uint8), (6, 64), 1, f)
+    ref = cast_values(from_blocks(dequantize_blocks(q.to_blocks(), f), q.layout), torch.float32)
+    assert torch.equal(q.dequantize().view(torch.int32), ref.view(torch.int32)), fmt
+print(kernels._load().gemm_info()["isa"])
+""" % (COVERED,)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_every_compiled_isa_variant(isa):
+    """The default run above uses the best variant of this CPU; the others only when capped."""
+    env = dict(os.environ, MICROSCALE_KERNELS_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", _VARIANT_CHECK], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = out.stdout.strip().splitlines()[-1]
+    assert got == isa or (isa == "avx2" and got == "baseline")   # a CPU without AVX2 falls back
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4_e2m1", "mxfp6_e3m2", "mxfp6_e2m3"])
+@pytest.mark.parametrize("shape", [(7, 64), (3, 2, 96), (1, 32)])
+def test_fp32_dequantize_through_the_register_decode_is_bit_exact(fmt, shape):
+    """4- / 6-bit dequantize along the last axis (whole blocks) takes the GEMV's decode: bit for bit the
+    reference, for every code and the extreme and NaN scale codes, allocating and with out=."""
+    from microscale.layout import from_blocks
+    from microscale.reference import cast_values, dequantize_blocks
+    f = ms.get_format(fmt)
+    g = torch.Generator().manual_seed(len(shape))
+    n_el = 1
+    for s in shape:
+        n_el *= s
+    codes = torch.randint(0, 256, (n_el * f.element.bits // 8,), dtype=torch.uint8, generator=g)
+    scales = torch.randint(0, 256, (n_el // 32,), dtype=torch.uint8, generator=g)
+    scales[: min(4, scales.numel())] = torch.tensor([0, 254, 255, 127], dtype=torch.uint8)[: min(4, scales.numel())]
+    q = ms.MXTensor(codes, scales, shape, len(shape) - 1, f)
+    assert gemm.dequantize_rows(q, None, kernels._load(), 1) is not None   # this path is the one under test
+    ref = cast_values(from_blocks(dequantize_blocks(q.to_blocks(), f), q.layout), torch.float32)
+    got = q.dequantize()
+    out = torch.empty(shape)
+    q.dequantize(out=out)
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+
+
+def test_register_decode_dequantize_checks_buffer_sizes_before_c():
+    q = ms.quantize(torch.randn(4, 64), "mxfp4", axis=-1)
+    object.__setattr__(q, "codes", torch.zeros(4, dtype=torch.uint8))   # forced past MXTensor's checks
+    with pytest.raises(ValueError, match="expected exactly 128 bytes.*replaced or resized"):
+        kernels.dequantize(q, torch.float32)
