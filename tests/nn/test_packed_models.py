@@ -55,7 +55,9 @@ def test_packed_model_runs_shrinks_matches_fake_quant_and_round_trips(name, tmp_
         for m in fake.modules():
             if isinstance(m, nn.Embedding) and id(m.weight) in gemm_weights:
                 m.weight.copy_(ms.fake_quantize(m.weight, "mxfp4_e2m1", axis=1))
-    assert torch.equal(yq, zoo.run(fake, inputs))
+    # equal up to fp32 summation order: the fused GEMV (<= 8 rows) sums in another order than F.linear
+    yf = zoo.run(fake, inputs)
+    assert torch.allclose(yq, yf, rtol=1e-4, atol=1e-5), float((yq - yf).abs().max())
     assert 0 < float((yq - y).norm() / y.norm()) < 0.5
     for m in packed.modules():
         for n, p in m._parameters.items():

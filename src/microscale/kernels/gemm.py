@@ -28,6 +28,8 @@ import math
 import numpy as np
 import torch
 
+from . import checked_pointers  # the one place buffers are checked before C (kernels/__init__.py)
+
 __all__ = ["packed_linear", "dequantize_rows", "covers", "GEMV_MAX_ROWS", "TILE_BYTES"]
 
 #: Rows of x up to which the fused GEMV runs; more rows take the tiled GEMM path.
@@ -136,6 +138,12 @@ def _check(x: torch.Tensor, weight, bias: torch.Tensor | None) -> None:
             raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
 
 
+def _table_buffers(tab) -> list:
+    """The decode tables as checked_pointers buffers (lut32, lut16, scale table, in the C argument order)."""
+    return [(name, t, t.dtype, t.numel() * t.element_size())
+            for name, t in (("lut32", tab.lut32), ("lut16", tab.lut16), ("scl", tab.scl))]
+
+
 def _threads(nbytes: int) -> int:
     return torch.get_num_threads() if nbytes >= _PARALLEL_MIN_BYTES else 1
 
@@ -173,14 +181,17 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lib) -> to
     xf = xf.contiguous()
     codes, scales = weight.codes, weight.scales
     nt = _threads(codes.numel())
-    tables = (bits, tab.mode, tab.lut32.data_ptr(), tab.lut16.data_ptr(), tab.scl.data_ptr())
+    row_bytes = nb * k * bits // 8
     if m <= GEMV_MAX_ROWS:
         b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
         y = torch.empty(m, n_out, dtype=torch.float32)
-        lib.gemm_gemv(xf.data_ptr(), m, codes.data_ptr(), scales.data_ptr(), n_out, nb, k, *tables,
-                      0 if b32 is None else b32.data_ptr(), y.data_ptr(), nt)
+        px, pc, ps, pb, py, *pt = checked_pointers("gemm_gemv", [
+            ("x", xf, torch.float32, 4 * m * kp), ("codes", codes, torch.uint8, n_out * row_bytes),
+            ("scales", scales, torch.uint8, n_out * nb),
+            ("bias", b32, torch.float32, 0 if b32 is None else 4 * n_out), ("y", y, torch.float32, 4 * m * n_out),
+            *_table_buffers(tab)])
+        lib.gemm_gemv(px, m, pc, ps, n_out, nb, k, bits, tab.mode, *pt, pb, py, nt)
     else:
-        row_bytes = nb * k * bits // 8
         rows = max(16, min(n_out, (TILE_BYTES // (4 * kp)) // 16 * 16))
         tile = torch.empty(rows, kp, dtype=torch.float32)
         # bf16 x: the tile goes to bf16 (exact: every MX element times 2^X has at most 8 significant bits,
@@ -193,8 +204,11 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lib) -> to
             r = min(rows, n_out - n0)
             # one thread: the decode is ~5% of the tile's GEMM, and on a loaded machine handing it to a
             # second OpenMP team between BLAS calls cost 40x more than the decode itself (measured)
-            lib.gemm_decode(codes.data_ptr() + n0 * row_bytes, scales.data_ptr() + n0 * nb, r, nb, k, *tables,
-                            tile.data_ptr(), 1)
+            pc, ps, pt_, *pl = checked_pointers("gemm_decode", [
+                ("codes", codes[n0 * row_bytes:(n0 + r) * row_bytes], torch.uint8, r * row_bytes),
+                ("scales", scales[n0 * nb:(n0 + r) * nb], torch.uint8, r * nb),
+                ("tile", tile[:r], torch.float32, 4 * r * kp), *_table_buffers(tab)])
+            lib.gemm_decode(pc, ps, r, nb, k, bits, tab.mode, *pl, pt_, 1)
             if half:
                 tile_h[:r].copy_(tile[:r])
                 torch.mm(tile_h[:r], xt, out=yt[n0:n0 + r])
@@ -227,22 +241,12 @@ def dequantize_rows(q, out: torch.Tensor | None, lib, threads: int) -> torch.Ten
             or q.codes.dtype != torch.uint8:
         return None
     n_el = math.prod(shape)
-    for role, t, want in (("codes", q.codes, n_el * fmt.element.bits // 8), ("scales", q.scales, n_el // k),
-                          ("out", out, 4 * n_el)):
-        if t is None:
-            continue
-        where = f"microscale.kernels.dequantize: buffer {role!r}"
-        got = t.numel() * t.element_size()
-        if got != want:
-            raise ValueError(f"{where}: expected exactly {want} bytes, got {got} ({t.dtype} {tuple(t.shape)}); "
-                             "was a component replaced or resized?")
-        if not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError(f"{where}: expected a contiguous CPU tensor, got {t.device} strides {t.stride()}")
     if out is None:
         out = torch.empty(shape, dtype=torch.float32)
     rows = out.numel() // shape[-1] if shape[-1] else 0
     if rows:
-        lib.gemm_decode(q.codes.data_ptr(), q.scales.data_ptr(), rows, shape[-1] // k, k, fmt.element.bits,
-                        tab.mode, tab.lut32.data_ptr(), tab.lut16.data_ptr(), tab.scl.data_ptr(), out.data_ptr(),
-                        threads)
+        pc, ps, po, *pl = checked_pointers("dequantize", [
+            ("codes", q.codes, torch.uint8, n_el * fmt.element.bits // 8), ("scales", q.scales, torch.uint8, n_el // k),
+            ("out", out, torch.float32, 4 * n_el), *_table_buffers(tab)])
+        lib.gemm_decode(pc, ps, rows, shape[-1] // k, k, fmt.element.bits, tab.mode, *pl, po, threads)
     return out
