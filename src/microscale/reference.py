@@ -229,7 +229,7 @@ def quantize_blocks(blocks: torch.Tensor, fmt: BlockFormat, rounding: str = "eve
             raise ValueError(f"compat={compat!r} applies to single-level MX formats only, not {fmt.name!r}")
         return quantize_blocks_bdr(blocks, fmt, rounding, scale_mode, u, group_size)
     check_rounding(rounding)
-    scale_mode = check_scale_mode(scale_mode or fmt.scale_mode)
+    scale_mode = check_scale_mode(scale_mode or "floor")
     if compat not in COMPAT_MODES:
         raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
     elem, scale = fmt.element, fmt.scale
@@ -362,7 +362,7 @@ def quantize_blocks_bdr(blocks: torch.Tensor, fmt: BlockFormat, rounding: str = 
     if fmt.element is None:
         raise ValueError("format 'none' does not quantize")
     check_rounding(rounding)
-    scale_mode = check_scale_mode(scale_mode or fmt.scale_mode)
+    scale_mode = check_scale_mode(scale_mode or "floor")
     v = blocks.to(torch.float64)
     if v.dim() != 2:
         raise ValueError(f"blocks must be [n_blocks, block_size], got shape {tuple(v.shape)}")
