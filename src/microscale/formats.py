@@ -122,6 +122,10 @@ class ElementFormat:
     encoding: Literal["twos", "sign_magnitude"] = "twos"
 
     def __post_init__(self):
+        if self.specials not in ("ieee", "nan_only", "finite"):
+            raise ValueError(f"specials must be 'ieee', 'nan_only' or 'finite', got {self.specials!r}")
+        if self.encoding not in ("twos", "sign_magnitude"):
+            raise ValueError(f"encoding must be 'twos' or 'sign_magnitude', got {self.encoding!r}")
         if self.kind == "fp":
             if self.ebits < 1 or self.mbits < 0:
                 raise ValueError(f"fp element {self.name!r} needs ebits >= 1 and mbits >= 0, got "
@@ -250,6 +254,8 @@ class ScaleFormat:
     element: ElementFormat | None = None
 
     def __post_init__(self):
+        if self.kind not in ("e8m0", "fp", "fp32", "uint"):
+            raise ValueError(f"scale kind must be 'e8m0', 'fp', 'fp32' or 'uint', got {self.kind!r}")
         if self.kind == "e8m0" and not 2 <= self.bits <= 8:
             raise ValueError(f"exponent scale needs 2..8 bits, got {self.bits}")
         if self.kind == "fp" and self.element is None:
