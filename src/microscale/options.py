@@ -8,12 +8,15 @@ reference.py's module docstring (OCP MX v1.0 §6.3 for "even" rounding and "floo
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .formats import COMPAT_MODES, Rounding, ScaleMode
+from .layout import BlockLayout, to_blocks
 
 __all__ = ["COMPAT_MODES", "check_rounding", "check_scale_mode", "check_compat", "draw_seed", "resolve_seed",
-           "stochastic_uniform"]
+           "stochastic_uniform", "element_uniforms"]
 
 _M32 = 0xFFFFFFFF
 
@@ -65,3 +68,10 @@ def stochastic_uniform(seed, index: torch.Tensor) -> torch.Tensor:
     h = h ^ (h >> 15)
     h = (h * 0x846CA68B) & _M32
     return h ^ (h >> 16)
+
+
+def element_uniforms(x_shape, layout: BlockLayout, seed: int) -> torch.Tensor:
+    """:func:`stochastic_uniform` offsets of every element of a tensor of ``x_shape``, in the blocked order
+    of ``layout`` (layout.py), each indexed by the element's flat position in the input tensor (CPU)."""
+    idx = torch.arange(math.prod(x_shape), dtype=torch.int64).reshape(x_shape)
+    return stochastic_uniform(seed, to_blocks(idx, layout))

@@ -29,9 +29,8 @@ import torch
 
 from .backends import select_dequantize
 from .formats import BlockFormat, get_format
-from .layout import BlockLayout, as_int, from_blocks, make_layout, normalize_axis
+from .layout import BlockLayout, QuantizedBlocks, as_int, from_blocks, make_layout, normalize_axis
 from .packing import pack_codes, packed_nbytes, unpack_codes
-from .reference import QuantizedBlocks
 
 __all__ = ["MXTensor", "COMPONENTS", "component_specs", "check_out", "check_shape", "MAX_DIM"]
 
