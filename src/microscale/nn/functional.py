@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quantize import fake_quantize
-from ..reference import draw_seed
+from ..options import draw_seed
 from .packed import PackedWeight
 from .recipe import OperandSpec, Recipe, get_recipe
 
