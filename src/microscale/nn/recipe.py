@@ -128,8 +128,8 @@ def _spec(x) -> OperandSpec:
 class Recipe:
     """Per-operand, per-pass formats for quantized training and inference (see module docstring).
 
-    Fields may be given as format names; they are turned into :class:`OperandSpec` with default
-    rounding. Build common shapes with :meth:`uniform` and :meth:`from_formats`.
+    Fields may be given as format names, BlockFormat objects (registered or not) or QuantSpecs; they are
+    turned into :class:`OperandSpec` (default rounding for names and formats). Build common shapes with :meth:`uniform` and :meth:`from_formats`.
     """
 
     fwd_input: OperandSpec = NONE
@@ -152,7 +152,7 @@ class Recipe:
 
     # ---- constructors ---------------------------------------------------------------------------
     @classmethod
-    def uniform(cls, fmt: str, rounding: str = "even", scale_mode: str | None = None,
+    def uniform(cls, fmt: str | BlockFormat, rounding: str = "even", scale_mode: str | None = None,
                 grad_rounding: str | None = None, elementwise: str = "fp32", seed: int | None = None,
                 name: str | None = None) -> "Recipe":
         """The same format for every operand; ``grad_rounding`` (default: ``rounding``) for dY."""
@@ -161,7 +161,8 @@ class Recipe:
                                 name=name or get_format(fmt).name)
 
     @classmethod
-    def from_formats(cls, weight: str, activation: str, grad: str, rounding: str = "even",
+    def from_formats(cls, weight: str | BlockFormat, activation: str | BlockFormat, grad: str | BlockFormat,
+                     rounding: str = "even",
                      scale_mode: str | None = None, grad_rounding: str | None = None,
                      elementwise: str = "fp32", seed: int | None = None, name: str = "custom") -> "Recipe":
         """Weights (both passes) in ``weight``, activations (both passes) in ``activation``, output
@@ -173,7 +174,7 @@ class Recipe:
                    wgrad_input=a, elementwise=elementwise, seed=seed, name=name)
 
     @classmethod
-    def weight_only(cls, weight: str, rounding: str = "even", scale_mode: str | None = None,
+    def weight_only(cls, weight: str | BlockFormat, rounding: str = "even", scale_mode: str | None = None,
                     elementwise: str = "fp32", name: str | None = None) -> "Recipe":
         """Weights in ``weight`` (fwd_weight and dgrad_weight); every activation and gradient operand
         "none", so activations keep their dtype (BF16 included) and attention matmuls are untouched."""
