@@ -194,3 +194,20 @@ def test_unregistered_format_trains_packs_saves_loads_and_compiles(fmt, tmp_path
     torch._dynamo.reset()
     explained = torch._dynamo.explain(fresh)(x)
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (lambda s: s.update(subblock_size=0), "subblock_size must be >= 1"),
+    (lambda s: s.update(micro_bits=9), "micro_bits <= 8"),
+    (lambda s: s["element"].update(kind=True), "element.kind must be a string"),
+    (lambda s: s["element"].update(specials="weird"), "specials must be"),
+    (lambda s: s["scale"].update(kind="e9m0"), "scale kind must be"),
+    (lambda s: s.pop("block_size"), "exactly the fields"),
+    (lambda s: s.update(block_size=2.0), "block_size must be a string or a small integer"),
+])
+def test_a_stored_spec_that_is_not_a_format_is_refused(change, pattern):
+    spec = ms.io.format_spec(TWO_LEVEL)
+    assert ms.io.format_from_spec("fresh_name", spec) == dataclasses.replace(TWO_LEVEL, name="fresh_name")
+    change(spec)
+    with pytest.raises(ValueError, match=pattern):
+        ms.io.format_from_spec("fresh_name", spec)

@@ -329,6 +329,10 @@ class BlockFormat:
         if self.block_size is not None and self.block_size < 0:
             raise ValueError(f"block_size must be >= 0 or None, got {self.block_size}")
         if self.subblock_size is not None:
+            if self.subblock_size < 1:
+                raise ValueError(f"subblock_size must be >= 1 or None, got {self.subblock_size}")
+            if not 1 <= self.micro_bits <= 8:
+                raise ValueError(f"a second level needs 1 <= micro_bits <= 8, got {self.micro_bits}")
             if not self.block_size or self.block_size % self.subblock_size:
                 raise ValueError(f"subblock_size {self.subblock_size} must divide block_size {self.block_size}")
             if self.micro_bits < 1:

@@ -90,6 +90,7 @@ __all__ = [
     "spec_of",
     "component_specs",
     "format_spec",
+    "format_from_spec",
     "verify_file",
     "sweep_stale_temp_files",
     "CHECKSUMS",
@@ -245,15 +246,15 @@ def format_spec(fmt: BlockFormat) -> dict:
     return {k: v for k, v in _spec(fmt).items() if k not in _NOT_DECODING}
 
 
-def _build(cls, spec, what: str, skip=()):
-    """An instance of dataclass ``cls`` from its stored spec: exactly the compared fields (minus
-    ``skip``), scalars as JSON strings / integers / null, nested element and scale formats built alike."""
+def _build(cls, spec, what: str, **given):
+    """An instance of dataclass ``cls`` from its stored spec: exactly the compared fields (minus those
+    ``given`` as keyword arguments), scalars as JSON strings / integers / null, nested element and scale formats built alike."""
     if not isinstance(spec, dict):
         raise ValueError(f"{what} must be an object, got {spec!r:.60}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.compare and f.name not in skip}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.compare and f.name not in given}
     if set(spec) != set(fields):
         raise ValueError(f"{what} must give exactly the fields {sorted(fields)}, got {sorted(spec)}")
-    kwargs = {}
+    kwargs = dict(given)
     for name, value in spec.items():
         if name == "element" and value is not None:
             value = _build(ElementFormat, value, f"{what}.{name}")
@@ -264,7 +265,7 @@ def _build(cls, spec, what: str, skip=()):
         kwargs[name] = value
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:
         raise ValueError(f"{what} is not a valid {cls.__name__}: {e}") from None
 
 
@@ -281,7 +282,7 @@ def format_from_spec(name: str, spec: dict) -> BlockFormat:
         if diff:
             raise ValueError(f"format {known.name!r} in the file differs from the registered one ({diff})")
         return known
-    fmt = _build(BlockFormat, {"name": name, **spec} if isinstance(spec, dict) else spec, "spec")
+    fmt = _build(BlockFormat, spec, "spec", name=name)
     diff = _spec_diff(spec, _stored_spec(fmt))
     if diff:  # e.g. a value of the wrong JSON type that the constructor accepted
         raise ValueError(f"spec does not describe a format exactly ({diff})")
