@@ -211,3 +211,15 @@ def test_a_stored_spec_that_is_not_a_format_is_refused(change, pattern):
     change(spec)
     with pytest.raises(ValueError, match=pattern):
         ms.io.format_from_spec("fresh_name", spec)
+
+
+def test_operand_spec_holds_any_format_and_survives_copies():
+    spec = mnn.OperandSpec(TWO_LEVEL, "away", "rceil")
+    assert spec.block_format is TWO_LEVEL and spec.format == format_key(TWO_LEVEL)
+    assert str(spec) == f"{TWO_LEVEL.name}/away/scale=rceil"
+    assert mnn.OperandSpec(spec.quant) == spec and mnn.OperandSpec(quant=spec.quant) == spec
+    other = QuantSpec.resolve("mxfp4")
+    assert dataclasses.replace(spec, quant=other).quant is other
+    recipe = mnn.Recipe.from_formats(TWO_LEVEL, "mxfp6", TENSOR_SCALED, name="mine")
+    assert pickle.loads(pickle.dumps(recipe)) == recipe
+    assert recipe.fwd_weight == spec.__class__(TWO_LEVEL) and recipe.dgrad_grad_output.block_format == TENSOR_SCALED

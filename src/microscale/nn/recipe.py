@@ -60,7 +60,11 @@ class OperandSpec:
     quant: QuantSpec
 
     def __init__(self, format: "str | BlockFormat | QuantSpec" = "none", rounding: "str | Rounding" = "even",
-                 scale_mode: "str | ScaleMode | None" = None):
+                 scale_mode: "str | ScaleMode | None" = None, *, quant: QuantSpec | None = None):
+        if quant is not None:  # the field itself (dataclasses.replace(spec, quant=...))
+            if not isinstance(quant, QuantSpec) or (format, rounding, scale_mode) != ("none", "even", None):
+                raise TypeError("quant= takes a QuantSpec, alone")
+            format = quant
         if isinstance(format, QuantSpec):
             if (rounding, scale_mode) != ("even", None):
                 raise ValueError("give the options inside the QuantSpec, not next to it")
