@@ -30,12 +30,12 @@ import torch
 
 from . import __version__
 from .bdr.qsnr import qsnr_of
-from .formats import ROUNDINGS, SCALE_MODES, BlockFormat, get_format, list_formats
+from .formats import ROUNDINGS, SCALE_MODES, BlockFormat, QuantSpec, get_format, list_formats
 from .io import MXSpec, PlainSpec, SafetensorsReader, SafetensorsWriter, load_file, save_file, verify_file
 from .layout import make_layout
 from .packing import unpack_codes
 from .quantize import quantize
-from .tensor import MXTensor
+from .tensor import COMPONENTS, MXTensor
 
 __all__ = ["main", "Command", "COMMANDS", "register_command", "format_table", "code_stats"]
 
@@ -169,7 +169,7 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave tensors with fewer than N elements as they are (default 0)")
     p.add_argument("--rounding", choices=ROUNDINGS, default="even", help="element rounding (default even)")
     p.add_argument("--scale-mode", choices=SCALE_MODES, default=None,
-                   help="shared-scale rule (default: the format's, floor for OCP MX)")
+                   help="shared-scale rule (default floor, OCP MX v1.0 §6.3)")
     p.add_argument("--seed", type=int, default=0, help="seed for --rounding stochastic (default 0)")
 
 
@@ -292,7 +292,8 @@ def _run_quantize(args) -> int:
                 e = header.entries[name]
                 specs[name] = PlainSpec(e.dtype, e.shape)
         rows, before_total, after_total = [], 0, 0
-        seed = args.seed if args.rounding == "stochastic" else None
+        spec = QuantSpec.resolve(fmt, args.rounding, args.scale_mode)   # resolved once for every tensor
+        seed = args.seed if spec.rounding == "stochastic" else None
         with SafetensorsWriter(args.output, specs, header.user_metadata) as writer, \
                 tqdm(names, unit="tensor", desc=f"quantize {fmt.name}", disable=None, leave=False) as bar:
             for name in bar:
@@ -301,8 +302,7 @@ def _run_quantize(args) -> int:
                 if name in convert:
                     shape, axis = convert[name]
                     t0 = time.perf_counter()
-                    q = quantize(x.reshape(shape), fmt, axis=axis, rounding=args.rounding,
-                                 scale_mode=args.scale_mode, seed=seed)
+                    q = quantize(x.reshape(shape), spec, axis=axis, seed=seed)
                     elapsed_ms = (time.perf_counter() - t0) * 1e3
                     writer.write(name, q)
                     qsnr = _fmt_db(qsnr_of(x.reshape(shape), q.dequantize()))
@@ -466,7 +466,7 @@ def _file_code_stats(reader: SafetensorsReader, entry, chunk_elements: int | Non
     for it in (codes_it, scales_it):  # finish both: the checksum verdict comes after the last piece
         for _ in it:
             pass
-    for suffix in ("micro", "tensor_scale"):
+    for suffix in COMPONENTS[2:]:   # micro, tensor_scale
         if suffix in entry.components:
             reader.get_stored(entry.components[suffix])
     return acc.result()
@@ -613,7 +613,7 @@ def _same(a, b) -> bool:
     """Bit-for-bit equality of two saved/loaded tensors (MXTensor or plain)."""
     if isinstance(a, MXTensor):
         return (isinstance(b, MXTensor) and a.format == b.format and a.shape == b.shape and a.axis == b.axis
-                and all(_same(getattr(a, c), getattr(b, c)) for c in ("codes", "scales", "micro", "tensor_scale")))
+                and all(_same(getattr(a, c), getattr(b, c)) for c in COMPONENTS))
     if a is None or b is None:
         return a is None and b is None
     return (a.dtype == b.dtype and a.shape == b.shape

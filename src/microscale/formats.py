@@ -13,6 +13,9 @@ Sources:
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import hashlib
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -43,12 +46,53 @@ __all__ = [
     "register_format",
     "ROUNDINGS",
     "SCALE_MODES",
+    "COMPAT_MODES",
+    "Rounding",
+    "ScaleMode",
+    "QuantSpec",
+    "format_key",
 ]
 
-#: Element rounding modes accepted everywhere (see reference.py for their definitions).
-ROUNDINGS = ("even", "away", "zero", "stochastic")
-#: Shared-scale selection rules (see reference.py for their definitions and sources).
-SCALE_MODES = ("floor", "ceil", "even", "rceil")
+
+class _Choice(enum.StrEnum):
+    """A string-valued option: members equal (and hash like) their strings, ``str()`` is the value, and
+    a bad value raises ValueError listing the choices."""
+
+    @classmethod
+    def _missing_(cls, value):
+        what = "".join("_" + c.lower() if c.isupper() else c for c in cls.__name__).lstrip("_")
+        raise ValueError(f"{what} must be one of {tuple(m.value for m in cls)}, got {value!r}")
+
+    @classmethod
+    def parse(cls, value):
+        """``value`` (a member or its string) as a member; ValueError listing the choices otherwise."""
+        return cls(value)
+
+
+class Rounding(_Choice):
+    """Element rounding modes (defined in reference.py's module docstring; "even" is OCP MX v1.0 §6.3)."""
+
+    EVEN = "even"
+    AWAY = "away"
+    ZERO = "zero"
+    STOCHASTIC = "stochastic"
+
+
+class ScaleMode(_Choice):
+    """Shared-scale selection rules for power-of-two scales (reference.py; "floor" is OCP MX v1.0 §6.3)."""
+
+    FLOOR = "floor"
+    CEIL = "ceil"
+    EVEN = "even"
+    RCEIL = "rceil"
+
+
+#: Element rounding modes accepted everywhere (the values of :class:`Rounding`, in the C kernels' order).
+ROUNDINGS = tuple(m.value for m in Rounding)
+#: Shared-scale selection rules (the values of :class:`ScaleMode`, in the C kernels' order).
+SCALE_MODES = tuple(m.value for m in ScaleMode)
+#: Numerics compatibility modes: None (this library, OCP-exact) or "microxcaling".
+COMPAT_MODES = (None, "microxcaling")
 
 
 @dataclass(frozen=True)
@@ -78,6 +122,10 @@ class ElementFormat:
     encoding: Literal["twos", "sign_magnitude"] = "twos"
 
     def __post_init__(self):
+        if self.specials not in ("ieee", "nan_only", "finite"):
+            raise ValueError(f"specials must be 'ieee', 'nan_only' or 'finite', got {self.specials!r}")
+        if self.encoding not in ("twos", "sign_magnitude"):
+            raise ValueError(f"encoding must be 'twos' or 'sign_magnitude', got {self.encoding!r}")
         if self.kind == "fp":
             if self.ebits < 1 or self.mbits < 0:
                 raise ValueError(f"fp element {self.name!r} needs ebits >= 1 and mbits >= 0, got "
@@ -206,6 +254,8 @@ class ScaleFormat:
     element: ElementFormat | None = None
 
     def __post_init__(self):
+        if self.kind not in ("e8m0", "fp", "fp32", "uint"):
+            raise ValueError(f"scale kind must be 'e8m0', 'fp', 'fp32' or 'uint', got {self.kind!r}")
         if self.kind == "e8m0" and not 2 <= self.bits <= 8:
             raise ValueError(f"exponent scale needs 2..8 bits, got {self.bits}")
         if self.kind == "fp" and self.element is None:
@@ -261,8 +311,8 @@ class BlockFormat:
       second level, and the only scale of per-tensor formats such as "int8_tensor", whose ``scale`` is
       None) or, with ``tensor_scale_granularity="channel"``, one per vector along the block axis (VSQ's
       per-channel scale). A format with ``scale=None`` and no ``tensor_scale`` is unscaled (a plain cast).
-    - ``scale_mode``: default shared-scale rule (OCP MX §6.3 is "floor"); it applies to power-of-two
-      (exponent) scales only; FP32 / small-float / integer scales are always amax-derived (reference.py).
+    A format is what is stored; how values are rounded into it (element rounding, the shared-scale rule)
+    is a quantization option of :class:`QuantSpec`, not part of the format.
     """
 
     name: str
@@ -272,7 +322,6 @@ class BlockFormat:
     subblock_size: int | None = None
     micro_bits: int = 0
     tensor_scale: ScaleFormat | None = None
-    scale_mode: str = "floor"
     description: str = field(default="", compare=False)
     tensor_scale_granularity: Literal["tensor", "channel"] = "tensor"
 
@@ -280,12 +329,14 @@ class BlockFormat:
         if self.block_size is not None and self.block_size < 0:
             raise ValueError(f"block_size must be >= 0 or None, got {self.block_size}")
         if self.subblock_size is not None:
+            if self.subblock_size < 1:
+                raise ValueError(f"subblock_size must be >= 1 or None, got {self.subblock_size}")
+            if not 1 <= self.micro_bits <= 8:
+                raise ValueError(f"a second level needs 1 <= micro_bits <= 8, got {self.micro_bits}")
             if not self.block_size or self.block_size % self.subblock_size:
                 raise ValueError(f"subblock_size {self.subblock_size} must divide block_size {self.block_size}")
             if self.micro_bits < 1:
                 raise ValueError("a second level needs micro_bits >= 1")
-        if self.scale_mode not in SCALE_MODES:
-            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
         if self.tensor_scale_granularity not in ("tensor", "channel"):
             raise ValueError(f"tensor_scale_granularity must be 'tensor' or 'channel', got "
                              f"{self.tensor_scale_granularity!r}")
@@ -392,7 +443,7 @@ def list_formats(include_aliases: bool = False) -> list[str]:
 
 
 def get_format(fmt: str | BlockFormat) -> BlockFormat:
-    """Look up a format by name (case-insensitive) or pass a BlockFormat through.
+    """Look up a format by name (case-insensitive) or by :func:`format_key`, or pass a BlockFormat through.
 
     Raises ValueError listing the known names for an unknown one, TypeError for other types.
     """
@@ -400,11 +451,37 @@ def get_format(fmt: str | BlockFormat) -> BlockFormat:
         return fmt
     if not isinstance(fmt, str):
         raise TypeError(f"format must be a name (str) or a BlockFormat, got {type(fmt).__name__}")
+    if fmt in _INTERNED:
+        return _INTERNED[fmt]
     key = fmt.lower()
     key = _ALIASES.get(key, key)
     if key not in _REGISTRY:
         raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(list_formats(True))}")
     return _REGISTRY[key]
+
+
+# ---- interned keys: a string for every format, registered or not ----------------------------------
+_INTERNED: dict[str, BlockFormat] = {}
+_KEYS: dict[BlockFormat, str] = {}
+
+
+def format_key(fmt: BlockFormat) -> str:
+    """A string that :func:`get_format` turns back into ``fmt``: its registered name when the registry
+    holds this very format under it, else ``"<name>@<digest of its fields>"``, interned in a table of this
+    process. Ops that must see static strings (torch custom ops under torch.compile) carry this key, so
+    an unregistered format (e.g. from :func:`bdr_format`) needs no registration."""
+    if not isinstance(fmt, BlockFormat):
+        raise TypeError(f"format_key takes a BlockFormat, got {type(fmt).__name__}")
+    key = _KEYS.get(fmt)
+    if key is not None:
+        return key
+    if _REGISTRY.get(fmt.name.lower()) == fmt:
+        return fmt.name
+    digest = hashlib.sha1(repr(dataclasses.replace(fmt, description="")).encode()).hexdigest()[:12]
+    key = f"{fmt.name}@{digest}"
+    _INTERNED[key] = fmt
+    _KEYS[fmt] = key
+    return key
 
 
 def _mx(name: str, element: ElementFormat, *aliases: str) -> BlockFormat:
@@ -503,3 +580,47 @@ register_format(BlockFormat("vsq_int4", INT4_SYM, block_size=16, scale=ScaleForm
                             tensor_scale=FP32_SCALE, tensor_scale_granularity="channel",
                             description="VS-Quant: INT4 (±7), 16-element vectors with a 6-bit unsigned integer "
                                         "scale times an FP32 per-channel scale"))
+
+
+# ---- a resolved quantization request ---------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantSpec:
+    """One resolved quantization request: a format object and typed options. Frozen and hashable.
+
+    Built once at a public edge (:meth:`resolve`: the verbs of quantize.py, ``nn.OperandSpec``, the CLI)
+    from names and strings; everything below takes it as is, so nothing re-validates. The constructor
+    accepts only resolved values (a BlockFormat, a :class:`Rounding`, a :class:`ScaleMode`, a compat
+    mode) and raises TypeError otherwise. ``scale_mode`` defaults to "floor" (OCP MX v1.0 §6.3); it
+    applies to power-of-two scales only (amax-scaled formats ignore it, reference.py).
+    """
+
+    format: BlockFormat
+    rounding: Rounding = Rounding.EVEN
+    scale_mode: ScaleMode = ScaleMode.FLOOR
+    compat: str | None = None
+
+    def __post_init__(self):
+        for name, want in (("format", BlockFormat), ("rounding", Rounding), ("scale_mode", ScaleMode)):
+            value = getattr(self, name)
+            if not isinstance(value, want):
+                raise TypeError(f"QuantSpec.{name} must be a resolved {want.__name__}, got "
+                                f"{type(value).__name__} {value!r}; build specs with QuantSpec.resolve")
+        if self.compat not in COMPAT_MODES:
+            raise ValueError(f"compat must be one of {COMPAT_MODES}, got {self.compat!r}")
+
+    @classmethod
+    def resolve(cls, fmt: "str | BlockFormat", rounding: "str | Rounding" = "even",
+                scale_mode: "str | ScaleMode | None" = None, compat: str | None = None) -> "QuantSpec":
+        """Look the format up and parse the options (ValueError naming the accepted values);
+        ``scale_mode=None`` means "floor"."""
+        return cls(get_format(fmt), Rounding(rounding),
+                   ScaleMode.FLOOR if scale_mode is None else ScaleMode(scale_mode), compat)
+
+    @property
+    def key(self) -> str:
+        """The format's :func:`format_key` (a static string for custom ops)."""
+        return format_key(self.format)
+
+    def describe(self) -> str:
+        extra = "" if self.compat is None else f", compat={self.compat}"
+        return f"{self.format.name} (rounding={self.rounding}, scale_mode={self.scale_mode}{extra})"

@@ -68,10 +68,10 @@ from typing import Iterator, Mapping
 
 import torch
 
-from .formats import BlockFormat, get_format
+from .formats import BlockFormat, ElementFormat, ScaleFormat, get_format
 from .layout import normalize_axis
 from .packing import unpack_codes
-from .tensor import MAX_DIM, MXTensor, check_shape, component_specs
+from .tensor import COMPONENTS, MAX_DIM, MXTensor, check_shape, component_specs
 
 __all__ = [
     "save_file",
@@ -90,6 +90,7 @@ __all__ = [
     "spec_of",
     "component_specs",
     "format_spec",
+    "format_from_spec",
     "verify_file",
     "sweep_stale_temp_files",
     "CHECKSUMS",
@@ -104,8 +105,6 @@ MX_KEY = "microscale.mx"
 CHECKSUMS_KEY = "microscale.checksums"
 _KNOWN_KEYS = (VERSION_KEY, MX_KEY, CHECKSUMS_KEY)
 _RESERVED_PREFIX = "microscale."
-#: MXTensor components; ``w``'s are stored as ``w.codes``, ``w.scales``, ...
-COMPONENTS = ("codes", "scales", "micro", "tensor_scale")
 #: Largest header accepted (the safetensors library's own limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
 
@@ -220,8 +219,8 @@ class _Problem:
 
 
 # ---- format spec (decoding-relevant part of a BlockFormat) ----------------------------------------
-#: BlockFormat fields that say how a tensor is quantized, not how its stored codes decode.
-_NOT_DECODING = ("name", "scale_mode")
+#: BlockFormat fields that do not say how its stored codes decode (the name is stored next to the spec).
+_NOT_DECODING = ("name",)
 
 
 def _spec(obj):
@@ -242,8 +241,52 @@ def _stored_spec(fmt: BlockFormat) -> dict:
 
 def format_spec(fmt: BlockFormat) -> dict:
     """The facts needed to decode stored codes of ``fmt``: every compared field of the BlockFormat
-    (element and scale formats in full) except its name and scale_mode."""
+    (element and scale formats in full) except its name. (How values were rounded into the format, the
+    rounding and scale rule of a QuantSpec, is not needed to decode them and is not stored.)"""
     return {k: v for k, v in _spec(fmt).items() if k not in _NOT_DECODING}
+
+
+def _build(cls, spec, what: str, **given):
+    """An instance of dataclass ``cls`` from its stored spec: exactly the compared fields (minus those
+    ``given`` as keyword arguments), scalars as JSON strings / integers / null, nested element and scale formats built alike."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{what} must be an object, got {spec!r:.60}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.compare and f.name not in given}
+    if set(spec) != set(fields):
+        raise ValueError(f"{what} must give exactly the fields {sorted(fields)}, got {sorted(spec)}")
+    kwargs = dict(given)
+    for name, value in spec.items():
+        if name == "element" and value is not None:
+            value = _build(ElementFormat, value, f"{what}.{name}")
+        elif name in ("scale", "tensor_scale") and value is not None:
+            value = _build(ScaleFormat, value, f"{what}.{name}")
+        elif value is not None and (type(value) not in (int, str) or (type(value) is int and abs(value) > 1 << 20)):
+            raise ValueError(f"{what}.{name} must be a string or a small integer, got {value!r:.60}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise ValueError(f"{what} is not a valid {cls.__name__}: {e}") from None
+
+
+def format_from_spec(name: str, spec: dict) -> BlockFormat:
+    """The BlockFormat called ``name`` whose :func:`format_spec` is ``spec`` (so a file can hold formats
+    that are not registered, e.g. from ``bdr_format``). ValueError when the spec is not a valid format, or
+    when ``name`` is registered with a different spec (a file cannot redefine a registered name)."""
+    try:
+        known = get_format(name)
+    except ValueError:
+        known = None
+    if known is not None:
+        diff = _spec_diff(spec, _stored_spec(known))
+        if diff:
+            raise ValueError(f"format {known.name!r} in the file differs from the registered one ({diff})")
+        return known
+    fmt = _build(BlockFormat, spec, "spec", name=name)
+    diff = _spec_diff(spec, _stored_spec(fmt))
+    if diff:  # e.g. a value of the wrong JSON type that the constructor accepted
+        raise ValueError(f"spec does not describe a format exactly ({diff})")
+    return fmt
 
 
 # ---- what will be stored --------------------------------------------------------------------------
@@ -788,19 +831,14 @@ def _parse_mx(metadata: dict[str, str], entries: dict[str, TensorEntry], problem
             raise problem("a stored tensor has the same name as this MX tensor", name)
         if not isinstance(rec["format"], str):
             raise problem(f"format must be a name, got {rec['format']!r}", name)
-        try:
-            fmt = get_format(rec["format"])
-        except ValueError as e:
-            raise problem(f"{e}; register the format (microscale.register_format) before loading",
-                          name) from None
-        if fmt.element is None:
-            raise problem(f"format {fmt.name!r} does not quantize", name)
         if not isinstance(rec["spec"], dict):
             raise problem(f"spec must be the format's full spec (an object), got {rec['spec']!r:.60}", name)
-        registered = _stored_spec(fmt)
-        diff = _spec_diff(rec["spec"], registered)
-        if diff:
-            raise problem(f"format {fmt.name!r} in the file differs from the registered one ({diff})", name)
+        try:  # a registered name must match its registry entry; any other name is built from its spec
+            fmt = format_from_spec(rec["format"], rec["spec"])
+        except ValueError as e:
+            raise problem(str(e), name) from None
+        if fmt.element is None:
+            raise problem(f"format {fmt.name!r} does not quantize", name)
         shape, axis = rec["shape"], rec["axis"]
         shape = _bounded_shape(shape, problem, name)
         if not _is_int(axis):

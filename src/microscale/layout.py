@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockLayout", "as_int", "normalize_axis", "make_layout", "to_blocks", "from_blocks"]
+__all__ = ["BlockLayout", "QuantizedBlocks", "as_int", "normalize_axis", "make_layout", "to_blocks", "from_blocks"]
 
 
 def as_int(value, what: str) -> int:
@@ -106,3 +106,20 @@ def from_blocks(blocks: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Inverse of :func:`to_blocks`: drop padding and restore the original shape and axis order."""
     moved = blocks.reshape(*layout.moved_shape[:-1], layout.padded_len)[..., : layout.axis_len]
     return torch.movedim(moved, -1, layout.axis)
+
+
+@dataclass
+class QuantizedBlocks:
+    """Element codes and scale codes of a blocked tensor (unpacked, one code per element).
+
+    ``codes``: uint8 (int32 for elements wider than 8 bits) of shape [n_blocks, block_size].
+    ``scales``: scale codes of shape [n_blocks] (uint8 for E8M0 and small-float scales, float32 values
+    for FP32 scales).
+    ``micro``: two-level formats only: uint8 microexponents, [n_blocks, block_size // subblock_size].
+    ``tensor_scale``: formats with a per-tensor FP32 scale only: a 0-d float32 tensor.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    micro: torch.Tensor | None = None
+    tensor_scale: torch.Tensor | None = None

@@ -8,31 +8,29 @@ reference.py's module docstring (OCP MX v1.0 §6.3 for "even" rounding and "floo
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .formats import ROUNDINGS, SCALE_MODES
+from .formats import COMPAT_MODES, Rounding, ScaleMode
+from .layout import BlockLayout, to_blocks
 
 __all__ = ["COMPAT_MODES", "check_rounding", "check_scale_mode", "check_compat", "draw_seed", "resolve_seed",
-           "stochastic_uniform"]
-
-#: Numerics compatibility modes: None (this library, OCP-exact) or "microxcaling".
-COMPAT_MODES = (None, "microxcaling")
+           "stochastic_uniform", "element_uniforms"]
 
 _M32 = 0xFFFFFFFF
 
 
-def check_rounding(rounding: str) -> str:
-    """``rounding`` itself when it is one of :data:`~microscale.formats.ROUNDINGS`, else ValueError."""
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    return rounding
+def check_rounding(rounding: str | Rounding) -> Rounding:
+    """``rounding`` as a :class:`~microscale.formats.Rounding` (it equals the string), else ValueError
+    listing the choices."""
+    return Rounding(rounding)
 
 
-def check_scale_mode(scale_mode: str) -> str:
-    """``scale_mode`` itself when it is one of :data:`~microscale.formats.SCALE_MODES`, else ValueError."""
-    if scale_mode not in SCALE_MODES:
-        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
-    return scale_mode
+def check_scale_mode(scale_mode: str | ScaleMode) -> ScaleMode:
+    """``scale_mode`` as a :class:`~microscale.formats.ScaleMode` (it equals the string), else ValueError
+    listing the choices."""
+    return ScaleMode(scale_mode)
 
 
 def check_compat(compat: str | None) -> str | None:
@@ -70,3 +68,10 @@ def stochastic_uniform(seed, index: torch.Tensor) -> torch.Tensor:
     h = h ^ (h >> 15)
     h = (h * 0x846CA68B) & _M32
     return h ^ (h >> 16)
+
+
+def element_uniforms(x_shape, layout: BlockLayout, seed: int) -> torch.Tensor:
+    """:func:`stochastic_uniform` offsets of every element of a tensor of ``x_shape``, in the blocked order
+    of ``layout`` (layout.py), each indexed by the element's flat position in the input tensor (CPU)."""
+    idx = torch.arange(math.prod(x_shape), dtype=torch.int64).reshape(x_shape)
+    return stochastic_uniform(seed, to_blocks(idx, layout))

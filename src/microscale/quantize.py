@@ -1,6 +1,8 @@
 """Public verbs: quantize, dequantize, fake_quantize, packed_linear.
 
-They validate arguments into a :class:`~microscale.backends.QuantSpec`, draw the stochastic-rounding seed
+They resolve their arguments once into a :class:`~microscale.formats.QuantSpec` (format object, typed
+:class:`~microscale.formats.Rounding` / :class:`~microscale.formats.ScaleMode`; strings are accepted here,
+at the edge, and nowhere below), draw the stochastic-rounding seed
 once, and run the backend that :mod:`microscale.backends` selects (``c`` for CPU tensors, ``torch`` for
 other devices, ``reference`` for what neither covers; or the one named by ``use_backend`` /
 ``MICROSCALE_BACKEND``). Every backend gives the same bits; tests hold them to that.
@@ -17,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
-from .backends import QuantSpec
-from .formats import BlockFormat
+from .formats import BlockFormat, QuantSpec, Rounding, ScaleMode
 from .layout import make_layout
 from .options import resolve_seed
 from .tensor import MXTensor, check_out, component_specs
@@ -29,20 +30,27 @@ _IN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_args(x, fmt, axis, rounding, scale_mode, compat) -> QuantSpec:
+    """Check x and resolve the request: ``fmt`` may be a name, a BlockFormat or an already resolved
+    QuantSpec (then rounding / scale_mode / compat must be left at their defaults)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _IN_DTYPES:
         raise TypeError(f"expected a float32, bfloat16, float16 or float64 tensor, got {x.dtype}")
     if x.layout != torch.strided:
         raise TypeError(f"expected a dense (strided) tensor, got layout {x.layout}")
-    spec = QuantSpec.resolve(fmt, rounding, scale_mode, compat)
+    if isinstance(fmt, QuantSpec):
+        if (rounding, scale_mode, compat) != ("even", None, None):
+            raise ValueError("give the options inside the QuantSpec, not next to it")
+        spec = fmt
+    else:
+        spec = QuantSpec.resolve(fmt, rounding, scale_mode, compat)
     if spec.format.element is not None:
         make_layout(x.shape, axis, spec.format.block_size)  # validates axis and its length
     return spec
 
 
-def quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, rounding: str = "even",
-             scale_mode: str | None = None, generator: torch.Generator | None = None,
+def quantize(x: torch.Tensor, fmt: str | BlockFormat | QuantSpec, axis: int = -1,
+             rounding: str | Rounding = "even", scale_mode: str | ScaleMode | None = None, generator: torch.Generator | None = None,
              compat: str | None = None, seed: int | None = None) -> MXTensor:
     """Quantize ``x`` to a packed :class:`MXTensor` in blocks of ``fmt.block_size`` along ``axis``.
 
@@ -50,7 +58,8 @@ def quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, rounding: 
     {"even", "away", "zero", "stochastic"}; ``scale_mode`` in {"floor", "ceil", "even", "rceil"}
     (default: the format's); ``generator``/``seed`` make stochastic rounding reproducible;
     ``compat="microxcaling"`` reproduces microsoft/microxcaling's numerics. Ragged axis lengths are zero
-    padded to whole blocks internally; the MXTensor keeps the original shape.
+    padded to whole blocks internally; the MXTensor keeps the original shape. ``fmt`` may also be a
+    resolved :class:`~microscale.formats.QuantSpec` carrying the options.
     """
     spec = _check_args(x, fmt, axis, rounding, scale_mode, compat)
     if spec.format.element is None:
@@ -60,7 +69,7 @@ def quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, rounding: 
         parts = {name: torch.empty(shape, dtype=dtype, device="meta")
                  for name, (dtype, shape) in component_specs(layout.shape, layout.axis, spec.format).items()}
         return MXTensor(shape=layout.shape, axis=layout.axis, format=spec.format, **parts)
-    s = resolve_seed(rounding, generator, seed)
+    s = resolve_seed(spec.rounding, generator, seed)
     x = x.detach()
     p = backends.select(spec, x).quantize(x, spec, axis, s)
     return MXTensor(p.codes, p.scales, p.layout.shape, p.layout.axis, spec.format, p.micro, p.tensor_scale)
@@ -91,8 +100,8 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         return grad, None, None, None
 
 
-def fake_quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, rounding: str = "even",
-                  scale_mode: str | None = None, generator: torch.Generator | None = None,
+def fake_quantize(x: torch.Tensor, fmt: str | BlockFormat | QuantSpec, axis: int = -1,
+                  rounding: str | Rounding = "even", scale_mode: str | ScaleMode | None = None, generator: torch.Generator | None = None,
                   compat: str | None = None, seed: int | None = None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize then dequantize: same shape and dtype as ``x``, equal bit for bit to
@@ -104,7 +113,7 @@ def fake_quantize(x: torch.Tensor, fmt: str | BlockFormat, axis: int = -1, round
     check_out(out, x.shape, x.dtype, x.device)
     if spec.format.element is None:
         return x if out is None else out.copy_(x)
-    s = resolve_seed(rounding, generator, seed)
+    s = resolve_seed(spec.rounding, generator, seed)
     if x.requires_grad and torch.is_grad_enabled():
         if out is not None:
             raise ValueError("out= does not support automatic differentiation (x requires grad)")

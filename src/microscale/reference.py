@@ -34,15 +34,14 @@ an element subnormal). No flush-to-zero happens anywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .formats import ROUNDINGS, BlockFormat, ElementFormat, ScaleFormat, get_format
-from .layout import BlockLayout, make_layout, to_blocks
+# QuantizedBlocks lives with the blocked layout; re-exported here for old callers
+from .layout import BlockLayout, QuantizedBlocks, make_layout, to_blocks
 # option checks and the random stream are shared with the backends; re-exported here for old callers
 from .options import (COMPAT_MODES, check_rounding, check_scale_mode, draw_seed,  # noqa: F401
-                      stochastic_uniform)
+                      element_uniforms, stochastic_uniform)
 
 __all__ = [
     "QuantizedBlocks",
@@ -62,22 +61,6 @@ __all__ = [
     "COMPAT_MODES",
     "cast_values",
 ]
-
-@dataclass
-class QuantizedBlocks:
-    """Element codes and scale codes of a blocked tensor (unpacked, one code per element).
-
-    ``codes``: uint8 (int32 for elements wider than 8 bits) of shape [n_blocks, block_size].
-    ``scales``: scale codes of shape [n_blocks] (uint8 for E8M0 and small-float scales, float32 values
-    for FP32 scales).
-    ``micro``: two-level formats only: uint8 microexponents, [n_blocks, block_size // subblock_size].
-    ``tensor_scale``: formats with a per-tensor FP32 scale only: a 0-d float32 tensor.
-    """
-
-    codes: torch.Tensor
-    scales: torch.Tensor
-    micro: torch.Tensor | None = None
-    tensor_scale: torch.Tensor | None = None
 
 
 # ---- elements -------------------------------------------------------------------------------------
@@ -229,7 +212,7 @@ def quantize_blocks(blocks: torch.Tensor, fmt: BlockFormat, rounding: str = "eve
             raise ValueError(f"compat={compat!r} applies to single-level MX formats only, not {fmt.name!r}")
         return quantize_blocks_bdr(blocks, fmt, rounding, scale_mode, u, group_size)
     check_rounding(rounding)
-    scale_mode = check_scale_mode(scale_mode or fmt.scale_mode)
+    scale_mode = check_scale_mode(scale_mode or "floor")
     if compat not in COMPAT_MODES:
         raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
     elem, scale = fmt.element, fmt.scale
@@ -288,13 +271,6 @@ def _microxcaling_exponent(amax: torch.Tensor, elem: ElementFormat, scale: Scale
 
 
 # ---- whole tensors --------------------------------------------------------------------------------
-def _element_uniforms(x_shape, layout: BlockLayout, seed: int) -> torch.Tensor:
-    """Random offsets in blocked order, indexed by each element's flat position in the input tensor."""
-    import math
-    idx = torch.arange(math.prod(x_shape), dtype=torch.int64).reshape(x_shape)
-    return stochastic_uniform(seed, to_blocks(idx, layout))
-
-
 def quantize_reference(x: torch.Tensor, fmt, axis: int = -1, rounding: str = "even",
                        scale_mode: str | None = None, generator: torch.Generator | None = None,
                        compat: str | None = None, seed: int | None = None
@@ -314,7 +290,7 @@ def quantize_reference(x: torch.Tensor, fmt, axis: int = -1, rounding: str = "ev
     if rounding == "stochastic":
         if seed is None:
             seed = draw_seed(generator)
-        u = _element_uniforms(x.shape, layout, seed)
+        u = element_uniforms(x.shape, layout, seed)
     blocks = to_blocks(x.detach().to(torch.float64), layout)
     group = layout.blocks_per_vector if fmt.tensor_scale_granularity == "channel" else None
     return quantize_blocks(blocks, fmt, rounding, scale_mode, u, compat, group), layout
@@ -362,7 +338,7 @@ def quantize_blocks_bdr(blocks: torch.Tensor, fmt: BlockFormat, rounding: str = 
     if fmt.element is None:
         raise ValueError("format 'none' does not quantize")
     check_rounding(rounding)
-    scale_mode = check_scale_mode(scale_mode or fmt.scale_mode)
+    scale_mode = check_scale_mode(scale_mode or "floor")
     v = blocks.to(torch.float64)
     if v.dim() != 2:
         raise ValueError(f"blocks must be [n_blocks, block_size], got shape {tuple(v.shape)}")

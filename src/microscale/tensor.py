@@ -29,16 +29,17 @@ import torch
 
 from .backends import select_dequantize
 from .formats import BlockFormat, get_format
-from .layout import BlockLayout, as_int, from_blocks, make_layout, normalize_axis
+from .layout import BlockLayout, QuantizedBlocks, as_int, from_blocks, make_layout, normalize_axis
 from .packing import pack_codes, packed_nbytes, unpack_codes
-from .reference import QuantizedBlocks
 
-__all__ = ["MXTensor", "component_specs", "check_out", "check_shape", "MAX_DIM"]
+__all__ = ["MXTensor", "COMPONENTS", "component_specs", "check_out", "check_shape", "MAX_DIM"]
 
 _OUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: Largest dimension, and largest product of dimensions, of a tensor (torch sizes are int64).
 MAX_DIM = 2**63 - 1
-_COMPONENTS = ("codes", "scales", "micro", "tensor_scale")
+#: The stored components of an MXTensor, in order: the one list of their names (MXTensor's fields,
+#: :func:`component_specs`' keys, the suffixes io.py stores them under, packed parameters' state_dict parts).
+COMPONENTS = ("codes", "scales", "micro", "tensor_scale")
 
 
 def check_shape(shape) -> tuple[int, ...]:
@@ -152,7 +153,7 @@ class MXTensor:
             raise ValueError("an MXTensor needs a quantizing format, not 'none'")
         specs = component_specs(self.shape, self.axis, self.format)
         device = None
-        for name in _COMPONENTS:
+        for name in COMPONENTS:
             value = getattr(self, name)
             if name not in specs:
                 if value is not None:

@@ -13,38 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats import BlockFormat, get_format
+# QuantSpec lives with the formats (formats.py); re-exported here, where the backends always found it
+from ..formats import QuantSpec
 from ..layout import BlockLayout
-from ..options import check_compat, check_rounding, check_scale_mode
 
 __all__ = ["QuantSpec", "Coverage", "COVERED", "not_covered", "Packed", "Backend"]
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """One resolved quantization request: a format object and validated option strings.
-
-    Built once at the public edge (:meth:`resolve`), so backends never re-validate. ``scale_mode`` is
-    never None (the format's default is filled in). Typed enums can replace the strings later without
-    changing the backend interface.
-    """
-
-    format: BlockFormat
-    rounding: str = "even"
-    scale_mode: str = "floor"
-    compat: str | None = None
-
-    @classmethod
-    def resolve(cls, fmt: str | BlockFormat, rounding: str = "even", scale_mode: str | None = None,
-                compat: str | None = None) -> "QuantSpec":
-        """Validate the options (ValueError naming the accepted values) and look the format up."""
-        fmt = get_format(fmt)
-        return cls(fmt, check_rounding(rounding), check_scale_mode(scale_mode or fmt.scale_mode),
-                   check_compat(compat))
-
-    def describe(self) -> str:
-        extra = "" if self.compat is None else f", compat={self.compat}"
-        return f"{self.format.name} (rounding={self.rounding}, scale_mode={self.scale_mode}{extra})"
 
 
 @dataclass(frozen=True)

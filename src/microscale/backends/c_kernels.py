@@ -60,14 +60,17 @@ class CBackend(Backend):
             raise RuntimeError(f"microscale.kernels.{what} declined a request the c backend covers")
         return result
 
+    # The kernels' module (kernels/__init__.py) speaks plain mode strings and maps them to the C enums; the
+    # typed spec is turned into those strings here, at the one boundary.
     def quantize(self, x, spec, axis, seed):
         codes, scales, layout, *micro = self._ran(
-            kernels.quantize(x, spec.format, axis, spec.rounding, spec.scale_mode, seed, spec.compat), "quantize")
+            kernels.quantize(x, spec.format, axis, spec.rounding.value, spec.scale_mode.value, seed,
+                             spec.compat), "quantize")
         return Packed(codes, scales, layout, *micro)
 
     def fake_quantize(self, x, spec, axis, seed, out=None):
-        return self._ran(kernels.fake_quantize(x, spec.format, axis, spec.rounding, spec.scale_mode, seed,
-                                               spec.compat, out), "fake_quantize")
+        return self._ran(kernels.fake_quantize(x, spec.format, axis, spec.rounding.value,
+                                               spec.scale_mode.value, seed, spec.compat, out), "fake_quantize")
 
     def dequantize(self, q, dtype, out=None):
         return self._ran(kernels.dequantize(q, dtype, out), "dequantize")

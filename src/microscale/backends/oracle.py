@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import from_blocks
+from ..layout import QuantizedBlocks, from_blocks
 from ..packing import pack_codes
-from ..reference import QuantizedBlocks, cast_values, dequantize_blocks, quantize_reference
+from ..reference import cast_values, dequantize_blocks, quantize_reference
 from .base import COVERED, Backend, Coverage, Packed, QuantSpec, not_covered
 
 __all__ = ["ReferenceBackend"]

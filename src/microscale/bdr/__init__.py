@@ -5,8 +5,10 @@ model and a Pareto design-space explorer (docs/bdr.md).
     ms.bdr.vectors_qsnr(ms.bdr.tensor_vectors("activation", n=64), "mx6")   # real tensors (trains once)
     ms.bdr.tensor_vectors("weight", captured=ms.bdr.capture_linear_tensors(model, batches))  # your model
     ms.bdr.qsnr_lower_bound("mx6"); ms.bdr.cost("mx6"); ms.bdr.explore(quick=True)
+    fmt = ms.bdr.bdr_format(3, 32, 8, k2=4, d2=1)   # any BDR format: quantize, train, pack, save unregistered
 """
 
+from ..formats import bdr_format, bfp_format  # noqa: F401  (format constructors; no registration needed)
 from .bound import qsnr_lower_bound, worst_case_block  # noqa: F401
 from .cost import (DEFAULT_MODEL, PAPER_RELATIONS, STRUCTURAL_MODEL, CostModel, area, area_breakdown,  # noqa: F401
                    baseline_area, baseline_breakdown, calibrate, cost, multiplier_area, relations, tree_area)

@@ -20,8 +20,8 @@ import torch
 from ..formats import BlockFormat, get_format
 from ..layout import from_blocks, make_layout, to_blocks
 from ..quantize import fake_quantize
-from ..reference import (_element_uniforms, check_rounding, dequantize_blocks, draw_seed,
-                         quantize_blocks)
+from ..options import check_rounding, draw_seed, element_uniforms
+from ..reference import dequantize_blocks, quantize_blocks
 
 __all__ = ["qsnr", "qsnr_of", "gaussian_vectors", "laplace_vectors", "student_t_vectors", "sample_vectors",
            "fake_quantize_vectors", "vectors_qsnr", "DISTRIBUTIONS"]
@@ -118,11 +118,11 @@ def fake_quantize_vectors(x: torch.Tensor, fmt: str | BlockFormat, rounding: str
         raise ValueError(f"expected [n_vectors, length], got shape {tuple(x.shape)}")
     if fmt.element is None:
         return x.to(torch.float64)
-    check_rounding(rounding)
+    rounding = check_rounding(rounding)
     layout = make_layout(x.shape, -1, fmt.block_size)
     u = None
     if rounding == "stochastic":
-        u = _element_uniforms(x.shape, layout, draw_seed(None) if seed is None else seed)
+        u = element_uniforms(x.shape, layout, draw_seed(None) if seed is None else seed)
     group = layout.blocks_per_vector if fmt.tensor_scale is not None else None
     q = quantize_blocks(to_blocks(x.to(torch.float64), layout), fmt, rounding, scale_mode, u, None, group)
     return from_blocks(dequantize_blocks(q, fmt), layout)

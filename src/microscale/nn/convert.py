@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from .. import io
 from ..tensor import MXTensor
 from .functional import QuantState
 from .modules import QuantizedModule, register_optional_swaps, scoped_class, swap_for
@@ -254,13 +255,6 @@ def resident_bytes(model: nn.Module) -> int:
 
 
 # ---- files -------------------------------------------------------------------------------------------
-def _io():
-    import microscale as ms
-    if not hasattr(ms, "save_file"):
-        raise RuntimeError("microscale.io (ms.save_file / ms.load_file) is not available in this build")
-    return ms
-
-
 def _packed_params(model: nn.Module) -> dict[str, PackedWeight]:
     """Every packed parameter by its full name, tied ones under each of their names."""
     out = {}
@@ -307,7 +301,6 @@ def save_quantized(model: nn.Module, path, recipe: str | Recipe | None = None) -
     weight is written once, the rest as plain tensors. The recipe's name goes into the metadata
     (``recipe``), so :func:`load_quantized` / :func:`from_pretrained` can pack a fresh model the same way.
     """
-    ms = _io()
     packed = _packed_params(model)
     if not packed:
         raise ValueError("model has no packed weights: quantize it with inference=True before save_quantized")
@@ -317,7 +310,7 @@ def save_quantized(model: nn.Module, path, recipe: str | Recipe | None = None) -
     meta = {"format": "microscale-packed"}
     if recipe is not None:
         meta["recipe"] = recipe if isinstance(recipe, str) else recipe.name
-    ms.save_file(quantized_state(model), str(path), meta)
+    io.save_file(quantized_state(model), str(path), meta)
 
 
 def _expected_keys(model: nn.Module) -> tuple[set[str], list[list[str]]]:
@@ -388,9 +381,8 @@ def load_quantized(model: nn.Module, path, recipe: str | Recipe | None = None, e
     (``strict=False``: only packed-weight mismatches raise), or when a packed tensor's format, shape or
     blocking does not match.
     """
-    ms = _io()
     from ..io import read_header
-    data = ms.load_file(str(path))
+    data = io.load_file(str(path))
     if not _packed_params(model):
         if recipe is None:
             recipe = read_header(str(path)).user_metadata.get("recipe")

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..formats import get_format
 from ..quantize import quantize
-from ..reference import check_rounding, draw_seed
+from ..options import check_rounding, check_scale_mode, draw_seed
 from ..tensor import MXTensor
 
 __all__ = ["MXCommState", "mx_allreduce_hook", "pack_payload", "unpack_payload"]
@@ -41,7 +41,7 @@ class MXCommState:
         if self.format.element is None:
             raise ValueError("the MX comm hook needs a quantizing format, not 'none'")
         self.rounding = check_rounding(rounding)
-        self.scale_mode = scale_mode
+        self.scale_mode = None if scale_mode is None else check_scale_mode(scale_mode)
         self.process_group = process_group
         self.generator = torch.Generator().manual_seed(seed)
         self.bytes_sent = 0

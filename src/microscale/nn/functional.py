@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quantize import fake_quantize
-from ..reference import draw_seed
+from ..options import draw_seed
 from .packed import PackedWeight
 from .recipe import OperandSpec, Recipe, get_recipe
 
@@ -56,10 +56,12 @@ def _as_state(state) -> QuantState:
 
 
 # ---- the quantizer, eager and compiled -------------------------------------------------------------
+# The op's arguments are static strings: ``fmt`` is a format key (microscale.formats.format_key: the
+# registered name, or the interned key of an unregistered format), so any BlockFormat compiles.
 @torch.library.custom_op("microscale_nn::fake_quantize", mutates_args=())
 def _fake_quantize_op(x: torch.Tensor, fmt: str, axis: int, rounding: str, scale_mode: str,
                       seed: int) -> torch.Tensor:
-    out = fake_quantize(x, fmt, axis=axis, rounding=rounding, scale_mode=scale_mode or None,
+    out = fake_quantize(x, fmt, axis=axis, rounding=rounding, scale_mode=scale_mode,
                         seed=None if seed < 0 else seed)
     # A fresh, contiguous tensor: custom ops may not alias inputs, and the fake below promises contiguity.
     return out.clone(memory_format=torch.contiguous_format) if out is x else out.contiguous()
@@ -71,16 +73,14 @@ def _(x, fmt, axis, rounding, scale_mode, seed):
 
 
 def quantize_operand(x: torch.Tensor, spec: OperandSpec, axis: int, seed: int | None = None) -> torch.Tensor:
-    """``fake_quantize(x, spec.format, axis, spec.rounding, spec.scale_mode)`` (no autograd); x itself for
-    format "none"."""
+    """``fake_quantize(x, spec.quant, axis)`` (no autograd); x itself for format "none"."""
     if spec.is_none:
         return x
     x = x.detach()
     if torch.compiler.is_compiling():
-        return _fake_quantize_op(x, spec.format, axis, spec.rounding, spec.scale_mode or "",
+        return _fake_quantize_op(x, spec.format, axis, spec.rounding.value, spec.scale_mode.value,
                                  -1 if seed is None else seed)
-    return fake_quantize(x, spec.format, axis=axis, rounding=spec.rounding, scale_mode=spec.scale_mode,
-                         seed=seed)
+    return fake_quantize(x, spec.quant, axis=axis, seed=seed)
 
 
 def _round_elementwise(y: torch.Tensor, recipe: Recipe) -> torch.Tensor:

@@ -46,19 +46,22 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
+from ..formats import BlockFormat, format_key, get_format
 from ..quantize import packed_linear, quantize
-from ..tensor import MXTensor
+from ..tensor import COMPONENTS, MXTensor
 
 __all__ = ["PackedWeight", "pack_parameter", "unpack_parameters", "is_packed", "packed_parameters",
            "PART_NAMES"]
 
-#: The component names of a packed parameter in a state_dict (``<name>_<part>``), in MXTensor order.
-PART_NAMES = ("codes", "scales", "micro", "tensor_scale")
+#: The component names of a packed parameter in a state_dict (``<name>_<part>``): MXTensor's components.
+PART_NAMES = COMPONENTS
 
 aten = torch.ops.aten
 
 
 # ---- custom ops: the packed GEMM and the explicit dequantize -----------------------------------------
+# ``fmt`` is a format key (microscale.formats.format_key): the registered name, or the interned key of an
+# unregistered BlockFormat, so torch.compile sees only static strings whatever the format.
 def _mx(codes, scales, micro, tensor_scale, fmt: str, out_features: int, in_features: int) -> MXTensor:
     return MXTensor(codes, scales, (out_features, in_features), 1, fmt, micro, tensor_scale)
 
@@ -152,10 +155,12 @@ class PackedWeight(torch.Tensor):
     def __init__(self, q: MXTensor, dtype: torch.dtype = torch.float32, shape=None, transposed: bool = False,
                  rounding: str = "even", scale_mode: str | None = None):
         self.codes, self.scales, self.micro, self.tensor_scale = q.codes, q.scales, q.micro, q.tensor_scale
-        self.format_name = q.format.name
+        self.format_name = format_key(q.format)   # static string for the custom ops (any format)
         self.gemm_shape = (int(q.shape[0]), int(q.shape[1]))
         self.transposed = bool(transposed)
-        self.rounding, self.scale_mode = rounding, scale_mode
+        # plain strings: static facts of __tensor_flatten__ (enum members are accepted and stored as values)
+        self.rounding = str(rounding)
+        self.scale_mode = None if scale_mode is None else str(scale_mode)
 
     @staticmethod
     def _check_q(q) -> tuple[int, int]:
@@ -228,7 +233,8 @@ class PackedWeight(torch.Tensor):
                 f"packed_nbytes={self.packed_nbytes})")
 
     def __reduce_ex__(self, proto):
-        return (_rebuild, (self.components(), self._facts()))
+        # the format object itself, not its key: an interned key means nothing in another process
+        return (_rebuild, (self.components(), (get_format(self.format_name), *self._facts()[1:])))
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -250,6 +256,8 @@ class PackedWeight(torch.Tensor):
 
 
 def _rebuild(components, facts):
+    if isinstance(facts[0], BlockFormat):
+        facts = (format_key(facts[0]), *facts[1:])
     return PackedWeight.__tensor_unflatten__(components, facts, None, None)
 
 
@@ -558,15 +566,16 @@ def as_packed_like(value, like: PackedWeight, key: str) -> PackedWeight:
     """``value`` (an MXTensor blocked along the reduction, in the weight's layout or the GEMM view) as a
     PackedWeight with the view facts of ``like``; ValueError naming ``key`` when it does not fit."""
     out_features, k = like.gemm_shape
-    if value.format.name != like.format_name:
-        raise ValueError(f"{key}: the file holds {value.format.name}, the model expects {like.format_name} "
+    if value.format != get_format(like.format_name):
+        raise ValueError(f"{key}: the file holds {value.format.name}, the model expects "
+                         f"{get_format(like.format_name).name} "
                          f"(quantize the model with the recipe the file was written with)")
     if value.shape == (out_features, k) and value.axis == 1:
         q = value
     elif value.shape == (k, out_features) and value.axis == 0:
         # [K, out] blocked along axis 0 (e.g. a Conv1D weight quantized in its own layout) has exactly
         # the blocked storage of [out, K] blocked along axis 1 (layout.py moves the block axis last).
-        q = _mx(*(value.components().get(n) for n in PART_NAMES), value.format.name, out_features, k)
+        q = _mx(*(value.components().get(n) for n in PART_NAMES), format_key(value.format), out_features, k)
     elif (len(value.shape) == len(like.shape) and value.shape == tuple(like.shape) and value.axis == 1
           and len(value.shape) == 2):
         q = value

@@ -35,8 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from dataclasses import replace as _dc_replace
 
-from ..formats import BlockFormat, get_format, list_formats
-from ..reference import check_rounding, check_scale_mode
+from ..formats import BlockFormat, QuantSpec, Rounding, ScaleMode, format_key, get_format, list_formats
 
 __all__ = ["OperandSpec", "Recipe", "OPERANDS", "ELEMENTWISE_MODES", "register_recipe", "get_recipe",
            "list_recipes"]
@@ -48,35 +47,55 @@ OPERANDS = ("fwd_input", "fwd_weight", "dgrad_grad_output", "dgrad_weight", "wgr
 ELEMENTWISE_MODES = ("fp32", "bf16")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class OperandSpec:
-    """How one GEMM operand is quantized: a registered format name, element rounding, scale rule.
+    """How one GEMM operand is quantized: a resolved :class:`~microscale.formats.QuantSpec` (``quant``).
 
-    ``scale_mode=None`` uses the format's own default (OCP "floor" for MX formats).
+    Built from a format (a registered name, or any BlockFormat object, registered or not, e.g. from
+    ``microscale.bdr_format``), an element rounding and a scale rule (strings or the enums), or from a
+    QuantSpec. ``scale_mode=None`` means "floor" (OCP MX v1.0 §6.3). Resolved once here; the quantized
+    ops use ``quant`` as is.
     """
 
-    format: str = "none"
-    rounding: str = "even"
-    scale_mode: str | None = None
+    quant: QuantSpec
 
-    def __post_init__(self):
-        fmt = self.format
-        if isinstance(fmt, BlockFormat):
-            try:
-                known = get_format(fmt.name)
-            except ValueError:
-                known = None
-            if known != fmt:
-                raise ValueError(f"format {fmt.name!r} is not in the registry; add it with "
-                                 f"microscale.register_format before using it in a recipe")
-        object.__setattr__(self, "format", get_format(fmt).name)  # canonical name; ValueError lists names
-        check_rounding(self.rounding)
-        if self.scale_mode is not None:
-            check_scale_mode(self.scale_mode)
+    def __init__(self, format: "str | BlockFormat | QuantSpec" = "none", rounding: "str | Rounding" = "even",
+                 scale_mode: "str | ScaleMode | None" = None, *, quant: QuantSpec | None = None):
+        if quant is not None:  # the field itself (dataclasses.replace(spec, quant=...))
+            if not isinstance(quant, QuantSpec) or (format, rounding, scale_mode) != ("none", "even", None):
+                raise TypeError("quant= takes a QuantSpec, alone")
+            format = quant
+        if isinstance(format, QuantSpec):
+            if (rounding, scale_mode) != ("even", None):
+                raise ValueError("give the options inside the QuantSpec, not next to it")
+            quant = format
+        else:
+            quant = QuantSpec.resolve(format, rounding, scale_mode)  # ValueError lists names / choices
+        if quant.compat is not None:
+            raise ValueError(f"recipes quantize with this library's numerics; compat={quant.compat!r} "
+                             f"is for the verbs (microscale.quantize)")
+        object.__setattr__(self, "quant", quant)
 
     @property
     def block_format(self) -> BlockFormat:
-        return get_format(self.format)
+        return self.quant.format
+
+    @property
+    def format(self) -> str:
+        """The format as a string :func:`~microscale.get_format` resolves: its registered name, or the
+        interned key of an unregistered format (:func:`~microscale.formats.format_key`)."""
+        return format_key(self.quant.format)
+
+    @property
+    def rounding(self) -> Rounding:
+        return self.quant.rounding
+
+    @property
+    def scale_mode(self) -> ScaleMode:
+        return self.quant.scale_mode
+
+    def __repr__(self) -> str:
+        return f"OperandSpec({self.block_format.name!r}, {self.rounding.value!r}, {self.scale_mode.value!r})"
 
     @property
     def is_none(self) -> bool:
@@ -89,10 +108,10 @@ class OperandSpec:
     def __str__(self) -> str:
         if self.is_none:
             return "none"
-        s = self.format
-        if self.rounding != "even":
+        s = self.block_format.name
+        if self.rounding != Rounding.EVEN:
             s += f"/{self.rounding}"
-        if self.scale_mode is not None and self.scale_mode != self.block_format.scale_mode:
+        if self.scale_mode != ScaleMode.FLOOR:
             s += f"/scale={self.scale_mode}"
         return s
 
@@ -103,17 +122,18 @@ NONE = OperandSpec("none")
 def _spec(x) -> OperandSpec:
     if isinstance(x, OperandSpec):
         return x
-    if isinstance(x, (str, BlockFormat)):
+    if isinstance(x, (str, BlockFormat, QuantSpec)):
         return OperandSpec(x)
-    raise TypeError(f"an operand spec must be an OperandSpec or a format name, got {type(x).__name__}")
+    raise TypeError(f"an operand spec must be an OperandSpec, a QuantSpec, a format name or a BlockFormat, "
+                    f"got {type(x).__name__}")
 
 
 @dataclass(frozen=True)
 class Recipe:
     """Per-operand, per-pass formats for quantized training and inference (see module docstring).
 
-    Fields may be given as format names; they are turned into :class:`OperandSpec` with default
-    rounding. Build common shapes with :meth:`uniform` and :meth:`from_formats`.
+    Fields may be given as format names, BlockFormat objects (registered or not) or QuantSpecs; they are
+    turned into :class:`OperandSpec` (default rounding for names and formats). Build common shapes with :meth:`uniform` and :meth:`from_formats`.
     """
 
     fwd_input: OperandSpec = NONE
@@ -136,7 +156,7 @@ class Recipe:
 
     # ---- constructors ---------------------------------------------------------------------------
     @classmethod
-    def uniform(cls, fmt: str, rounding: str = "even", scale_mode: str | None = None,
+    def uniform(cls, fmt: str | BlockFormat, rounding: str = "even", scale_mode: str | None = None,
                 grad_rounding: str | None = None, elementwise: str = "fp32", seed: int | None = None,
                 name: str | None = None) -> "Recipe":
         """The same format for every operand; ``grad_rounding`` (default: ``rounding``) for dY."""
@@ -145,7 +165,8 @@ class Recipe:
                                 name=name or get_format(fmt).name)
 
     @classmethod
-    def from_formats(cls, weight: str, activation: str, grad: str, rounding: str = "even",
+    def from_formats(cls, weight: str | BlockFormat, activation: str | BlockFormat, grad: str | BlockFormat,
+                     rounding: str = "even",
                      scale_mode: str | None = None, grad_rounding: str | None = None,
                      elementwise: str = "fp32", seed: int | None = None, name: str = "custom") -> "Recipe":
         """Weights (both passes) in ``weight``, activations (both passes) in ``activation``, output
@@ -157,7 +178,7 @@ class Recipe:
                    wgrad_input=a, elementwise=elementwise, seed=seed, name=name)
 
     @classmethod
-    def weight_only(cls, weight: str, rounding: str = "even", scale_mode: str | None = None,
+    def weight_only(cls, weight: str | BlockFormat, rounding: str = "even", scale_mode: str | None = None,
                     elementwise: str = "fp32", name: str | None = None) -> "Recipe":
         """Weights in ``weight`` (fwd_weight and dgrad_weight); every activation and gradient operand
         "none", so activations keep their dtype (BF16 included) and attention matmuls are untouched."""

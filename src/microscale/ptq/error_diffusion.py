@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..formats import get_format
+from ..options import check_scale_mode
 from ..quantize import fake_quantize
 from ..reference import round_to_element, shared_exponent
 
@@ -59,7 +60,7 @@ def error_diffusion_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt, d
         raise ValueError(f"expected weight [out, in] and hessian [in, in], got {tuple(weight.shape)} and "
                          f"{tuple(hessian.shape)}")
     elem, scale = fmt.element, fmt.scale
-    scale_mode = scale_mode or fmt.scale_mode
+    scale_mode = check_scale_mode(scale_mode or "floor")
     w = weight.detach().to(torch.float64).clone()
     h = hessian.detach().to(torch.float64).clone()
     dead = torch.diagonal(h) == 0
