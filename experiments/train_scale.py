@@ -6,7 +6,8 @@ Plan (every knob is a CLI option; the defaults are the published run):
 
 - Sizes ``DxL``: the library's GPT (:class:`microscale.nn.models.TinyGPT`, GPT-2 initialisation applied here),
   d_model D, L layers, head dimension 32 (one MX block), context 64 bytes, vocabulary 256 (bytes). "params"
-  counts every parameter, embeddings and the untied LM head included; the non-embedding count is recorded too.
+  are non-embedding parameters (Kaplan et al. 2020): every parameter except the token and position
+  embeddings (the untied LM head is a GEMM and counts); the total is recorded too.
 - Token budget: ``--tokens-per-param`` x params, rounded up to whole batches of 16 x 64 bytes and to a
   multiple of the evaluation count; the run refuses a size that would repeat the training split more than
   ``--max-epochs`` times (enlarge the corpus first).
@@ -64,7 +65,7 @@ COST_FACTOR = {"fp32": 1.0, "mxfp6": 1.9, "mxfp4-w+mxfp6": 1.9, "mxfp8": 1.9, "m
 class Plan:
     """Everything the run's units depend on (the cache keys are built from it)."""
 
-    sizes: tuple = ("32x1", "64x2", "96x3")
+    sizes: tuple = ("32x1", "64x1", "96x2")
     tokens_per_param: float = 10.0
     batch: int = 16
     ctx: int = 64
@@ -138,7 +139,7 @@ def param_counts(size: str, ctx: int) -> dict:
     model = build_model(size, 0, ctx)
     total = sum(p.numel() for p in model.parameters())
     emb = model.wte.weight.numel() + model.wpe.weight.numel()
-    return {"params": total, "params_non_embedding": total - emb}
+    return {"params": total - emb, "params_total": total}
 
 
 def size_label(params: int) -> str:
@@ -541,8 +542,8 @@ def section(js: dict, img) -> str:
     out.append(
         f"Byte-level GPTs (the library's `microscale.nn.models.TinyGPT`, GPT-2 initialisation, head dimension "
         f"{HEAD_DIM}, context {plan['ctx']}) on the corpus of section 1, each trained to "
-        f"{plan['tokens_per_param']:g} tokens (bytes) per parameter, parameters counted with the embeddings and "
-        f"the untied LM head. Batch {plan['batch']} x {plan['ctx']} bytes; one learning rate per size, the best of an FP32 "
+        f"{plan['tokens_per_param']:g} tokens (bytes) per parameter, parameters counted without the token and "
+        f"position embeddings (Kaplan et al. 2020; the untied LM head is a GEMM and counts). Batch {plan['batch']} x {plan['ctx']} bytes; one learning rate per size, the best of an FP32 "
         f"sweep at {100 * plan['sweep_fraction']:.0f}% of the budget (seed 0), used for every recipe; linear warmup over "
         f"{100 * plan['warmup_fraction']:.0f}% of the steps, cosine to {plan['lr_floor']:g} x peak at the end of the "
         f"budget; AdamW(0.9, 0.95), weight decay {plan['weight_decay']:g}, clip 1.0. Final validation loss on "
@@ -552,10 +553,10 @@ def section(js: dict, img) -> str:
     body = []
     for s, v in sizes.items():
         sweep = ", ".join(f"{p['lr']:g}: {p['val']:.4f}" for p in v["sweep"]) or "not run"
-        body.append([v["label"], s, f"{v['params']:,}", f"{v['params_non_embedding']:,}", f"{v['token_budget']:,}",
+        body.append([v["label"], s, f"{v['params']:,}", f"{v['params_total']:,}", f"{v['token_budget']:,}",
                      v["steps"], f"{v['tokens']:,}", f"{v['epochs']:.2f}", "—" if v["lr"] is None else f"{v['lr']:g}",
                      sweep + (" (best at grid edge)" if v.get("lr_at_edge") else ""), len(v["seeds"])])
-    out.append(markdown_table(["model", "DxL", "params", "non-embedding", "token budget", "steps", "tokens seen",
+    out.append(markdown_table(["model", "DxL", "params (non-embedding)", "total params", "token budget", "steps", "tokens seen",
                                "epochs of train split", "peak lr", "sweep (lr: val loss)", "seeds"], body))
     body = []
     for r in rows:
