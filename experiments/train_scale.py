@@ -316,7 +316,11 @@ def train_unit(job: dict) -> dict:
 
 # ---- running many units --------------------------------------------------------------------------
 def _work(job: dict) -> float:
-    return job["steps"] * job["params"] * COST_FACTOR.get(job["recipe"], 2.0)
+    """Cost model of a unit for the time-left estimate: training tokens plus evaluation tokens (a forward
+    pass ~1/3 of a training step; about 150k validation bytes at the end), x params x recipe factor."""
+    plan = job["plan"]
+    evals = plan["n_evals"] * plan["val_windows"] * plan["ctx"] + 150_000
+    return (job["steps"] * plan["batch"] * plan["ctx"] + evals / 3) * job["params"] * COST_FACTOR.get(job["recipe"], 2.0)
 
 
 def _job_name(job: dict) -> str:
@@ -620,18 +624,23 @@ def section(js: dict, img) -> str:
     out.append(
         "**Caveats and what a full-size run needs.** Losses are nats per byte on a 1.4 MB code corpus, not the "
         "paper's nats per token on web text, so only the sign and size of the *trend* are comparable, not the "
-        f"gaps themselves. Our largest model is {big['ours_largest']:,} parameters, about {big['ratio_to_paper_20M']:.0f}x "
+        f"gaps themselves; the paper's sizes are its own (total) parameter counts. Our largest model has "
+        f"{big['ours_largest']:,} non-embedding parameters, about {big['ratio_to_paper_20M']:.0f}x "
         "smaller than the paper's smallest (20M). The issue's example sizes (0.1M, 0.3M, 1M at 10 tokens per "
         f"parameter) would add a 1M model: {big['tokens_1M']:,} tokens, {big['epochs_1M']:.1f} epochs of this "
-        "training split (so the corpus must first grow, e.g. more standard-library packages), about "
-        f"{_hms(big['cpu_s_1M_all_recipes'])} of one core for its six units at the measured rate; add it with "
-        "`--sizes` (cached units are reused). A run at the paper's sizes needs a tokenised web-text corpus of "
+        "training split" + (f" (more than {plan['max_epochs']:g}: the corpus must first grow, e.g. by more "
+                            "standard-library packages, which the run checks)" if big["epochs_1M"] > plan["max_epochs"]
+                            else "") + (
+            f", about {_hms(big['cpu_s_1M_core'])} of one core for its FP32, MXFP6 and MXFP4-W units at 2 seeds "
+            "(our largest size's CPU time per token, scaled linearly in parameters)" if big["cpu_s_1M_core"] else "")
+        + "; add it with `--sizes` (cached units are reused). A run at the paper's sizes needs a tokenised web-text corpus of "
         f"billions of tokens and MX emulation on GPUs: at {big['gpu_tokens_per_param']} tokens per parameter, "
-        + ", ".join(f"{e['params'] / 1e6:g}M parameters ≈ {e['flops']:.1e} FLOPs (6·N·D) ≈ {e['gpu_days']:.2g} GPU-days"
+        + ", ".join(f"{e['params'] / 1e6:g}M parameters ≈ {e['flops']:.1e} FLOPs (6·N·D) ≈ {24 * e['gpu_days']:.2g} GPU-hours"
                     for e in big["gpu_runs"])
         + f" per recipe and seed on one GPU sustaining {big['gpu_sustained_flops'] / 1e12:g} TFLOP/s (an assumption: "
-        "about 40% of an H100-class BF16 peak), before the quantize/dequantize overhead of emulation, which "
-        "at our sizes doubles the step time.\n")
+        "about 40% of an H100-class BF16 peak), before the quantize/dequantize overhead of emulation"
+        + (f", which multiplies our CPU step time by {big['mx_cpu_ratio']:.1f} (median MX / FP32 unit CPU time)"
+           if big["mx_cpu_ratio"] else "") + ".\n")
     return "\n".join(out)
 
 
@@ -658,12 +667,13 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=None, help=f"seeds per size ({d.seeds})")
     p.add_argument("--seeds-smallest", type=int, default=None, help=f"seeds at the smallest size ({d.seeds_smallest})")
     p.add_argument("--workers", type=int, default=1, help="worker processes (1 torch thread each)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads when --workers is 1 (default 1)")
     p.add_argument("--checkpoint-s", type=float, default=120.0, help="seconds between checkpoints inside a unit")
     p.add_argument("--report-only", action="store_true", help="train nothing: assemble JSON, plots and page from "
                    "the cached units (missing ones are listed)")
     p.add_argument("--no-page", action="store_true", help="do not refresh docs/results.md")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     plan = QUICK_PLAN if args.quick else Plan()
     over = {k: v for k, v in {"sizes": tuple(args.sizes) if args.sizes else None,
                                "tokens_per_param": args.tokens_per_param, "seeds": args.seeds,
@@ -686,7 +696,7 @@ def main(argv=None):
                              f"enlarge the corpus (experiments/data.py) or lower --tokens-per-param")
         sizes[s] = {**pc, **b, "label": size_label(pc["params"]), "epochs": epochs, "recipes": recipes_for(plan, s),
                     "seeds": seeds_for(plan, s), "lr": None, "sweep": [], "lr_at_edge": False}
-    base = {"plan": plan.to_json(), "out": str(out), "checkpoint_s": args.checkpoint_s}
+    base = {"plan": plan.to_json(), "out": str(out), "checkpoint_s": args.checkpoint_s, "threads": args.threads}
 
     def job(kind, s, recipe, seed, lr, steps):
         return {**base, "kind": kind, "size": s, "recipe": recipe, "seed": seed, "lr": lr, "steps": steps,
@@ -763,9 +773,11 @@ def main(argv=None):
     if computed:
         invocations.append(this)
     all_units = units + sweep_recs
-    per_tok = [u["cpu_s"] / u["tokens_seen"] / u["params"] for u in all_units if u["recipe"] != "fp32"] or [0.0]
-    per_tok_fp32 = [u["cpu_s"] / u["tokens_seen"] / u["params"] for u in all_units if u["recipe"] == "fp32"] or [0.0]
     largest = max(v["params"] for v in sizes.values())
+    ratios = [u["cpu_s"] / b["cpu_s"] for u in units for b in fp32 if u["recipe"] in ("mxfp6", "mxfp4-w+mxfp6")
+              and b["size"] == u["size"] and b["seed"] == u["seed"]]
+    mx_ratio = statistics.median(ratios) if ratios else None
+    big_fp32 = [u["cpu_s"] / u["tokens_seen"] / u["params"] for u in fp32 if u["params"] == largest]
     n1m = 1_000_000
     tok1m = budget(plan, n1m)["tokens"]
     js = {"plan": plan.to_json(), "environment": environment(), "corpus": corpus.summary(),
@@ -779,7 +791,9 @@ def main(argv=None):
                   "workers_used": max([i["workers"] for i in invocations] or [args.workers]), "this_invocation": this},
           "gpu_scale": {"ours_largest": largest, "ratio_to_paper_20M": 20e6 / largest, "tokens_1M": tok1m,
                         "epochs_1M": tok1m / corpus.train.numel(),
-                        "cpu_s_1M_all_recipes": tok1m * n1m * (statistics.fmean(per_tok_fp32) + 5 * statistics.fmean(per_tok)),
+                        "mx_cpu_ratio": mx_ratio,
+                        "cpu_s_1M_core": (2 * tok1m * n1m * statistics.fmean(big_fp32) * (1 + 2 * mx_ratio)
+                                          if big_fp32 and mx_ratio else None),
                         **gpu_estimate()}}
     write_json(out / "train_scale.json", js)
     def img(name):
