@@ -482,11 +482,17 @@ def plot_gap(rows: list[dict], path) -> None:
             ax.errorbar([r["params"] for r in mine], [r["gap_mean"] for r in mine],
                         yerr=[r["gap_half_range"] for r in mine], fmt="s-", color="C0", capsize=3,
                         label="ours (mean ± half-range over seeds; dots: seeds)")
+            f = fit_slope([r["params"] for r in mine for _ in r["gap"]], [g for r in mine for g in r["gap"]])
+            if f["slope"] is not None:
+                xs = [min(r["params"] for r in mine), max(r["params"] for r in mine)]
+                ax.plot(xs, [f["intercept"] + f["slope"] * math.log10(x) for x in xs], "--", color="C0", lw=1,
+                        label=f"least-squares fit, {f['slope']:+.4f} per decade")
         paper = PAPER_GAPS[recipe]
         ax.plot(list(paper), list(paper.values()), "D-", color="C3", label="MX paper")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")
-        ax.set(title=f"{recipe}: final validation loss − FP32 (paired)", xlabel="parameters",
+        ax.set(title=f"{recipe}: final validation loss − FP32 (paired)",
+               xlabel="parameters (ours: non-embedding; paper: as reported)",
                ylabel="gap (nats; ours per byte, paper per token)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
