@@ -434,6 +434,20 @@ def flattening(rec: dict) -> float:
     return (rec["val_loss"][i90] - rec["val_loss"][-1]) / rec["val_loss"][i90]
 
 
+#: a unit whose validation loss rises more than this (nats) above its running minimum is listed as unstable
+RISE_LIMIT = 0.02
+
+
+def val_rise(rec: dict) -> float:
+    """Largest rise of the validation-loss curve above its running minimum (0 for a curve that only falls):
+    a loss spike or instability shows here even when training does not produce NaNs."""
+    best, rise = math.inf, 0.0
+    for v in rec["val_loss"]:
+        rise = max(rise, v - best)
+        best = min(best, v)
+    return rise
+
+
 def summarize(units: list[dict], sizes: dict) -> list[dict]:
     """Per size x recipe: losses per seed, paired gaps to the same seed's FP32 unit, mean and half-range."""
     rows = []
@@ -449,6 +463,7 @@ def summarize(units: list[dict], sizes: dict) -> list[dict]:
                          "mean": statistics.fmean(vals), "half_range": (max(vals) - min(vals)) / 2,
                          "gap": gaps, "gap_mean": statistics.fmean(gaps) if gaps else None,
                          "gap_half_range": (max(gaps) - min(gaps)) / 2 if gaps else None,
+                         "val_rise_max": max(val_rise(u) for u in rs),
                          "wall_s_mean": statistics.fmean(u["wall_s"] for u in rs)})
     return rows
 
@@ -573,9 +588,10 @@ def section(js: dict, img) -> str:
         body.append([r["label"], r["recipe"], len(r["seeds"]), f"{r['mean']:.4f} ± {r['half_range']:.4f}",
                      "—" if r["recipe"] == "fp32" else f"{r['gap_mean']:+.4f} ± {r['gap_half_range']:.4f}",
                      "—" if r["recipe"] == "fp32" else " / ".join(f"{g:+.4f}" for g in r["gap"]),
-                     _hms(r["wall_s_mean"])])
+                     f"{r['val_rise_max']:.3f}", _hms(r["wall_s_mean"])])
     out.append("\n" + markdown_table(["model", "recipe", "seeds", "final val loss (mean ± half-range)",
-                                      "gap to FP32 (mean ± half-range)", "gap per seed", "wall per unit"], body))
+                                      "gap to FP32 (mean ± half-range)", "gap per seed",
+                                      "largest rise of val loss (max over seeds)", "wall per unit"], body))
     out.append(f"\n![gap vs parameters]({img('train_scale_gap.png')})\n\n"
                f"![loss curves]({img('train_scale_curves.png')})\n")
     # slope
@@ -595,7 +611,10 @@ def section(js: dict, img) -> str:
     flat = "; ".join(f"{sizes[s]['label']}: " + ", ".join(f"{100 * v:.2f}%" for v in vals)
                      for s, vals in ck["fp32_last10pct_improvement"].items())
     out.append("\n**Checks.** Every unit reached its size's token budget (no early stop): "
-               f"{'yes' if ck['all_reached_budget'] else 'no'}; diverged units: {', '.join(ck['diverged']) or 'none'}. "
+               f"{'yes' if ck['all_reached_budget'] else 'no'}; diverged units (NaN loss): {', '.join(ck['diverged']) or 'none'}; "
+               f"units whose validation loss rose more than {RISE_LIMIT} nats above its running minimum (loss spikes "
+               "at the FP32-tuned learning rate): " + (", ".join(f"{k} (+{v:.3f})" for k, v in ck["unstable"].items())
+                                                         or "none") + ". "
                f"FP32 curves flatten (validation loss improves by < 2% over the last 10% of training): "
                f"{'yes' if ck['fp32_flat'] else 'no'} ({flat}).\n")
     # trend, in words no stronger than the table
@@ -610,9 +629,9 @@ def section(js: dict, img) -> str:
         change = mine[-1]["gap_mean"] - mine[0]["gap_mean"]
         cis = [c for c in (o["ci95"], b) if c]
         if cis and all(c[1] < 0 for c in cis):
-            verdict = "the gap shrinks with size: both intervals of the slope lie below zero"
+            verdict = "the gap shrinks across these sizes: both intervals of the slope lie below zero"
         elif cis and all(c[0] > 0 for c in cis):
-            verdict = "the gap grows with size: both intervals of the slope lie above zero"
+            verdict = "the gap grows across these sizes: both intervals of the slope lie above zero"
         else:
             verdict = ("the slope is not distinguishable from zero at this precision (an interval includes zero); "
                        "the data neither show the paper's shrinking gap nor rule it out")
@@ -627,8 +646,13 @@ def section(js: dict, img) -> str:
                f"{run['workers_used']} worker(s), niceness {run['this_invocation']['nice']} on "
                f"{js['environment']['cpu_count']} CPU cores shared with other jobs; wall time of the invocations that trained units: {_hms(run['invocations_wall_s'])}.\n")
     big = js["gpu_scale"]
+    layers = {v["label"]: parse_size(s)[1] for s, v in sizes.items()}
+    depth = "" if len(set(layers.values())) < 2 else (
+        "The sizes differ in depth as well as width (layers: " + ", ".join(f"{k} {n}" for k, n in layers.items())
+        + "); a one-layer transformer cannot form the two-layer induction circuits of Olsson et al. (2022), so a "
+        "step between one and two layers mixes model size with depth. ")
     out.append(
-        "**Caveats and what a full-size run needs.** Losses are nats per byte on a 1.4 MB code corpus, not the "
+        "**Caveats and what a full-size run needs.** " + depth + "Losses are nats per byte on a 1.4 MB code corpus, not the "
         "paper's nats per token on web text, so only the sign and size of the *trend* are comparable, not the "
         f"gaps themselves; the paper's sizes are its own (total) parameter counts. Our largest model has "
         f"{big['ours_largest']:,} non-embedding parameters, about {big['ratio_to_paper_20M']:.0f}x "
@@ -764,6 +788,8 @@ def main(argv=None):
     flat = {s: [flattening(u) for u in fp32 if u["size"] == s] for s in sizes}
     checks = {"all_reached_budget": all(u["tokens_seen"] >= sizes[u["size"]]["token_budget"] for u in units),
               "diverged": [unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"]) for u in units if u["diverged"]],
+              "unstable": {unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"]): val_rise(u) for u in units
+                           if val_rise(u) > RISE_LIMIT},
               "fp32_last10pct_improvement": {s: v for s, v in flat.items() if v},
               "fp32_flat": bool(fp32) and all(v < 0.02 for vals in flat.values() for v in vals)}
     for u in units:

@@ -45,6 +45,11 @@ def test_flattening_is_relative_improvement_over_last_tenth():
     assert ts.flattening(rec) == pytest.approx(0.02)
 
 
+def test_val_rise_is_largest_rise_above_running_minimum():
+    assert ts.val_rise({"val_loss": [3.0, 2.5, 2.0, 1.9]}) == 0.0
+    assert ts.val_rise({"val_loss": [3.0, 2.0, 2.3, 1.8, 2.4, 1.7]}) == pytest.approx(0.6)  # 2.4 - 1.8
+
+
 def test_budget_rounds_up_to_whole_evaluation_intervals():
     plan = ts.Plan()
     b = ts.budget(plan, 20_960)  # 209,600 tokens / 1024 per step = 204.7 steps -> 220 (a multiple of 20)
