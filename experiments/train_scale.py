@@ -643,7 +643,8 @@ def section(js: dict, img) -> str:
     run = js["run"]
     out.append(f"**Cost.** {js['n_units_done']} units (incl. {js['n_sweep_units']} sweep units): "
                f"{_hms(run['unit_wall_s'])} wall and {_hms(run['unit_cpu_s'])} CPU summed over units, one thread each, "
-               f"{run['workers_used']} worker(s), niceness {run['this_invocation']['nice']} on "
+               f"{run['workers_used']} worker(s), niceness "
+               f"{'/'.join(str(n) for n in sorted({str(i.get('nice', 'not recorded')) for i in run['invocations']} or {str(run['this_invocation']['nice'])}))} on "
                f"{js['environment']['cpu_count']} CPU cores shared with other jobs; wall time of the invocations that trained units: {_hms(run['invocations_wall_s'])}.\n")
     big = js["gpu_scale"]
     layers = {v["label"]: parse_size(s)[1] for s, v in sizes.items()}
