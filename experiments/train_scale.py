@@ -173,6 +173,20 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, floor: float) -> float:
 
 
 # ---- one unit ------------------------------------------------------------------------------------
+#: suffix of a diagnostic recipe that leaves the attention matmuls (QKᵀ, AV) in FP32, Linear layers quantized
+LINEAR_ONLY = "-linear-only"
+#: diagnostic units (recipe, seed) at the largest size, run with --diagnostics, reported apart from the fit
+DIAGNOSTICS = (("mxfp6" + LINEAR_ONLY, 0),)
+
+
+def split_recipe(label: str) -> tuple[str, str | None]:
+    """(training recipe, attention spec for quantize_model): ``"<recipe>-linear-only"`` quantizes the
+    Linear layers only (attention matmuls FP32); every other label quantizes both."""
+    if label.endswith(LINEAR_ONLY):
+        return label[:-len(LINEAR_ONLY)], None
+    return label, "auto"
+
+
 def unit_key(plan: Plan, size: str, recipe: str, seed: int, lr: float, steps: int) -> dict:
     """Everything one unit's result depends on; a cached unit is reused only when its key matches."""
     return {"size": size, "recipe": recipe, "seed": seed, "lr": lr, "steps": steps, "batch": plan.batch,
@@ -237,7 +251,8 @@ def train_unit(job: dict) -> dict:
     ckpt = out / "checkpoints" / f"{name}.pt"
     corpus = _corpus()
     model = build_model(size, seed, plan.ctx)
-    model = mx.quantized(model, mx.training_recipe(recipe), inference=False, copy_model=False)
+    base_recipe, attention = split_recipe(recipe)
+    model = mx.quantized(model, mx.training_recipe(base_recipe), inference=False, copy_model=False, attention=attention)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=plan.weight_decay)
     warmup = max(1, round(plan.warmup_fraction * steps))
@@ -617,6 +632,14 @@ def section(js: dict, img) -> str:
                                                          or "none") + ". "
                f"FP32 curves flatten (validation loss improves by < 2% over the last 10% of training): "
                f"{'yes' if ck['fp32_flat'] else 'no'} ({flat}).\n")
+    if js.get("diagnostics"):
+        db = [[sizes[d["size"]]["label"], d["recipe"], d["seed"], f"{d['final_val_loss']:.4f}",
+               "n/a" if d["gap_to_fp32"] is None else f"{d['gap_to_fp32']:+.4f}", d["full_recipe"],
+               "n/a" if d["full_recipe_gap"] is None else f"{d['full_recipe_gap']:+.4f}"] for d in js["diagnostics"]]
+        out.append("**Diagnostic (not in the fit).** The same recipe with the attention matmuls (QKᵀ and AV) left in "
+                   "FP32 and every Linear layer quantized as before (`-linear-only`), largest size, paired with the "
+                   "same seed's FP32 unit:\n\n" + markdown_table(["model", "recipe", "seed", "final val loss",
+                                                                  "gap to FP32", "full recipe", "full recipe's gap"], db))
     # trend, in words no stronger than the table
     lines = []
     for recipe, f in ft.items():
@@ -703,6 +726,8 @@ def main(argv=None):
     p.add_argument("--report-only", action="store_true", help="train nothing: assemble JSON, plots and page from "
                    "the cached units (missing ones are listed)")
     p.add_argument("--no-page", action="store_true", help="do not refresh docs/results.md")
+    p.add_argument("--diagnostics", action="store_true", help="also train the diagnostic units at the largest "
+                   "size (" + ", ".join(f"{r} seed {s}" for r, s in DIAGNOSTICS) + "), after the planned ones")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     plan = QUICK_PLAN if args.quick else Plan()
@@ -782,6 +807,27 @@ def main(argv=None):
     names = {unit_name("main", j["size"], j["recipe"], j["seed"], j["lr"]) for j in main_jobs}
     have = {unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"]) for u in units}
     missing = sorted(names - have) + [f"{s} (all: no learning rate yet)" for s, v in sizes.items() if v["lr"] is None]
+    # 3. diagnostics at the largest size: trained with --diagnostics, reported whenever cached
+    big_s = list(sizes)[-1]
+    diag_jobs = ([job("main", big_s, r, seed, sizes[big_s]["lr"], sizes[big_s]["steps"]) for r, seed in DIAGNOSTICS]
+                 if sizes[big_s]["lr"] is not None else [])
+    if args.diagnostics and not args.report_only:
+        for j in diag_jobs:
+            progress.add(j)
+        drecs = run_units(diag_jobs, args.workers, progress)
+        computed += sum(1 for r in drecs if not r.get("cached"))
+    else:
+        drecs = [r for r in (_cached_only(j) for j in diag_jobs) if r]
+    diagnostics = []
+    for d in drecs:
+        paired = {u["recipe"]: u["final_val_loss"] for u in units if u["size"] == d["size"] and u["seed"] == d["seed"]}
+        base = split_recipe(d["recipe"])[0]
+        diagnostics.append({**{k: d[k] for k in ("size", "recipe", "seed", "lr", "steps", "final_val_loss", "val_tokens",
+                                                 "val_loss", "wall_s", "cpu_s", "params", "tokens_seen")},
+                            "gap_to_fp32": d["final_val_loss"] - paired["fp32"] if "fp32" in paired else None,
+                            "full_recipe": base,
+                            "full_recipe_gap": (paired[base] - paired["fp32"]) if base in paired and "fp32" in paired
+                            else None})
     order = list(sizes)
     units.sort(key=lambda u: (order.index(u["size"]), u["seed"], list(CORE_RECIPES + EXTRA_RECIPES).index(u["recipe"])))
     rows = summarize(units, sizes)
@@ -805,7 +851,7 @@ def main(argv=None):
             "units_computed": computed, "workers": args.workers, "nice": os.nice(0)}
     if computed:
         invocations.append(this)
-    all_units = units + sweep_recs
+    all_units = units + sweep_recs + drecs
     largest = max(v["params"] for v in sizes.values())
     ratios = [u["cpu_s"] / b["cpu_s"] for u in units for b in fp32 if u["recipe"] in ("mxfp6", "mxfp4-w+mxfp6")
               and b["size"] == u["size"] and b["seed"] == u["seed"]]
@@ -816,7 +862,7 @@ def main(argv=None):
     js = {"plan": plan.to_json(), "environment": environment(), "corpus": corpus.summary(),
           "command": _command(_argv_for_resume(argv)), "sizes": sizes,
           "n_units_planned": planned_main, "n_units_done": len(all_units), "n_sweep_units": len(sweep_recs),
-          "missing_units": missing, "units": units, "sweep_units": sweep_recs, "summary": rows, "fits": fits(rows),
+          "missing_units": missing, "units": units, "sweep_units": sweep_recs, "diagnostics": diagnostics, "summary": rows, "fits": fits(rows),
           "checks": checks,
           "run": {"unit_wall_s": sum(u["wall_s"] for u in all_units), "unit_cpu_s": sum(u["cpu_s"] for u in all_units),
                   "invocations": invocations, "invocations_wall_s": sum(i["wall_s"] for i in invocations),

@@ -136,3 +136,17 @@ def test_quick_pipeline_schema_gaps_and_resume(tmp_path):
     # the page section lists what is missing when units are
     partial = ts.main(["--quick", "--out", str(tmp_path), "--no-page", "--report-only", "--seeds", "3"])
     assert len(partial["missing_units"]) == 3 and "Partial results" in (tmp_path / "train_scale.md").read_text()
+
+
+def test_linear_only_diagnostic_leaves_attention_unquantized():
+    from experiments import mx
+    assert ts.split_recipe("mxfp6-linear-only") == ("mxfp6", None)
+    assert ts.split_recipe("mxfp4-w+mxfp6") == ("mxfp4-w+mxfp6", "auto")
+    kinds = {}
+    for label in ("mxfp6", "mxfp6-linear-only"):
+        recipe, attention = ts.split_recipe(label)
+        m = mx.quantized(ts.build_model("32x1", 0, 64), mx.training_recipe(recipe), attention=attention)
+        kinds[label] = (type(m.blocks[0].attn) is not ts.build_model("32x1", 0, 64).blocks[0].attn.__class__,
+                        type(m.blocks[0].mlp[0]).__name__)
+    assert kinds["mxfp6"][0] and not kinds["mxfp6-linear-only"][0]  # attention scope only in the full recipe
+    assert kinds["mxfp6"][1] == kinds["mxfp6-linear-only"][1] != "Linear"  # Linear layers quantized in both
