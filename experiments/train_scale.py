@@ -639,7 +639,11 @@ def section(js: dict, img) -> str:
         out.append("**Diagnostic (not in the fit).** The same recipe with the attention matmuls (QKᵀ and AV) left in "
                    "FP32 and every Linear layer quantized as before (`-linear-only`), largest size, paired with the "
                    "same seed's FP32 unit:\n\n" + markdown_table(["model", "recipe", "seed", "final val loss",
-                                                                  "gap to FP32", "full recipe", "full recipe's gap"], db))
+                                                                  "gap to FP32", "full recipe", "full recipe's gap"], db)
+                   + "".join(f"\nIn {sizes[d['size']]['label']} seed {d['seed']}, quantizing the attention matmuls adds "
+                             f"{d['full_recipe_gap'] - d['gap_to_fp32']:+.4f} of the full recipe's {d['full_recipe_gap']:+.4f}; "
+                             f"the Linear layers alone give {d['gap_to_fp32']:+.4f}.\n" for d in js["diagnostics"]
+                             if d["gap_to_fp32"] is not None and d["full_recipe_gap"] is not None))
     # trend, in words no stronger than the table
     lines = []
     for recipe, f in ft.items():
