@@ -631,7 +631,9 @@ def section(js: dict, img) -> str:
                "at the FP32-tuned learning rate): " + (", ".join(f"{k} (+{v:.3f})" for k, v in ck["unstable"].items())
                                                          or "none") + ". "
                f"FP32 curves flatten (validation loss improves by < 2% over the last 10% of training): "
-               f"{'yes' if ck['fp32_flat'] else 'no'} ({flat}).\n")
+               f"{'yes' if ck['fp32_flat'] else 'no'} ({flat})"
+               + ("" if ck["fp32_flat"] else "; a size with a value of 2% or more was still improving at the end of its "
+                  "budget, so its gaps are measured before the FP32 curve flattened") + ".\n")
     if js.get("diagnostics"):
         db = [[sizes[d["size"]]["label"], d["recipe"], d["seed"], f"{d['final_val_loss']:.4f}",
                "n/a" if d["gap_to_fp32"] is None else f"{d['gap_to_fp32']:+.4f}", d["full_recipe"],
@@ -662,13 +664,17 @@ def section(js: dict, img) -> str:
         else:
             verdict = ("the slope is not distinguishable from zero at this precision (an interval includes zero); "
                        "the data neither show the paper's shrinking gap nor rule it out")
+        spikes = [k for k in js["checks"].get("unstable", {}) if f"_{recipe}_s" in k]
         lines.append(f"- **{recipe}**: mean gap {mine[0]['gap_mean']:+.4f} at {mine[0]['label']} → "
                      f"{mine[-1]['gap_mean']:+.4f} at {mine[-1]['label']} (change {change:+.4f}; largest half-range "
                      f"over seeds at one size {spread:.4f}); slope {o['slope']:+.4f} per decade vs the paper's "
-                     f"{f['paper_slope']:+.4f}: {verdict}.")
+                     f"{f['paper_slope']:+.4f}: {verdict}"
+                     + (f"; units with loss spikes (see Checks): {', '.join(spikes)}" if spikes else "") + ".")
     out.append("**Trend.**\n\n" + "\n".join(lines) + "\n")
     run = js["run"]
-    out.append(f"**Cost.** {js['n_units_done']} units (incl. {js['n_sweep_units']} sweep units): "
+    n_diag = len(js.get("diagnostics", []))
+    out.append(f"**Cost.** {js['n_units_done']} units (incl. {js['n_sweep_units']} sweep units"
+               + (f" and {n_diag} diagnostic" if n_diag else "") + "): "
                f"{_hms(run['unit_wall_s'])} wall and {_hms(run['unit_cpu_s'])} CPU summed over units, one thread each, "
                f"{run['workers_used']} worker(s), niceness "
                f"{'/'.join(str(n) for n in sorted({str(i.get('nice', 'not recorded')) for i in run['invocations']} or {str(run['this_invocation']['nice'])}))} on "
