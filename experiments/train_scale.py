@@ -24,7 +24,7 @@ it depends on, and checkpointed every ``--checkpoint-s`` seconds inside the unit
 not committed), so a killed run resumes where it stopped: run the same command again. Adding sizes later
 (``--sizes ... 128x4``) reuses every cached unit.
 
-    python -m experiments.train_scale [--quick] [--sizes 32x1 64x2 96x3] [--workers 1] [--report-only]
+    python -m experiments.train_scale [--quick] [--sizes 32x1 64x1 64x2 96x2] [--workers 1] [--report-only]
 
 Writes <out>/train_scale.json, train_scale.md (the results section), train_scale_gap.png,
 train_scale_curves.png, and refreshes docs/results.md (via experiments.report) when the other stages'
@@ -65,7 +65,7 @@ COST_FACTOR = {"fp32": 1.0, "mxfp6": 1.9, "mxfp4-w+mxfp6": 1.9, "mxfp8": 1.9, "m
 class Plan:
     """Everything the run's units depend on (the cache keys are built from it)."""
 
-    sizes: tuple = ("32x1", "64x1", "96x2")
+    sizes: tuple = ("32x1", "64x1", "64x2", "96x2")
     tokens_per_param: float = 10.0
     batch: int = 16
     ctx: int = 64
@@ -568,6 +568,20 @@ def _hms(s: float) -> str:
     return f"{s / 3600:.2f} h" if s >= 5400 else (f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s")
 
 
+def by_depth(rows: list[dict], sizes: dict) -> str:
+    """Mean gaps of the fitted recipes, grouped by depth (sizes with the same number of layers)."""
+    parts = []
+    for n in sorted({parse_size(s)[1] for s in sizes}):
+        mine = [s for s in sizes if parse_size(s)[1] == n]
+        for recipe in FIT_RECIPES:
+            g = [(sizes[s]["label"], r["gap_mean"]) for s in mine for r in rows
+                 if r["size"] == s and r["recipe"] == recipe and r["gap_mean"] is not None]
+            if g:
+                parts.append(f"{recipe} at {n} layer{'s' if n > 1 else ''}: "
+                             + ", ".join(f"{lab} {v:+.4f}" for lab, v in g))
+    return ("Mean gaps by depth: " + "; ".join(parts) + ". ") if parts else ""
+
+
 def _ci(v) -> str:
     return "n/a" if v is None else f"[{v[0]:+.4f}, {v[1]:+.4f}]"
 
@@ -684,7 +698,7 @@ def section(js: dict, img) -> str:
     depth = "" if len(set(layers.values())) < 2 else (
         "The sizes differ in depth as well as width (layers: " + ", ".join(f"{k} {n}" for k, n in layers.items())
         + "); a one-layer transformer cannot form the two-layer induction circuits of Olsson et al. (2022), so a "
-        "step between one and two layers mixes model size with depth. ")
+        "step between one and two layers mixes model size with depth. " + by_depth(rows, sizes))
     out.append(
         "**Caveats and what a full-size run needs.** " + depth + "Losses are nats per byte on a 1.4 MB code corpus, not the "
         "paper's nats per token on web text, so only the sign and size of the *trend* are comparable, not the "
