@@ -176,7 +176,9 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, floor: float) -> float:
 #: suffix of a diagnostic recipe that leaves the attention matmuls (QKᵀ, AV) in FP32, Linear layers quantized
 LINEAR_ONLY = "-linear-only"
 #: diagnostic units (recipe, seed) at the largest size, run with --diagnostics, reported apart from the fit
-DIAGNOSTICS = (("mxfp6" + LINEAR_ONLY, 0),)
+#: suffix of a diagnostic recipe trained at half the size's tuned peak learning rate
+HALF_LR = "-halflr"
+DIAGNOSTICS = (("mxfp6" + LINEAR_ONLY, 0), ("fp32" + HALF_LR, 0), ("mxfp6" + HALF_LR, 0))
 
 
 def split_recipe(label: str) -> tuple[str, str | None]:
@@ -184,6 +186,8 @@ def split_recipe(label: str) -> tuple[str, str | None]:
     Linear layers only (attention matmuls FP32); every other label quantizes both."""
     if label.endswith(LINEAR_ONLY):
         return label[:-len(LINEAR_ONLY)], None
+    if label.endswith(HALF_LR):
+        return label[:-len(HALF_LR)], "auto"
     return label, "auto"
 
 
@@ -652,14 +656,17 @@ def section(js: dict, img) -> str:
         db = [[sizes[d["size"]]["label"], d["recipe"], d["seed"], f"{d['final_val_loss']:.4f}",
                "n/a" if d["gap_to_fp32"] is None else f"{d['gap_to_fp32']:+.4f}", d["full_recipe"],
                "n/a" if d["full_recipe_gap"] is None else f"{d['full_recipe_gap']:+.4f}"] for d in js["diagnostics"]]
-        out.append("**Diagnostic (not in the fit).** The same recipe with the attention matmuls (QKᵀ and AV) left in "
-                   "FP32 and every Linear layer quantized as before (`-linear-only`), largest size, paired with the "
-                   "same seed's FP32 unit:\n\n" + markdown_table(["model", "recipe", "seed", "final val loss",
+        out.append("**Diagnostics (not in the fit), largest size.** `-linear-only`: the recipe with the attention "
+                   "matmuls (QKᵀ and AV) left in FP32 and every Linear layer quantized as before, paired with the same "
+                   "seed's FP32 unit. `-halflr`: the recipe at half the size's tuned peak learning rate, paired with an "
+                   "FP32 unit also at half the rate (same seed). \"full recipe\": the planned unit of that recipe (tuned "
+                   "rate, attention quantized) and its gap:\n\n" + markdown_table(["model", "recipe", "seed", "final val loss",
                                                                   "gap to FP32", "full recipe", "full recipe's gap"], db)
                    + "".join(f"\nIn {sizes[d['size']]['label']} seed {d['seed']}, quantizing the attention matmuls adds "
                              f"{d['full_recipe_gap'] - d['gap_to_fp32']:+.4f} of the full recipe's {d['full_recipe_gap']:+.4f}; "
                              f"the Linear layers alone give {d['gap_to_fp32']:+.4f}.\n" for d in js["diagnostics"]
-                             if d["gap_to_fp32"] is not None and d["full_recipe_gap"] is not None))
+                             if d["recipe"].endswith(LINEAR_ONLY) and d["gap_to_fp32"] is not None
+                             and d["full_recipe_gap"] is not None))
     # trend, in words no stronger than the table
     lines = []
     for recipe, f in ft.items():
@@ -833,7 +840,8 @@ def main(argv=None):
     missing = sorted(names - have) + [f"{s} (all: no learning rate yet)" for s, v in sizes.items() if v["lr"] is None]
     # 3. diagnostics at the largest size: trained with --diagnostics, reported whenever cached
     big_s = list(sizes)[-1]
-    diag_jobs = ([job("main", big_s, r, seed, sizes[big_s]["lr"], sizes[big_s]["steps"]) for r, seed in DIAGNOSTICS]
+    diag_jobs = ([job("main", big_s, r, seed, sizes[big_s]["lr"] * (0.5 if r.endswith(HALF_LR) else 1.0),
+                      sizes[big_s]["steps"]) for r, seed in DIAGNOSTICS]
                  if sizes[big_s]["lr"] is not None else [])
     if args.diagnostics and not args.report_only:
         for j in diag_jobs:
@@ -844,14 +852,21 @@ def main(argv=None):
         drecs = [r for r in (_cached_only(j) for j in diag_jobs) if r]
     diagnostics = []
     for d in drecs:
-        paired = {u["recipe"]: u["final_val_loss"] for u in units if u["size"] == d["size"] and u["seed"] == d["seed"]}
+        planned = {u["recipe"]: u["final_val_loss"] for u in units if u["size"] == d["size"] and u["seed"] == d["seed"]}
+        paired = {u["recipe"]: u["final_val_loss"] for u in units + drecs
+                  if u["size"] == d["size"] and u["seed"] == d["seed"]}
         base = split_recipe(d["recipe"])[0]
+        if d["recipe"].endswith(HALF_LR):  # paired with the FP32 unit at the same (halved) learning rate
+            paired["fp32"] = paired.get("fp32" + HALF_LR)
+            if base == "fp32":
+                paired["fp32"] = None
+            paired = {k: v for k, v in paired.items() if v is not None}
         diagnostics.append({**{k: d[k] for k in ("size", "recipe", "seed", "lr", "steps", "final_val_loss", "val_tokens",
                                                  "val_loss", "wall_s", "cpu_s", "params", "tokens_seen")},
                             "gap_to_fp32": d["final_val_loss"] - paired["fp32"] if "fp32" in paired else None,
                             "full_recipe": base,
-                            "full_recipe_gap": (paired[base] - paired["fp32"]) if base in paired and "fp32" in paired
-                            else None})
+                            "full_recipe_gap": (planned[base] - planned["fp32"]) if base in planned and "fp32" in planned
+                            and base != "fp32" else None})
     order = list(sizes)
     units.sort(key=lambda u: (order.index(u["size"]), u["seed"], list(CORE_RECIPES + EXTRA_RECIPES).index(u["recipe"])))
     rows = summarize(units, sizes)
