@@ -4,18 +4,20 @@
     python -m experiments.all --quick    # smoke run of the same pipeline into results/quick/ (minutes)
 
 Stages: train_digits, train_lm (FP32 and MX training recipes; cached per run in <out>/runs/ and reused
-when the settings match, unless --fresh), direct_cast, ptq (error diffusion and QAT), report.
+when the settings match, unless --fresh), direct_cast, ptq (error diffusion and QAT), train_scale (the
+training gap vs model size; cached per unit, always resumed, hours on 2 cores when nothing is cached),
+report.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import direct_cast, ptq, report, train_digits, train_lm
+from . import direct_cast, ptq, report, train_digits, train_lm, train_scale
 from .common import Timer, add_common_args, environment, read_json, setup, write_json
 
 STAGES = {"train_digits": train_digits.main, "train_lm": train_lm.main, "direct_cast": direct_cast.main,
-          "ptq": ptq.main, "report": report.main}
+          "ptq": ptq.main, "train_scale": train_scale.main, "report": report.main}
 
 
 def main(argv=None):
@@ -25,7 +27,8 @@ def main(argv=None):
     preset, out = setup(args)
     common = (["--quick"] if args.quick else []) + (["--out", str(args.out)] if args.out else []) \
         + (["--threads", str(args.threads)] if args.threads else [])
-    extra = {"train_lm": ["--jobs", str(args.jobs)] + (["--fresh"] if args.fresh else [])}
+    extra = {"train_lm": ["--jobs", str(args.jobs)] + (["--fresh"] if args.fresh else []),
+             "train_scale": ["--workers", str(args.jobs), "--no-page"]}
     walls, results = {}, {}
     previous = read_json(out / "all.json") if (out / "all.json").exists() else {}
     with Timer() as total:

@@ -46,14 +46,16 @@ def qat_recipe(fmt: str):
     return inference_recipe(fmt)
 
 
-def quantized(model: nn.Module, recipe, inference: bool = False, copy_model: bool = True) -> nn.Module:
-    """``microscale.nn.quantize_model`` on (a deep copy of) ``model``; ``recipe=None`` is FP32."""
+def quantized(model: nn.Module, recipe, inference: bool = False, copy_model: bool = True,
+              attention="auto") -> nn.Module:
+    """``microscale.nn.quantize_model`` on (a deep copy of) ``model``; ``recipe=None`` is FP32;
+    ``attention=None`` leaves the activation x activation matmuls (QKᵀ, AV) unquantized."""
     if copy_model:
         model = copy.deepcopy(model)
     if recipe is None:
         return model
     import microscale.nn as msnn
-    return msnn.quantize_model(model, recipe, inference=inference)
+    return msnn.quantize_model(model, recipe, inference=inference, attention=attention)
 
 
 def inference_model(model: nn.Module, fmt: str | None) -> tuple[nn.Module, bool]:

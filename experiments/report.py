@@ -202,7 +202,7 @@ def acceptance(train_v: dict, dc_c: dict, ptq_c: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def discussion(train_v, dc_c, ptq_c) -> str:
+def discussion(train_v, dc_c, ptq_c, scale: bool = False) -> str:
     e2m3 = [m for m, c in dc_c.items() if c["e2m3_beats_e3m2"]]
     sizes = "; ".join(f"{m}: MXFP6 {v['mxfp6_gap']:+.3f}, MXFP4-W {v['mxfp4w_gap']:+.3f}" for m, v in train_v.items())
     gaps = [v["mxfp4w_gap"] for v in train_v.values()]
@@ -216,7 +216,7 @@ def discussion(train_v, dc_c, ptq_c) -> str:
   sizes ({sizes}) they {'also shrink' if shrink else 'do not shrink'}. Our sizes span a factor of about 4.6,
   not 75, both are far from converged, and the larger one sees fewer steps with the same peak learning
   rate, so this says little about the paper's trend either way; the ordering FP32 ≤ MXFP6 ≤ MXFP4-W is
-  what reproduces.
+  what reproduces.{' Section 4 measures the trend on models trained to a fixed token budget per parameter.' if scale else ''}
 - **Scale.** The paper's GPTs have 20M–1.5B parameters trained on billions of tokens; ours have under 1M
   parameters and see a few hundred thousand bytes, on two shared CPU cores. Losses are in nats per *byte*
   of Python source, not per BPE token, so absolute values are not comparable; only gaps and orderings are.
@@ -307,8 +307,12 @@ def main(argv=None):
                 f"({dd['split']}). MLP {dg['model']['params']:,} parameters "
                 f"(64-{dg['model']['hidden']}-{dg['model']['hidden']}-10), {dg['model']['epochs']} epochs, "
                 f"{dg['model']['optimizer']}.\n")
-    page = "\n".join(head) + "\n" + t_text + "\n" + d_text + "\n" + p_text + "\n" + acceptance(t_v, d_c, p_c) \
-        + "\n" + discussion(t_v, d_c, p_c)
+    s_text = ""
+    if (out / "train_scale.json").exists():  # section 4, experiments/train_scale.py
+        from .train_scale import section as scale_section
+        s_text = scale_section(read_json(out / "train_scale.json"), img) + "\n"
+    page = "\n".join(head) + "\n" + t_text + "\n" + d_text + "\n" + p_text + "\n" + s_text \
+        + acceptance(t_v, d_c, p_c) + "\n" + discussion(t_v, d_c, p_c, scale=bool(s_text))
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(page)
     print(f"wrote {doc}")

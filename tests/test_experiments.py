@@ -77,7 +77,8 @@ def test_quick_pipeline_end_to_end(tmp_path):
     from experiments import all as run_all
     run_all.main(["--quick", "--out", str(tmp_path)])
     for name in ("train_digits.json", "train_lm.json", "direct_cast.json", "ptq.json", "all.json",
-                 "train_lm.md", "direct_cast.md", "ptq.md", "direct_cast.png", "ptq.png", "results.md"):
+                 "train_lm.md", "direct_cast.md", "ptq.md", "direct_cast.png", "ptq.png", "results.md",
+                 "train_scale.json", "train_scale_gap.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     train = parse_markdown_table((tmp_path / "train_lm.md").read_text())
     assert {r["recipe"] for r in train} >= {"fp32", "mxfp6", "mxfp4-w+mxfp6"}
@@ -86,7 +87,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     dc = json.loads((tmp_path / "direct_cast.json").read_text())
     assert {"fp32", "mxint8", "mxfp4_e2m1"} <= set(dc["formats"])
     page = (tmp_path / "results.md").read_text()
-    assert "## Acceptance" in page and "direct cast" in page
+    assert "## Acceptance" in page and "direct cast" in page and "## 4. Does the training gap shrink" in page
     for table in page.split("\n\n"):
         if table.startswith("|"):
             rows = parse_markdown_table(table)
