@@ -28,7 +28,7 @@ def main(argv=None):
     common = (["--quick"] if args.quick else []) + (["--out", str(args.out)] if args.out else []) \
         + (["--threads", str(args.threads)] if args.threads else [])
     extra = {"train_lm": ["--jobs", str(args.jobs)] + (["--fresh"] if args.fresh else []),
-             "train_scale": ["--workers", str(args.jobs), "--no-page"]}
+             "train_scale": ["--workers", str(args.jobs)]}
     walls, results = {}, {}
     previous = read_json(out / "all.json") if (out / "all.json").exists() else {}
     with Timer() as total:

@@ -27,7 +27,7 @@ not committed), so a killed run resumes where it stopped: run the same command a
     python -m experiments.train_scale [--quick] [--sizes 32x1 64x1 64x2 96x2] [--workers 1] [--report-only]
 
 Writes <out>/train_scale.json, train_scale.md (the results section), train_scale_gap.png,
-train_scale_curves.png, and refreshes docs/results.md (via experiments.report) when the other stages'
+train_scale_curves.png; `python -m experiments.report` (run by experiments.all) puts it into docs/results.md when the other stages'
 results are present.
 """
 
@@ -756,7 +756,6 @@ def main(argv=None):
     p.add_argument("--checkpoint-s", type=float, default=120.0, help="seconds between checkpoints inside a unit")
     p.add_argument("--report-only", action="store_true", help="train nothing: assemble JSON, plots and page from "
                    "the cached units (missing ones are listed)")
-    p.add_argument("--no-page", action="store_true", help="do not refresh docs/results.md")
     p.add_argument("--diagnostics", action="store_true", help="also train the diagnostic units at the largest "
                    "size (" + ", ".join(f"{r} seed {s}" for r, s in DIAGNOSTICS) + "), after the planned ones")
     args = p.parse_args(argv)
@@ -925,10 +924,9 @@ def main(argv=None):
                           for r in rows]))
     if missing:
         print(f"missing units ({len(missing)}): {', '.join(missing)}")
-    if not args.no_page and out == RESULTS and all((out / f).exists() for f in
-                                                   ("train_lm.json", "direct_cast.json", "ptq.json", "train_digits.json")):
-        from . import report
-        report.main([])
+    if out == RESULTS:
+        # report imports this module (section 4), so the page is refreshed by its own command, not from here
+        print("docs/results.md: refresh with `python -m experiments.report` (python -m experiments.all does it)")
     return js
 
 

@@ -93,12 +93,12 @@ def test_unit_resumes_exactly_from_a_mid_unit_checkpoint(tmp_path):
 
 def test_corpus_guard_refuses_too_many_epochs(tmp_path):
     with pytest.raises(ValueError, match="epochs"):
-        ts.main(["--quick", "--out", str(tmp_path), "--tokens-per-param", "1000", "--no-page"])
+        ts.main(["--quick", "--out", str(tmp_path), "--tokens-per-param", "1000"])
 
 
 @pytest.mark.slow
 def test_quick_pipeline_schema_gaps_and_resume(tmp_path):
-    js = ts.main(["--quick", "--out", str(tmp_path), "--no-page"])
+    js = ts.main(["--quick", "--out", str(tmp_path)])
     on_disk = json.loads((tmp_path / "train_scale.json").read_text())
     assert on_disk["summary"] == js["summary"]
     for name in ("train_scale.md", "train_scale_gap.png", "train_scale_curves.png"):
@@ -128,13 +128,13 @@ def test_quick_pipeline_schema_gaps_and_resume(tmp_path):
     for v in js["sizes"].values():
         assert v["lr"] == min(v["sweep"], key=lambda p: p["val"])["lr"]
     # a second run reuses every cached unit and gives the same table
-    again = ts.main(["--quick", "--out", str(tmp_path), "--no-page"])
+    again = ts.main(["--quick", "--out", str(tmp_path)])
     assert again["run"]["this_invocation"]["units_computed"] == 0
     assert all(u.get("cached") for u in again["units"])
     assert again["summary"] == js["summary"]
     assert len(again["run"]["invocations"]) == 1  # an invocation that trained nothing is not counted
     # the page section lists what is missing when units are
-    partial = ts.main(["--quick", "--out", str(tmp_path), "--no-page", "--report-only", "--seeds", "3"])
+    partial = ts.main(["--quick", "--out", str(tmp_path), "--report-only", "--seeds", "3"])
     assert len(partial["missing_units"]) == 3 and "Partial results" in (tmp_path / "train_scale.md").read_text()
 
 
