@@ -150,6 +150,21 @@ def test_demo_runs_and_round_trips(capsys):
         assert float(ratio.rstrip("x")) == pytest.approx(32 / float(bits), abs=0.01)
         assert (16 < float(qsnr) < 20) if line.startswith("mxfp4") else (38 < float(qsnr) < 48), line
     assert "bit-exact: yes" in out
+    # the model part: a transformers Llama packed weight-only, saved, loaded through from_pretrained
+    pytest.importorskip("transformers")
+    model_rows = {line.split()[0]: line.split() for line in out.splitlines()
+                  if line.startswith(("mxfp8-w ", "mxfp4-w "))}
+    assert set(model_rows) == {"mxfp8-w", "mxfp4-w"}, out
+    for recipe, cols in model_rows.items():
+        assert cols[1] == "15/15" and cols[-1] == "yes", cols          # every Linear packed; bit-equal reload
+        assert float(cols[3].rstrip("x")) > (3.0 if recipe == "mxfp4-w" else 2.0), cols   # resident bytes fall
+    assert "mxfp4_e2m1" in out.split("weight bytes are large")[1]
+
+
+def test_demo_no_model_skips_the_model_part(capsys):
+    rc, out, err = _run(capsys, "demo", "--formats", "mxint8", "--no-model")
+    assert rc == 0, err
+    assert "LlamaForCausalLM" not in out and "bit-exact: yes" in out
 
 
 @pytest.mark.parametrize("argv", [
