@@ -243,10 +243,10 @@ def dequantize_rows(q, out: torch.Tensor | None, lib, threads: int) -> torch.Ten
     n_el = math.prod(shape)
     if out is None:
         out = torch.empty(shape, dtype=torch.float32)
-    rows = out.numel() // shape[-1] if shape[-1] else 0
+    rows = n_el // shape[-1] if shape[-1] else 0   # from the MXTensor's shape, never from out's
+    pc, ps, po, *pl = checked_pointers("dequantize", [   # checked even when there is nothing to decode
+        ("codes", q.codes, torch.uint8, n_el * fmt.element.bits // 8), ("scales", q.scales, torch.uint8, n_el // k),
+        ("out", out, torch.float32, 4 * n_el), *_table_buffers(tab)])
     if rows:
-        pc, ps, po, *pl = checked_pointers("dequantize", [
-            ("codes", q.codes, torch.uint8, n_el * fmt.element.bits // 8), ("scales", q.scales, torch.uint8, n_el // k),
-            ("out", out, torch.float32, 4 * n_el), *_table_buffers(tab)])
         lib.gemm_decode(pc, ps, rows, shape[-1] // k, k, fmt.element.bits, tab.mode, *pl, po, threads)
     return out
