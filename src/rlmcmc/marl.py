@@ -193,6 +193,7 @@ class MARLProposal(GaussianProposal):
             self.layers = [(a.lo, a.hi, [(m.weight.double().numpy().copy(), m.bias.double().numpy().copy())
                                          for m in a.net if isinstance(m, nn.Linear)]) for a in actors.actors]
         self._logdet = float(np.sum(np.log(np.diag(whitening.chol))))
+        self._cache: dict = {}
 
     def with_step(self, step):
         return self
@@ -201,8 +202,18 @@ class MARLProposal(GaussianProposal):
         return None
 
     def actions(self, theta: np.ndarray, residual) -> tuple[np.ndarray, np.ndarray]:
-        """(δ, log c) of every whitened coordinate at θ with first-level residual ``residual``."""
-        f = self.white.features(self._check_theta(theta), np.asarray(residual, float))[0]
+        """(δ, log c) of every whitened coordinate at θ with first-level residual ``residual`` (the current
+        state and the last proposals recur within one MH step, so a few are cached)."""
+        theta, residual = self._check_theta(theta), np.asarray(residual, float)
+        key = (theta.tobytes(), residual.tobytes())
+        if key not in self._cache:
+            if len(self._cache) > 4:
+                self._cache.clear()
+            self._cache[key] = self._actions(theta, residual)
+        return self._cache[key]
+
+    def _actions(self, theta, residual):
+        f = self.white.features(theta, residual)[0]
         d = self.dim
         delta, logc = np.empty(d), np.empty(d)
         for lo, hi, layers in self.layers:
@@ -229,8 +240,12 @@ class MARLProposal(GaussianProposal):
         return theta + self.config.base_step * self.white.chol @ (np.exp(logc) * (delta + rng.standard_normal(self.dim)))
 
     def log_density_learned(self, theta_to, theta_from, misfit_from) -> float:
-        delta, logc = self.actions(theta_from, misfit_from)
-        w = self.white.whiten_move(self._check_theta(theta_to), theta_from)[0] / self.config.base_step
+        """log q_RL(θ_to | θ_from), the actors evaluated at θ_from's features."""
+        return self.log_density_given_actions(theta_to, theta_from, *self.actions(theta_from, misfit_from))
+
+    def log_density_given_actions(self, theta_to, theta_from, delta, logc) -> float:
+        """log q_RL(θ_to | θ_from) for given actor outputs (δ, log c)."""
+        w = self.white.whiten_move(self._check_theta(theta_to), self._check_theta(theta_from))[0] / self.config.base_step
         z = w * np.exp(-logc) - delta
         return float(-0.5 * z @ z - logc.sum() - self._logdet - self.dim * np.log(self.config.base_step)
                      - 0.5 * self.dim * LOG_2PI)

@@ -470,3 +470,53 @@ def plot_summary(summaries: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def default_phases(quick: bool = False) -> list[tuple[Protocol, tuple]]:
+    """(protocol, levels) phases of the measured comparison, in execution order: kl8 two-level rows,
+    then the reduced kl32-channels run (two-level rows only), then kl8 single-level rows. ``quick``: one
+    tiny problem with 2 replicates of short chains (for CI)."""
+    if quick:
+        tiny = Protocol(benchmark="tiny", n_chains=2, n_samples=300, n_burn=100, n_replicates=2, targets=(0.1, 0.3),
+                        inflations=(1.0, 1.5), sweep_chains=2, sweep_samples=200, pilot_steps=500, train_iters=30,
+                        train_envs=8, n_agents=2)
+        return [(tiny, (2, 1))]
+    kl8 = Protocol(benchmark="kl8", n_chains=4, n_samples=3500, n_burn=500, n_replicates=5,
+                   targets=(0.05, 0.1, 0.2, 0.35), sweep_chains=2, sweep_samples=1500, train_iters=400)
+    kl32 = Protocol(benchmark="kl32-channels", levels=(2,), n_chains=4, n_samples=1000, n_burn=300, n_replicates=3,
+                    targets=(0.1, 0.25), inflations=(1.0, 1.3), sweep_chains=2, sweep_samples=600, train_iters=300)
+    return [(kl8, (2,)), (kl32, (2,)), (kl8, (1,))]
+
+
+def write_outputs(out: str, summaries: dict) -> str:
+    """<out>/summary.json (the kl8 summary at top level, every benchmark under "benchmarks"),
+    summary.md and summary.png; returns the markdown."""
+    main_name = "kl8" if "kl8" in summaries else next(iter(summaries))
+    top = dict(summaries[main_name])
+    top["benchmarks"] = summaries
+    with open(os.path.join(out, "summary.json"), "w") as fh:
+        json.dump(top, fh, indent=1, default=float)
+    md = "\n\n".join(markdown_table(s) for s in summaries.values())
+    with open(os.path.join(out, "summary.md"), "w") as fh:
+        fh.write(md + "\n")
+    plot_summary(list(summaries.values()), os.path.join(out, "summary.png"))
+    return md
+
+
+def run_comparison(out: str, quick: bool = False, only: str | None = None, summarize_only: bool = False,
+                   log=print) -> dict:
+    """Run (resuming from cached units) every phase of :func:`default_phases` under ``out``; writes the
+    outputs after each phase and returns {benchmark: summary}."""
+    os.makedirs(out, exist_ok=True)
+    summaries = {}
+    for protocol, levels in default_phases(quick):
+        if only and protocol.benchmark != only:
+            continue
+        runner = Runner(protocol, os.path.join(out, protocol.benchmark), log=log)
+        if not summarize_only:
+            runner.execute(levels)
+        summary = runner.summary()
+        if summary["rows"]:
+            summaries[protocol.benchmark] = summary
+            log(write_outputs(out, summaries))
+    return summaries
