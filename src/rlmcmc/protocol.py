@@ -229,9 +229,10 @@ class Runner:
         # The Gaussian independence baseline gets a coarse chain with the same number of coarse solves.
         _, coarse2 = self.problem.posteriors()
         t0 = time.process_time()
-        n_fit = max(200, hist["coarse_solves"] // 2)
+        # Half of that budget is burn-in (step tuned towards 25%), half is kept for the fit (at least 10 d).
+        n_fit = max(hist["coarse_solves"] // 2, 10 * cfg.dim)
         run = run_chains(coarse2, LinearGaussianProposal(np.array(s["pilot_chol"]), 2.38 / np.sqrt(cfg.dim)), 1,
-                         n_fit, seed=20_000 + rep, n_burn=hist["coarse_solves"] - n_fit, tune=True,
+                         n_fit, seed=20_000 + rep, n_burn=max(0, hist["coarse_solves"] - n_fit), tune=True,
                          init=inits[:1], progress=False)[0]
         mean, chol = cholesky_of_draws(run.samples)
         unit = {"config": asdict(cfg), "train": asdict(train),

@@ -187,7 +187,7 @@ def test_marl_numpy_density_matches_torch_actors_and_is_normalized():
     theta, res = rng.standard_normal(3), rng.standard_normal(4)
     to = rng.standard_normal(3)
     feats = torch.as_tensor(prop.white.features(theta, res))
-    w = prop.white.whiten_move(to, theta) / prop.config.base_step
+    w = prop.white.whiten_move(to, theta)[0] / prop.config.base_step
     actors = MultiAgentActors(prop.config)
     # Rebuild torch actors from the numpy copy's weights to compare the two evaluations.
     with torch.no_grad():
