@@ -39,17 +39,23 @@ def tail_ess(draws: np.ndarray) -> np.ndarray:
 
 
 def summarize(chains: list[ChainResult]) -> dict:
-    """Summary over chains: min/median bulk ESS and min tail ESS over θ components, max R-hat, ESS per fine solve
+    """Summary over chains: min/median bulk ESS and min tail ESS over θ components (0 if any chain never
+    moved), max R-hat, ESS per fine solve
     (min ESS / total fine solves) and per CPU-second, acceptance per stage, posterior mean."""
     draws = np.stack([c.samples for c in chains])
     ess, rhat = ess_rhat(draws)
     ess_tail = tail_ess(draws)
+    # A chain that never moved carries no information; ArviZ still returns a finite ESS for it.
+    stuck = int(sum(np.all(c.samples == c.samples[0]) for c in chains))
+    if stuck:
+        ess, ess_tail = np.zeros_like(ess), np.zeros_like(ess_tail)
     fine = sum(c.fine_solves for c in chains)
     cpu = sum(c.cpu_seconds for c in chains)
     min_ess = float(np.min(ess))
     return {
         "n_chains": len(chains),
         "n_draws": int(draws.shape[1]),
+        "stuck_chains": stuck,
         "ess_min": min_ess,
         "ess_median": float(np.median(ess)),
         "tail_ess_min": float(np.min(ess_tail)),

@@ -364,6 +364,11 @@ class Runner:
                      if os.path.exists(self.unit_path("run", m, f"rep{r}"))]
             if len(units) < 2:
                 continue
+            for u in units:  # units cached before `stuck_chains` existed: no accepted move at all -> ESS 0
+                if u.get("stuck_chains") is None and not (u["accept_stage1"] > 0 and not np.isnan(u["accept_stage2"])
+                                                            if "-2" in m else u["accept_stage1"] > 0):
+                    u["ess_min"] = u["tail_ess_min"] = u["ess_per_cost"] = u["tail_ess_per_cost"] = 0.0
+                    u["stuck_chains"] = self.p.n_chains
             name = m.rsplit("-", 1)[0]
             extra = {"marl": off["marl_training_fine_equiv"], "indep": off["indep_fit_fine_equiv"]}.get(name, 0.0)
             # Offline cost per kept draw, amortized over `amortize_draws` draws.
@@ -381,6 +386,7 @@ class Runner:
                 "ess_per_cost_amortized": [u["ess_min"] / (c + amort * draws_per_run) for u, c in zip(units, costs)],
                 "ess_min": [u["ess_min"] for u in units], "tail_ess_min": [u["tail_ess_min"] for u in units],
                 "max_rhat": float(max(u["rhat_max"] for u in units)),
+                "stuck_chains": [u.get("stuck_chains", 0) for u in units],
                 "rhat_per_replicate": [u["rhat_max"] for u in units],
                 "fine_solves": [u["fine_solves"] for u in units], "coarse_solves": [u["coarse_solves"] for u in units],
                 "accept_stage1": float(np.mean([u["accept_stage1"] for u in units])),
@@ -484,8 +490,8 @@ def default_phases(quick: bool = False) -> list[tuple[Protocol, tuple]]:
         return [(tiny, (2, 1))]
     kl8 = Protocol(benchmark="kl8", n_chains=4, n_samples=3500, n_burn=500, n_replicates=5,
                    targets=(0.05, 0.1, 0.2, 0.35), sweep_chains=2, sweep_samples=1500, train_iters=400)
-    kl32 = Protocol(benchmark="kl32-channels", levels=(2,), n_chains=4, n_samples=1000, n_burn=300, n_replicates=3,
-                    targets=(0.1, 0.25), inflations=(1.0, 1.3), sweep_chains=2, sweep_samples=600, train_iters=300)
+    kl32 = Protocol(benchmark="kl32-channels", levels=(2,), n_chains=4, n_samples=600, n_burn=200, n_replicates=3,
+                    targets=(0.1, 0.25), inflations=(1.0, 1.3), sweep_chains=2, sweep_samples=400, train_iters=200)
     return [(kl8, (2,)), (kl32, (2,)), (kl8, (1,))]
 
 
