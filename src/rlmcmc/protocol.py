@@ -472,7 +472,10 @@ def plot_summary(summaries: list[dict], path: str) -> None:
                     label="tail ESS (mean)" if i == 0 else None)
         ax.set_xticks(x, names, rotation=45, ha="right")
         ax.set_ylabel("min bulk ESS / fine-solve equivalent")
-        ax.set_title(f"{s['benchmark']}: {s['replicates']} reps x {s['chains']} x {s['draws_per_chain']}")
+        worst = max(r["max_rhat"] for r in s["rows"])
+        note = f"\nnot converged: R-hat up to {worst:.3g}" if worst > 1.1 else f"\nmax R-hat {worst:.3f}"
+        ax.set_title(f"{s['benchmark']}: {s['replicates']} reps x {s['chains']} x {s['draws_per_chain']}{note}",
+                     fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
