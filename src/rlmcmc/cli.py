@@ -1,4 +1,4 @@
-"""``rlmcmc`` command line: forward | train | sample | compare. Thin: parse, call the library, write
+"""``rlmcmc`` command line: forward | train | sample | compare (the issue-14 protocol). Thin: parse, call the library, write
 JSON + PNG under --out. Method: Chung et al., *Multi-agent reinforcement learning accelerated MCMC on
 multiscale inversion problems* (see docs/rlmcmc.md)."""
 
@@ -110,22 +110,17 @@ def cmd_sample(args):
 
 
 def cmd_compare(args):
-    from .compare import markdown_table, pilot, plot_results, run_methods, train_rl
+    """The issue-14 protocol (rlmcmc.protocol): tuned baselines vs the multi-agent actor-critic, replicates,
+    bootstrap CIs; resumable (cached units under --out)."""
+    from .protocol import run_comparison
 
-    problem, offline = _build(args)
-    info = pilot(problem, args.chains, n_steps=args.pilot_steps)
-    policy, history = train_rl(problem, info, n_agents=args.agents, n_iters=args.iters,
-                               delta_max=args.delta_max, reward=args.reward, coupled=not args.no_coupling,
-                               checkpoint=os.path.join(args.out, "policy.pt"))
-    results = run_methods(problem, info, policy, n_chains=args.chains, n_samples=args.samples, n_burn=args.burn)
-    table = markdown_table(results)
-    print(table)
-    _dump({"problem": problem.describe(), "offline_fine_solves": offline, "pilot_step": info["step"],
-           "train": {k: history[k] for k in ("cpu_seconds", "coarse_solves")}, "results": results},
-          os.path.join(args.out, "compare.json"))
-    with open(os.path.join(args.out, "compare.md"), "w") as fh:
-        fh.write(table + "\n")
-    plot_results(problem, results, os.path.join(args.out, "compare.png"), history)
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
+    run_comparison(args.out, quick=args.quick, only=args.only, summarize_only=args.summarize)
 
 
 def main(argv=None) -> int:
@@ -136,9 +131,14 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--basis", type=int, nargs="+", default=[1, 2, 3, 4])
     p.set_defaults(func=cmd_forward, n_fine=100, n_coarse=10, dim=16)
-    for name, func, helptext in (("train", cmd_train, "train the multi-agent policy on the coarse posterior"),
-                                 ("sample", cmd_sample, "run chains with one proposal"),
-                                 ("compare", cmd_compare, "RW / pCN / RL, single- and two-level")):
+    p = sub.add_parser("compare", help="tuned baselines vs multi-agent actor-critic (replicates, CIs)")
+    p.add_argument("--out", default="results/mcmc", help="output folder (cached units, summary.json/md/png)")
+    p.add_argument("--quick", action="store_true", help="tiny problem, 2 replicates, short chains (~1 min)")
+    p.add_argument("--only", choices=("kl8", "kl32-channels"), help="run only this benchmark")
+    p.add_argument("--summarize", action="store_true", help="only summarize the cached units")
+    p.set_defaults(func=cmd_compare)
+    for name, func, helptext in (("train", cmd_train, "train the (PR 7) Gaussian multi-agent policy on the coarse posterior"),
+                                 ("sample", cmd_sample, "run chains with one proposal")):
         p = sub.add_parser(name, help=helptext)
         _problem_args(p)
         p.add_argument("--chains", type=int, default=4)
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         p.add_argument("--no-coupling", action="store_true",
                        help="block-diagonal step factor (agents do not share exploration noise)")
         p.add_argument("--reward", choices=("esjd", "min-block"), default="esjd", help="RL training reward")
-        if name != "train":
+        if name == "sample":
             p.add_argument("--samples", type=int, default=2000, help="kept draws per chain")
             p.add_argument("--burn", type=int, default=500, help="burn-in (tuning) steps per chain")
         if name == "sample":

@@ -1,5 +1,7 @@
-"""Shared pipeline for ``rlmcmc compare`` and benchmarks/mcmc_compare.py: pilot run, RL training,
-RW / pCN / RL chains at one and two levels, summaries, markdown table and plots.
+"""The issue-7 pipeline behind ``rlmcmc train`` / ``rlmcmc sample``: pilot run, training of the issue-7
+Gaussian policy (:mod:`rlmcmc.rl`), RW / pCN / RL chains at one and two levels, summaries and plots.
+Superseded for comparisons by :mod:`rlmcmc.protocol` (``rlmcmc compare``), which tunes every baseline
+for the reported metric and runs replicates.
 
 Protocol (the same for every method, so ESS per fine solve is comparable):
 

@@ -215,6 +215,12 @@ class PermeabilityModel:
     contrast: float = 1.0e3
     n_channels: int = 2
     channel_width: float = 0.06
+    # Channel geometry as unknowns: θ gets one extra N(0, 1) entry per channel (after the KL
+    # coefficients) that shifts that channel's centre line by ``geometry_scale * θ_g``; the channel edge is
+    # then a smooth logistic of width ``edge_width`` so that κ (and the likelihood) is continuous in θ_g.
+    geometry: bool = False
+    geometry_scale: float = 0.05
+    edge_width: float = 0.01
 
     def __post_init__(self):
         self.dim = check_positive_int(self.dim, "dim (number of KL modes)")
@@ -235,14 +241,28 @@ class PermeabilityModel:
         k = np.exp(-np.abs(x[:, None] - self._x1[None, :]) / self.length_scale)
         return (w * k @ self._phi1) / self._lam1
 
-    def background(self, points: np.ndarray) -> np.ndarray:
-        """Channelized log κ background at (m, 2) points."""
+    @property
+    def n_unknowns(self) -> int:
+        """Length of θ: KL coefficients, then one channel shift per channel when ``geometry``."""
+        return self.dim + (self.n_channels if self.geometry else 0)
+
+    def background(self, points: np.ndarray, shifts=None) -> np.ndarray:
+        """Channelized log κ background at (m, 2) points (channel centres moved by ``shifts`` when given;
+        with ``geometry`` the channel indicator is smooth)."""
         x, y = points[:, 0], points[:, 1]
-        inside = np.zeros(points.shape[0], dtype=bool)
+        shifts = np.zeros(self.n_channels) if shifts is None else np.asarray(shifts, float)
+        if not self.geometry:
+            inside = np.zeros(points.shape[0], dtype=bool)
+            for c in range(self.n_channels):
+                centre = (c + 1) / (self.n_channels + 1) + 0.08 * np.sin(2 * np.pi * (x + 0.3 * c))
+                inside |= np.abs(y - centre) < self.channel_width
+            return np.where(inside, np.log(self.contrast), 0.0)
+        inside = np.zeros(points.shape[0])
         for c in range(self.n_channels):
-            centre = (c + 1) / (self.n_channels + 1) + 0.08 * np.sin(2 * np.pi * (x + 0.3 * c))
-            inside |= np.abs(y - centre) < self.channel_width
-        return np.where(inside, np.log(self.contrast), 0.0)
+            centre = (c + 1) / (self.n_channels + 1) + 0.08 * np.sin(2 * np.pi * (x + 0.3 * c)) + shifts[c]
+            z = np.clip((self.channel_width - np.abs(y - centre)) / self.edge_width, -50, 50)
+            inside = np.maximum(inside, 1.0 / (1.0 + np.exp(-z)))
+        return np.log(self.contrast) * inside
 
     def kl_basis(self, points: np.ndarray) -> np.ndarray:
         """Matrix Φ (m, dim) with log κ = background + Φ θ at the points."""
@@ -252,22 +272,30 @@ class PermeabilityModel:
 
     def field_map(self, mesh: Q1Mesh) -> "FieldMap":
         """Precomputed map θ -> κ on the cells of ``mesh``."""
-        return FieldMap(self.background(mesh.centers), self.kl_basis(mesh.centers), self.dim)
+        return FieldMap(self.background(mesh.centers), self.kl_basis(mesh.centers), self.n_unknowns,
+                        self if self.geometry else None, mesh.centers if self.geometry else None)
 
 
 @dataclass
 class FieldMap:
-    """θ -> κ = exp(background + Φ θ) on the cells of one mesh."""
+    """θ -> κ = exp(background + Φ θ_KL) on the cells of one mesh (background moved by the channel
+    shifts θ_g when the model has geometry unknowns)."""
 
     background: np.ndarray
     basis: np.ndarray
     dim: int
+    model: "PermeabilityModel | None" = None
+    centers: np.ndarray | None = None
 
     def log_kappa(self, theta: np.ndarray) -> np.ndarray:
         theta = np.asarray(theta, dtype=float)
         if theta.shape != (self.dim,):
             raise ValueError(f"theta must have shape ({self.dim},), got {theta.shape}")
-        return self.background + self.basis @ theta
+        n_kl = self.basis.shape[1]
+        if self.model is None:
+            return self.background + self.basis @ theta
+        shifts = self.model.geometry_scale * theta[n_kl:]
+        return self.model.background(self.centers, shifts) + self.basis @ theta[:n_kl]
 
     def kappa(self, theta: np.ndarray) -> np.ndarray:
         return np.exp(self.log_kappa(theta))
@@ -311,7 +339,7 @@ class DarcyProblem:
 
     @property
     def dim(self) -> int:
-        return self.field.dim
+        return self.field.n_unknowns
 
     def solve(self, theta: np.ndarray) -> np.ndarray:
         """Nodal solution(s): shape (n_nodes,) steady, (len(obs_steps), n_nodes) transient."""

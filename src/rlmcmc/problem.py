@@ -30,6 +30,7 @@ class ProblemConfig:
     t_final: float = 0.01
     n_steps: int = 20
     seed: int = 1
+    geometry: bool = False  # channel shifts as extra unknowns (see PermeabilityModel.geometry)
 
     def __post_init__(self):
         for name in ("n_fine", "n_coarse", "n_basis", "data_refine", "dim", "n_obs_side", "n_steps"):
@@ -77,14 +78,14 @@ def make_problem(config: ProblemConfig = ProblemConfig()) -> InverseProblem:
     """Draw θ_true from the prior, solve on an ``data_refine``-times finer grid, add noise with
     std = noise_level x max|G(θ_true)|, and build the inference (fine, GMsFEM) forward maps."""
     rng = np.random.default_rng(config.seed)
-    field = PermeabilityModel(dim=config.dim, contrast=config.contrast)
+    field = PermeabilityModel(dim=config.dim, contrast=config.contrast, geometry=config.geometry)
     points = observation_points(config.n_obs_side)
     physics = dict(kind=config.kind, t_final=config.t_final, n_steps=config.n_steps,
                    obs_steps=tuple(sorted({max(1, config.n_steps // 4), max(1, config.n_steps // 2), config.n_steps})))
     truth_model = DarcyProblem(config.n_fine * config.data_refine, field, points, **physics)
     fine = DarcyProblem(config.n_fine, field, points, **physics)
     coarse = GMsFEMProblem(fine, config.n_coarse, config.n_basis)
-    theta_true = rng.standard_normal(config.dim)
+    theta_true = rng.standard_normal(field.n_unknowns)
     clean = truth_model.observe(theta_true)
     noise_std = config.noise_level * float(np.max(np.abs(clean)))
     data = clean + noise_std * rng.standard_normal(clean.size)

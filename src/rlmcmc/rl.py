@@ -1,4 +1,7 @@
-"""Multi-agent actor-critic proposals for MCMC (PyTorch).
+"""Multi-agent actor-critic proposals for MCMC (PyTorch) — the issue-7 design, superseded by
+:mod:`rlmcmc.marl` (kept for ``rlmcmc train`` / ``rlmcmc sample --proposal rl``). As trained by default it
+is in effect a moment-matched Gaussian independence proposal for the coarse posterior: its state-dependent
+MLP is frozen and its critic is a one-step (γ = 0) regression of Δ log π_c (issue 14).
 
 Implements the idea of *Multi-agent reinforcement learning accelerated MCMC on multiscale inversion
 problems* (Chung, Efendiev, Leung, Pun, Zhang): K agents each own a contiguous block B_k of the KL

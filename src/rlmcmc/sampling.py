@@ -13,6 +13,7 @@ only where stage 2 runs, which is what makes ESS per fine solve the honest cost 
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ class Posterior:
         self.scale = np.sqrt(self.noise_std**2 + np.broadcast_to(np.asarray(extra_var, float), self.data.shape))
         self.dim = int(forward.dim)
         self.n_evals = 0
+        self.last_residual = np.zeros_like(self.data)
 
     def misfit(self, theta) -> float:
         theta = np.asarray(theta, dtype=float)
@@ -47,6 +49,7 @@ class Posterior:
             raise ValueError(f"theta must have shape ({self.dim},), got {theta.shape}")
         self.n_evals += 1
         r = (self.forward.observe(theta) + self.bias - self.data) / self.scale
+        self.last_residual = r  # the scaled data residual of the last evaluation (proposal features)
         return 0.5 * float(r @ r)
 
     def evaluate(self, theta) -> tuple[float, float]:
@@ -100,8 +103,9 @@ def run_chain(fine: Posterior, proposal: GaussianProposal, theta0, n_samples: in
     """Run MH (``coarse=None``) or two-level delayed-acceptance MH for ``n_burn + n_samples`` steps.
 
     With ``tune=True`` the proposal step is adapted during burn-in by Robbins–Monro on log(step),
-    towards ``target_accept`` stage-1 acceptance, then frozen; only post-burn-in draws, solves and
-    CPU time are reported, so the reported chain is an exact (non-adaptive) MH chain.
+    towards ``target_accept`` stage-1 acceptance, then frozen; a proposal with an ``adapt(theta)`` method
+    (adaptive Metropolis) is also updated with every burn-in state, then frozen. Only post-burn-in
+    draws, solves and CPU time are reported, so the reported chain is an exact (non-adaptive) MH chain.
     """
     if n_samples <= 0 or n_burn < 0:
         raise ValueError(f"need n_samples > 0 and n_burn >= 0, got {n_samples}, {n_burn}")
@@ -111,7 +115,12 @@ def run_chain(fine: Posterior, proposal: GaussianProposal, theta0, n_samples: in
     if coarse is not None and coarse.dim != fine.dim:
         raise ValueError("coarse and fine posteriors must share the parameter dimension")
     level1 = coarse if coarse is not None else fine
+    if hasattr(proposal, "adapt"):  # adaptive Metropolis: every chain adapts its own copy
+        proposal = copy.deepcopy(proposal)
+    # A proposal that reads the first-level data residual (not just the misfit) gets it as its state.
+    wants_residual = getattr(proposal, "needs_residual", False)
     lp1, m1 = level1.evaluate(theta)
+    s1 = level1.last_residual.copy() if wants_residual else m1
     lpf, mf = (fine.evaluate(theta) if coarse is not None else (lp1, m1))
     log_step = np.log(proposal.step)
     samples = np.zeros((n_samples, fine.dim))
@@ -125,26 +134,29 @@ def run_chain(fine: Posterior, proposal: GaussianProposal, theta0, n_samples: in
             f0, c0 = fine.n_evals, (coarse.n_evals if coarse is not None else 0)
             t0 = time.process_time()
             acc1 = acc2 = tried2 = 0
-        prop = proposal.sample(theta, m1, rng)
+        prop = proposal.sample(theta, s1, rng)
         lp1_new, m1_new = level1.evaluate(prop)
-        log_r1 = lp1_new - lp1 + proposal.log_ratio(theta, prop, m1, m1_new)
+        s1_new = level1.last_residual.copy() if wants_residual else m1_new
+        log_r1 = lp1_new - lp1 + proposal.log_ratio(theta, prop, s1, s1_new)
         ok, prob1 = _log_accept(log_r1, rng)
         if tune and it < n_burn:
             log_step += (prob1 - target_accept) / np.sqrt(it + 1.0)
-            upper = 0.999 if proposal.name == "pcn" else 10.0
+            upper = getattr(proposal, "max_step", 0.999 if proposal.name == "pcn" else 10.0)
             proposal = proposal.with_step(float(np.clip(np.exp(log_step), 1e-4, upper)))
             log_step = np.log(proposal.step)
         if ok:
             acc1 += 1
             if coarse is None:
-                theta, lp1, m1, lpf, mf = prop, lp1_new, m1_new, lp1_new, m1_new
+                theta, lp1, m1, s1, lpf, mf = prop, lp1_new, m1_new, s1_new, lp1_new, m1_new
             else:
                 tried2 += 1
                 lpf_new, mf_new = fine.evaluate(prop)
                 ok2, _ = _log_accept(lpf_new - lpf + lp1 - lp1_new, rng)
                 if ok2:
                     acc2 += 1
-                    theta, lp1, m1, lpf, mf = prop, lp1_new, m1_new, lpf_new, mf_new
+                    theta, lp1, m1, s1, lpf, mf = prop, lp1_new, m1_new, s1_new, lpf_new, mf_new
+        if it < n_burn and hasattr(proposal, "adapt"):
+            proposal = proposal.adapt(theta)
         if it >= n_burn:
             samples[it - n_burn] = theta
             misfits[it - n_burn] = mf

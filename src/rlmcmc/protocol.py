@@ -1,0 +1,532 @@
+"""The comparison protocol of issue 14: tuned baselines vs the multi-agent actor-critic, with replicates.
+
+One run is organised in cached *units* (one JSON file each under ``out/units/``), so an interrupted run
+resumes where it stopped and a later session can finish it:
+
+* ``setup``: the problem, the approximation-error model (fine solves), the measured cost of a coarse solve
+  in fine-solve units, a coarse pCN pilot chain (starting points, pilot mean and covariance), and the
+  first-level Jacobian at the pilot mean for the actors' gradient proxy;
+* ``sweep/<method>/<target>``: a short tuning run (own seed) per method, level and stage-1 acceptance
+  target (or covariance inflation for the independence proposal); the best target by ESS per fine-solve
+  equivalent is used for every replicate, so each row is tuned for the reported metric;
+* ``train/<rep>``: per replicate, the MARL training run and the Gaussian independence fit on a coarse chain
+  with the same number of coarse solves;
+* ``run/<method>/<rep>``: ``n_chains`` x (``n_burn`` + ``n_samples``) steps of one method, one replicate.
+
+Costs: ESS per fine-solve equivalent = min bulk ESS / (fine solves + coarse solves x c_coarse), with
+c_coarse the measured CPU time of a coarse solve over that of a fine solve. Offline costs (error model,
+pilot, Jacobian, training, independence fit) are reported beside and amortized over ``amortize_draws``
+posterior draws.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .diagnostics import summarize
+from .marl import MARLConfig, MARLProposal, MARLTrainConfig, Whitening, jacobian_fd, save_marl, train_marl
+from .problem import InverseProblem, ProblemConfig, make_problem
+from .proposals import AdaptiveMetropolisProposal, LinearGaussianProposal, PCNProposal, cholesky_of_draws
+from .sampling import run_chains
+
+BASELINES = ("pcn", "rw-cov", "gpcn", "am", "indep")
+RL_METHODS = ("marl",)
+
+BENCHMARKS = {
+    # today's posterior: 8 KL modes, fine 40², GMsFEM 8² x 4
+    "kl8": ProblemConfig(n_fine=40, n_coarse=8, n_basis=4, dim=8, noise_level=0.02, seed=1),
+    # the harder one: 32 KL modes + 2 channel shifts (non-Gaussian), fine 64², GMsFEM 8² x 3
+    "kl32-channels": ProblemConfig(n_fine=64, n_coarse=8, n_basis=3, dim=32, noise_level=0.02, seed=1,
+                                   geometry=True),
+    # tiny, for tests and --quick
+    "tiny": ProblemConfig(n_fine=16, n_coarse=4, n_basis=3, dim=4, noise_level=0.05, seed=2),
+}
+
+
+@dataclass
+class Protocol:
+    """Every row of a benchmark uses the same chain count and length."""
+
+    benchmark: str = "kl8"
+    methods: tuple = ("pcn", "rw-cov", "gpcn", "am", "indep", "marl")
+    levels: tuple = (1, 2)
+    n_chains: int = 4
+    n_samples: int = 2500
+    n_burn: int = 500
+    n_replicates: int = 5
+    targets: tuple = (0.05, 0.1, 0.2, 0.35)
+    inflations: tuple = (1.0, 1.3, 1.7)
+    sweep_chains: int = 2
+    sweep_samples: int = 1500
+    pilot_steps: int = 4000
+    error_model_samples: int = 20
+    train_envs: int = 32
+    train_iters: int = 250
+    n_agents: int = 4
+    safe_weight: float = 0.2
+    amortize_draws: int = 100_000
+    extra: dict = field(default_factory=dict)
+
+    def method_names(self) -> list[str]:
+        return [f"{m}-{lv}" for m in self.methods for lv in self.levels]
+
+
+def _dump(obj, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, default=float)
+    os.replace(tmp, path)
+
+
+def _load(path):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+class Runner:
+    """Runs (or loads from cache) every unit of one protocol under ``out``; ``log`` gets progress lines."""
+
+    def __init__(self, protocol: Protocol, out: str, log=print):
+        if protocol.benchmark not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {protocol.benchmark!r}; choose one of {sorted(BENCHMARKS)}")
+        self.p = protocol
+        self.out = out
+        self.log = log
+        self.problem: InverseProblem = make_problem(BENCHMARKS[protocol.benchmark])
+        self._setup = None
+        self.t_start = time.time()
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def unit_path(self, *parts) -> str:
+        return os.path.join(self.out, "units", *parts) + ".json"
+
+    def setup(self) -> dict:
+        if self._setup is not None:
+            return self._setup
+        path = self.unit_path("setup")
+        problem = self.problem
+        if os.path.exists(path):
+            s = _load(path)
+            problem.error_bias, problem.error_var = np.array(s["error_bias"]), np.array(s["error_var"])
+        else:
+            t0 = time.process_time()
+            n_err = problem.calibrate_error_model(self.p.error_model_samples)
+            t_err = time.process_time() - t0
+            fine, coarse = problem.posteriors()
+            rng = np.random.default_rng(0)
+            thetas = rng.standard_normal((30, problem.fine.dim))
+            t0 = time.process_time()
+            for t in thetas:
+                fine.evaluate(t)
+            t_f = (time.process_time() - t0) / len(thetas)
+            t0 = time.process_time()
+            for _ in range(5):
+                for t in thetas:
+                    coarse.evaluate(t)
+            t_c = (time.process_time() - t0) / (5 * len(thetas))
+            # Pilot: coarse-only pCN chain, step tuned in burn-in to 25%.
+            _, coarse = problem.posteriors()
+            t0 = time.process_time()
+            run = run_chains(coarse, PCNProposal(problem.fine.dim, 0.2), 1, self.p.pilot_steps, seed=10_000,
+                             n_burn=self.p.pilot_steps, tune=True, progress=False)[0]
+            mean, chol = cholesky_of_draws(run.samples[::2])
+            jac = jacobian_fd(coarse, mean)
+            t_pilot = time.process_time() - t0
+            idx = np.linspace(self.p.pilot_steps // 4, self.p.pilot_steps - 1, self.p.n_chains).astype(int)
+            s = {"error_bias": problem.error_bias.tolist(), "error_var": problem.error_var.tolist(),
+                 "error_model_fine_solves": n_err, "error_model_cpu_s": t_err,
+                 "fine_solve_s": t_f, "coarse_solve_s": t_c, "cost_coarse": t_c / t_f,
+                 "pilot_coarse_solves": coarse.n_evals, "pilot_cpu_s": t_pilot, "pilot_step": run.step,
+                 "pilot_mean": mean.tolist(), "pilot_chol": chol.tolist(), "jacobian": jac.tolist(),
+                 "inits": run.samples[idx].tolist(), "problem": problem.describe()}
+            _dump(s, path)
+            self.log(f"[setup] fine {t_f * 1e3:.2f} ms, coarse {t_c * 1e3:.2f} ms per solve "
+                     f"(c_coarse = {t_c / t_f:.3f} fine solves); pilot step {run.step:.3f}")
+        self._setup = s
+        return s
+
+    def whitening(self) -> Whitening:
+        s = self.setup()
+        return Whitening(np.array(s["pilot_mean"]), np.array(s["pilot_chol"]), np.array(s["jacobian"]))
+
+    def cost(self, fine_solves, coarse_solves) -> float:
+        return fine_solves + coarse_solves * self.setup()["cost_coarse"]
+
+    # ---- proposals -------------------------------------------------------------------------------------------
+    def proposal(self, method: str, setting: float, rep: int | None):
+        """(proposal, tune?) for a method name without level, at a target/inflation ``setting``."""
+        s = self.setup()
+        d = self.problem.fine.dim
+        chol, mean = np.array(s["pilot_chol"]), np.array(s["pilot_mean"])
+        if method == "pcn":
+            return PCNProposal(d, min(0.9, float(s["pilot_step"]))), True
+        if method == "rw-cov":
+            return LinearGaussianProposal(chol, 2.38 / np.sqrt(d), kind="rw"), True
+        if method == "gpcn":
+            return LinearGaussianProposal(chol, 0.5, mean=mean, kind="gpcn"), True
+        if method == "am":
+            return AdaptiveMetropolisProposal(d, 2.38 / np.sqrt(d), chol=0.1 * np.eye(d)), True
+        if method == "indep":
+            fit = self.independence_fit(0 if rep is None else rep)
+            return LinearGaussianProposal(np.array(fit["chol"]), setting, mean=np.array(fit["mean"]),
+                                          kind="independence"), False
+        if method == "marl":
+            return self.marl(0 if rep is None else rep), False
+        raise ValueError(f"unknown method {method!r}; choose from {BASELINES + RL_METHODS}")
+
+    def base_step(self) -> float:
+        """The MARL base step s₀: the tuned step of the best pilot-covariance random walk (two-level)."""
+        best = self.best_setting("rw-cov-2")
+        return float(best["step"])
+
+    # ---- sweep ---------------------------------------------------------------------------------------------
+    def settings(self, method: str) -> tuple:
+        name = method.rsplit("-", 1)[0]
+        if name == "marl":
+            return (float("nan"),)
+        return self.p.inflations if name == "indep" else self.p.targets
+
+    def sweep_unit(self, method: str, setting: float) -> dict:
+        path = self.unit_path("sweep", method, f"{setting:g}")
+        if os.path.exists(path):
+            return _load(path)
+        name, level = method.rsplit("-", 1)
+        res = self._run(name, int(level), setting, None, self.p.sweep_chains, self.p.sweep_samples, seed=50_000)
+        res["setting"] = setting
+        _dump(res, path)
+        return res
+
+    def best_setting(self, method: str) -> dict:
+        rows = [self.sweep_unit(method, t) for t in self.settings(method)]
+        best = max(rows, key=lambda r: r["ess_per_cost"] if np.isfinite(r["ess_per_cost"]) else -1)
+        return {"setting": best["setting"], "step": float(np.median(best["steps"])),
+                "sweep": {f"{r['setting']:g}": r["ess_per_cost"] for r in rows}}
+
+    # ---- offline units per replicate -------------------------------------------------------------------------
+    def train_unit(self, rep: int) -> dict:
+        path = self.unit_path("train", f"rep{rep}")
+        ckpt = os.path.join(self.out, "units", "train", f"marl_rep{rep}.pt")
+        if os.path.exists(path) and os.path.exists(ckpt):
+            return _load(path)
+        s = self.setup()
+        fine, coarse = self.problem.posteriors()
+        white = self.whitening()
+        cfg = MARLConfig(dim=self.problem.fine.dim, n_agents=min(self.p.n_agents, self.problem.fine.dim),
+                         base_step=self.base_step(), safe_weight=self.p.safe_weight)
+        train = MARLTrainConfig(n_envs=self.p.train_envs, n_iters=self.p.train_iters, cost_coarse=s["cost_coarse"],
+                                seed=1000 + rep)
+        inits = np.array(s["inits"])
+        inits = np.repeat(inits, int(np.ceil(train.n_envs / len(inits))), axis=0)[: train.n_envs]
+        actors, hist = train_marl(fine, coarse, cfg, white, train, inits)
+        os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+        save_marl(actors, white, ckpt)
+        # The Gaussian independence baseline gets a coarse chain with the same number of coarse solves.
+        _, coarse2 = self.problem.posteriors()
+        t0 = time.process_time()
+        # Half of that budget is burn-in (step tuned towards 25%), half is kept for the fit (at least 10 d).
+        n_fit = max(hist["coarse_solves"] // 2, 10 * cfg.dim)
+        run = run_chains(coarse2, LinearGaussianProposal(np.array(s["pilot_chol"]), 2.38 / np.sqrt(cfg.dim)), 1,
+                         n_fit, seed=20_000 + rep, n_burn=max(0, hist["coarse_solves"] - n_fit), tune=True,
+                         init=inits[:1], progress=False)[0]
+        mean, chol = cholesky_of_draws(run.samples)
+        unit = {"config": asdict(cfg), "train": asdict(train),
+                "history": {k: v for k, v in hist.items()},
+                "indep_fit": {"mean": mean.tolist(), "chol": chol.tolist(), "coarse_solves": coarse2.n_evals,
+                              "cpu_s": time.process_time() - t0}}
+        _dump(unit, path)
+        self.log(f"[train rep{rep}] MARL: {hist['coarse_solves']} coarse + {hist['fine_solves']} fine solves, "
+                 f"{hist['cpu_seconds']:.0f} CPU s; reward {np.mean(hist['reward'][:20]):.4f} -> "
+                 f"{np.mean(hist['reward'][-20:]):.4f}")
+        return unit
+
+    def marl(self, rep: int) -> MARLProposal:
+        from .marl import load_marl
+
+        self.train_unit(rep)
+        return load_marl(os.path.join(self.out, "units", "train", f"marl_rep{rep}.pt"))
+
+    def independence_fit(self, rep: int) -> dict:
+        return self.train_unit(rep)["indep_fit"]
+
+    # ---- chains ----------------------------------------------------------------------------------------------
+    def _run(self, name, level, setting, rep, n_chains, n_samples, seed) -> dict:
+        fine, coarse = self.problem.posteriors()
+        prop, tune = self.proposal(name, setting, rep)
+        inits = np.array(self.setup()["inits"])
+        t0 = time.process_time()
+        chains = run_chains(fine, prop, n_chains, n_samples, seed=seed, coarse=coarse if level == 2 else None,
+                            n_burn=self.p.n_burn, tune=tune, target_accept=setting if tune else 0.25,
+                            init=np.resize(inits, (n_chains, inits.shape[1])), progress=False)
+        s = summarize(chains)
+        s["ess_per_cost"] = s["ess_min"] / self.cost(s["fine_solves"], s["coarse_solves"])
+        s["tail_ess_per_cost"] = s["tail_ess_min"] / self.cost(s["fine_solves"], s["coarse_solves"])
+        s["wall_cpu_s"] = time.process_time() - t0
+        s.pop("posterior_mean", None)
+        return s
+
+    def run_unit(self, method: str, rep: int) -> dict:
+        path = self.unit_path("run", method, f"rep{rep}")
+        if os.path.exists(path):
+            return _load(path)
+        name, level = method.rsplit("-", 1)
+        best = self.best_setting(method) if name != "marl" else {"setting": float("nan"), "sweep": {}}
+        res = self._run(name, int(level), best["setting"], rep, self.p.n_chains, self.p.n_samples, seed=100 * rep)
+        res["setting"] = best["setting"]
+        res["sweep"] = best["sweep"]
+        _dump(res, path)
+        return res
+
+    # ---- the whole protocol ----------------------------------------------------------------------------------
+    def plan(self, levels=None) -> list[tuple]:
+        """Units in execution order. Per level (two-level first: it is what the goal is about): the
+        tuning sweeps, then (two-level) the per-replicate training, then the replicate runs, replicate by
+        replicate, so an interrupted run has complete replicates of every row."""
+        levels = self.p.levels if levels is None else levels
+        units = [("setup",)]
+        for level in sorted(levels, reverse=True):
+            names = [m for m in self.p.method_names() if m.endswith(f"-{level}")]
+            for m in names:
+                if not m.startswith(("marl", "indep")):
+                    units += [("sweep", m, t) for t in self.settings(m)]
+            if any(m.startswith(("marl", "indep")) for m in self.p.method_names()):
+                units += [("train", r) for r in range(self.p.n_replicates) if ("train", r) not in units]
+            for m in names:
+                if m.startswith("indep"):
+                    units += [("sweep", m, t) for t in self.settings(m)]
+            for r in range(self.p.n_replicates):
+                units += [("run", m, r) for m in names]
+        return units
+
+    def execute(self, levels=None) -> dict:
+        """Run (or load) every unit of :meth:`plan` with a progress line and an ETA after each; returns
+        the summary of what is complete."""
+        units = self.plan(levels)
+        t0 = time.time()
+        done_time, n_done_timed = 0.0, 0
+        for k, u in enumerate(units):
+            u0 = time.time()
+            cached = self._is_cached(u)
+            if u[0] == "setup":
+                self.setup()
+            elif u[0] == "sweep":
+                self.sweep_unit(u[1], u[2])
+            elif u[0] == "train":
+                self.train_unit(u[1])
+            else:
+                r = self.run_unit(u[1], u[2])
+                if not cached:
+                    self.log(f"[run {u[1]} rep{u[2]}] ESS/cost {r['ess_per_cost']:.4f} R-hat {r['rhat_max']:.3f} "
+                             f"acc {r['accept_stage1']:.2f}/{r['accept_stage2']:.2f}")
+            if not cached:
+                done_time += time.time() - u0
+                n_done_timed += 1
+            left = len(units) - k - 1
+            eta = done_time / max(1, n_done_timed) * left
+            self.log(f"[{self.p.benchmark}] {k + 1}/{len(units)} units ({'cached' if cached else f'{time.time() - u0:.0f} s'})"
+                     f" {u[0]} {' '.join(str(x) for x in u[1:])}; elapsed {time.time() - t0:.0f} s, ETA {eta:.0f} s")
+        return self.summary()
+
+    def _is_cached(self, u) -> bool:
+        if u[0] == "setup":
+            return os.path.exists(self.unit_path("setup"))
+        if u[0] == "sweep":
+            return os.path.exists(self.unit_path("sweep", u[1], f"{u[2]:g}"))
+        if u[0] == "train":
+            return os.path.exists(self.unit_path("train", f"rep{u[1]}"))
+        return os.path.exists(self.unit_path("run", u[1], f"rep{u[2]}"))
+
+    # ---- summary ---------------------------------------------------------------------------------------------
+    def offline(self) -> dict:
+        s = self.setup()
+        train = [self.train_unit(r) for r in range(self.p.n_replicates)
+                 if os.path.exists(self.unit_path("train", f"rep{r}"))] or [self.train_unit(0)]
+        common = self.cost(s["error_model_fine_solves"], s["pilot_coarse_solves"])  # pilot + Jacobian
+        marl = float(np.mean([self.cost(t["history"]["fine_solves"], t["history"]["coarse_solves"]) for t in train]))
+        indep = float(np.mean([self.cost(0, t["indep_fit"]["coarse_solves"]) for t in train]))
+        return {"common_fine_equiv": common, "marl_training_fine_equiv": marl, "indep_fit_fine_equiv": indep,
+                "marl_training_cpu_s": float(np.mean([t["history"]["cpu_seconds"] for t in train])),
+                "amortize_draws": self.p.amortize_draws}
+
+    def summary(self) -> dict:
+        s = self.setup()
+        off = self.offline()
+        rows = []
+        draws_per_run = self.p.n_chains * self.p.n_samples
+        for m in self.p.method_names():
+            # Only finished units: an interrupted run summarizes its complete replicates.
+            units = [self.run_unit(m, r) for r in range(self.p.n_replicates)
+                     if os.path.exists(self.unit_path("run", m, f"rep{r}"))]
+            if len(units) < 2:
+                continue
+            for u in units:  # units cached before `stuck_chains` existed: no accepted move at all -> ESS 0
+                if u.get("stuck_chains") is None and not (u["accept_stage1"] > 0 and not np.isnan(u["accept_stage2"])
+                                                            if "-2" in m else u["accept_stage1"] > 0):
+                    u["ess_min"] = u["tail_ess_min"] = u["ess_per_cost"] = u["tail_ess_per_cost"] = 0.0
+                    u["stuck_chains"] = self.p.n_chains
+            name = m.rsplit("-", 1)[0]
+            extra = {"marl": off["marl_training_fine_equiv"], "indep": off["indep_fit_fine_equiv"]}.get(name, 0.0)
+            # Offline cost per kept draw, amortized over `amortize_draws` draws.
+            amort = (off["common_fine_equiv"] + extra) / self.p.amortize_draws
+            costs = [self.cost(u["fine_solves"], u["coarse_solves"]) for u in units]
+            rows.append({
+                "method": m, "rl": name in RL_METHODS, "n_replicates": len(units),
+                "tuned_for": ("ESS per fine-solve equivalent: stage-1 acceptance target swept over "
+                              f"{list(self.p.targets)}" if name not in ("indep", "marl") else
+                              f"ESS per fine-solve equivalent: covariance inflation swept over {list(self.p.inflations)}"
+                              if name == "indep" else "trained reward α₁α₂·jump/(c_coarse + α₁ c_fine)"),
+                "setting": units[0]["setting"], "sweep": units[0]["sweep"],
+                "ess_per_cost": [u["ess_per_cost"] for u in units],
+                "tail_ess_per_cost": [u["tail_ess_per_cost"] for u in units],
+                "ess_per_cost_amortized": [u["ess_min"] / (c + amort * draws_per_run) for u, c in zip(units, costs)],
+                "ess_min": [u["ess_min"] for u in units], "tail_ess_min": [u["tail_ess_min"] for u in units],
+                "max_rhat": float(max(u["rhat_max"] for u in units)),
+                "stuck_chains": [u.get("stuck_chains", 0) for u in units],
+                "rhat_per_replicate": [u["rhat_max"] for u in units],
+                "fine_solves": [u["fine_solves"] for u in units], "coarse_solves": [u["coarse_solves"] for u in units],
+                "accept_stage1": float(np.mean([u["accept_stage1"] for u in units])),
+                "accept_stage2": float(np.nanmean([u["accept_stage2"] for u in units]))
+                if any(np.isfinite(u["accept_stage2"]) for u in units) else float("nan"),
+            })
+        for r in rows:
+            r["mean_ess_per_cost"] = float(np.mean(r["ess_per_cost"]))
+        base = [r for r in rows if not r["rl"]]
+        best = max(base, key=lambda r: r["mean_ess_per_cost"]) if base else None
+        comparisons = {}
+        for r in rows:
+            if r["rl"] and best is not None:
+                ratio, ci = bootstrap_ratio(r["ess_per_cost"], best["ess_per_cost"])
+                comparisons[r["method"]] = {"best_baseline": best["method"], "ratio": ratio, "ci95": ci}
+        rl2 = comparisons.get("marl-2") or next(iter(comparisons.values()), None)
+        complete = all(r["n_replicates"] == self.p.n_replicates for r in rows) and \
+            len(rows) == len(self.p.method_names())
+        return {"benchmark": self.p.benchmark, "protocol": asdict(self.p), "replicates": self.p.n_replicates,
+                "complete": complete,
+                "chains": self.p.n_chains, "draws_per_chain": self.p.n_samples, "burn_in": self.p.n_burn,
+                "cost_coarse_in_fine_solves": s["cost_coarse"], "fine_solve_s": s["fine_solve_s"],
+                "coarse_solve_s": s["coarse_solve_s"], "offline": off, "rows": rows,
+                "rl_vs_best_baseline": rl2, "rl_comparisons": comparisons,
+                "goal_met": bool(rl2 and rl2["ratio"] >= 1.5 and rl2["ci95"][0] > 1
+                                 and all(r["max_rhat"] <= 1.02 for r in rows))}
+
+
+def bootstrap_ratio(a, b, n_boot: int = 10_000, seed: int = 0) -> tuple[float, list[float]]:
+    """mean(a) / mean(b) and its 95% percentile bootstrap interval (replicates resampled independently)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.size < 2 or b.size < 2:
+        raise ValueError(f"need at least 2 replicates per side, got {a.size} and {b.size}")
+    rng = np.random.default_rng(seed)
+    ra = a[rng.integers(0, a.size, (n_boot, a.size))].mean(1)
+    rb = b[rng.integers(0, b.size, (n_boot, b.size))].mean(1)
+    ratios = ra / rb
+    return float(a.mean() / b.mean()), [float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975))]
+
+
+def markdown_table(summary: dict) -> str:
+    """One row per method: mean ± sd over replicates of ESS per fine-solve equivalent (bulk, tail,
+    amortized), worst R-hat, acceptance by stage, the tuned setting."""
+    lines = [f"**{summary['benchmark']}**{'' if summary['complete'] else ' (INCOMPLETE run: rows list their finished replicates)'}: {summary['replicates']} replicates x {summary['chains']} chains x "
+             f"{summary['draws_per_chain']} draws (+{summary['burn_in']} burn-in); a coarse solve costs "
+             f"{summary['cost_coarse_in_fine_solves']:.3f} fine solves; offline costs amortized over "
+             f"{summary['offline']['amortize_draws']} draws.", "",
+             "| method | RL | reps | tuned setting | bulk ESS / fine-solve equiv. | tail ESS / f.s.e. | amortized | "
+             "max R-hat | acc. stage 1 | acc. stage 2 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        def ms(x):
+            return f"{np.mean(x):.4f} ± {np.std(x, ddof=1):.4f}"
+        lines.append(f"| {r['method']} | {'yes' if r['rl'] else 'no'} | {r['n_replicates']} | {r['setting']:.3g} | {ms(r['ess_per_cost'])} | "
+                     f"{ms(r['tail_ess_per_cost'])} | {ms(r['ess_per_cost_amortized'])} | {r['max_rhat']:.3f} | "
+                     f"{r['accept_stage1']:.2f} | {r['accept_stage2']:.2f} |")
+    for m, c in summary["rl_comparisons"].items():
+        lines.append("")
+        lines.append(f"{m} / best baseline ({c['best_baseline']}): **{c['ratio']:.2f}x**, 95% bootstrap CI "
+                     f"[{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]")
+    lines.append("")
+    lines.append(f"Goal (RL two-level ≥ 1.5x best baseline, CI above 1, every R-hat ≤ 1.02) met: "
+                 f"**{'yes' if summary['goal_met'] else 'no'}**")
+    return "\n".join(lines)
+
+
+def plot_summary(summaries: list[dict], path: str) -> None:
+    """PNG: per benchmark, ESS per fine-solve equivalent of every row (replicates as dots, mean as bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summaries), figsize=(7 * len(summaries), 4.5), squeeze=False)
+    for ax, s in zip(axes[0], summaries):
+        names = [r["method"] for r in s["rows"]]
+        x = np.arange(len(names))
+        means = [np.mean(r["ess_per_cost"]) for r in s["rows"]]
+        colors = ["C3" if r["rl"] else "C0" for r in s["rows"]]
+        ax.bar(x, means, color=colors, alpha=0.6)
+        for i, r in enumerate(s["rows"]):
+            ax.plot(np.full(len(r["ess_per_cost"]), i), r["ess_per_cost"], "k.", ms=4)
+            ax.plot([i], [np.mean(r["tail_ess_per_cost"])], "v", color="C2", ms=5,
+                    label="tail ESS (mean)" if i == 0 else None)
+        ax.set_xticks(x, names, rotation=45, ha="right")
+        ax.set_ylabel("min bulk ESS / fine-solve equivalent")
+        worst = max(r["max_rhat"] for r in s["rows"])
+        note = f"\nnot converged: R-hat up to {worst:.3g}" if worst > 1.1 else f"\nmax R-hat {worst:.3f}"
+        ax.set_title(f"{s['benchmark']}: {s['replicates']} reps x {s['chains']} x {s['draws_per_chain']}{note}",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def default_phases(quick: bool = False) -> list[tuple[Protocol, tuple]]:
+    """(protocol, levels) phases of the measured comparison, in execution order: kl8 two-level rows,
+    then the reduced kl32-channels run (two-level rows only), then kl8 single-level rows. ``quick``: one
+    tiny problem with 2 replicates of short chains (for CI)."""
+    if quick:
+        tiny = Protocol(benchmark="tiny", n_chains=2, n_samples=300, n_burn=100, n_replicates=2, targets=(0.1, 0.3),
+                        inflations=(1.0, 1.5), sweep_chains=2, sweep_samples=200, pilot_steps=500, train_iters=30,
+                        train_envs=8, n_agents=2)
+        return [(tiny, (2, 1))]
+    kl8 = Protocol(benchmark="kl8", n_chains=4, n_samples=3500, n_burn=500, n_replicates=5,
+                   targets=(0.05, 0.1, 0.2, 0.35), sweep_chains=2, sweep_samples=1500, train_iters=400)
+    kl32 = Protocol(benchmark="kl32-channels", levels=(2,), n_chains=4, n_samples=600, n_burn=200, n_replicates=3,
+                    targets=(0.1, 0.25), inflations=(1.0, 1.3), sweep_chains=2, sweep_samples=400, train_iters=200)
+    return [(kl8, (2,)), (kl32, (2,)), (kl8, (1,))]
+
+
+def write_outputs(out: str, summaries: dict) -> str:
+    """<out>/summary.json (the kl8 summary at top level, every benchmark under "benchmarks"),
+    summary.md and summary.png; returns the markdown."""
+    main_name = "kl8" if "kl8" in summaries else next(iter(summaries))
+    top = dict(summaries[main_name])
+    top["benchmarks"] = summaries
+    with open(os.path.join(out, "summary.json"), "w") as fh:
+        json.dump(top, fh, indent=1, default=float)
+    md = "\n\n".join(markdown_table(s) for s in summaries.values())
+    with open(os.path.join(out, "summary.md"), "w") as fh:
+        fh.write(md + "\n")
+    plot_summary(list(summaries.values()), os.path.join(out, "summary.png"))
+    return md
+
+
+def run_comparison(out: str, quick: bool = False, only: str | None = None, summarize_only: bool = False,
+                   log=print) -> dict:
+    """Run (resuming from cached units) every phase of :func:`default_phases` under ``out``; writes the
+    outputs after each phase and returns {benchmark: summary}."""
+    os.makedirs(out, exist_ok=True)
+    summaries = {}
+    for protocol, levels in default_phases(quick):
+        if only and protocol.benchmark != only:
+            continue
+        runner = Runner(protocol, os.path.join(out, protocol.benchmark), log=log)
+        if not summarize_only:
+            runner.execute(levels)
+        summary = runner.summary()
+        if summary["rows"]:
+            summaries[protocol.benchmark] = summary
+            log(write_outputs(out, summaries))
+    return summaries
