@@ -13,8 +13,8 @@ building it). Variants:
   recipe of that name, the equivalent ``Recipe`` (only ``fwd_weight`` set) is built here and the row
   says so.
 - ``mxfp4-w/kernel``, ``mxfp8-w/kernel``: the same packed weights, every ``nn.Linear`` replaced by a small
-  module that calls ``ms.packed_linear`` (the fused kernels) directly: what the packed modules reach once
-  they route their GEMMs to ``packed_linear``.
+  module that calls ``ms.packed_linear`` (the fused kernels) directly: a control for the library path
+  above, whose packed weights reach the same kernels through the ``microscale::packed_linear`` op.
 
     python benchmarks/decode.py                          # all variants, 64 tokens
     python benchmarks/decode.py --quick                  # 2 layers, 16 tokens
@@ -108,7 +108,9 @@ def build_variants(variants, layers: int, hidden: int, vocab: int, seed: int) ->
 
 
 def model_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Resident bytes of parameters and buffers, packed weights at their packed size, shared ones once."""
+    import microscale as ms
+    return ms.nn.resident_bytes(model)
 
 
 def main(argv=None) -> None:
