@@ -155,11 +155,13 @@ def budget(plan: Plan, params: int, fraction: float = 1.0) -> dict:
 
 
 def recipes_for(plan: Plan, size: str) -> list[str]:
-    from .mx import training_recipes
-    known = set(training_recipes())
+    from .mx import TRAIN_RECIPES
     small = sorted(plan.sizes, key=lambda s: param_counts(s, plan.ctx)["params"])[:plan.full_recipe_sizes]
     wanted = list(CORE_RECIPES) + (list(plan.extra_recipes) if size in small else [])
-    return [r for r in wanted if r in known]
+    unknown = [r for r in wanted if r not in TRAIN_RECIPES]
+    if unknown:
+        raise ValueError(f"unknown training recipes {unknown}; known: {', '.join(TRAIN_RECIPES)}")
+    return wanted
 
 
 def seeds_for(plan: Plan, size: str) -> list[int]:

@@ -150,3 +150,15 @@ def test_linear_only_diagnostic_leaves_attention_unquantized():
                         type(m.blocks[0].mlp[0]).__name__)
     assert kinds["mxfp6"][0] and not kinds["mxfp6-linear-only"][0]  # attention scope only in the full recipe
     assert kinds["mxfp6"][1] == kinds["mxfp6-linear-only"][1] != "Linear"  # Linear layers quantized in both
+
+
+def test_recipes_for_each_size_and_unknown_recipe_refused():
+    """Core recipes at every size, the extra ones at the two smallest; every name one the experiments can
+    train (a removed helper once made this fail only in the slow pipeline test)."""
+    from dataclasses import replace
+    plan = ts.Plan()
+    assert ts.recipes_for(plan, "32x1") == list(ts.CORE_RECIPES) + list(ts.EXTRA_RECIPES)
+    assert ts.recipes_for(plan, "64x1") == list(ts.CORE_RECIPES) + list(ts.EXTRA_RECIPES)
+    assert ts.recipes_for(plan, "96x2") == list(ts.CORE_RECIPES)
+    with pytest.raises(ValueError, match="unknown training recipes"):
+        ts.recipes_for(replace(plan, extra_recipes=("mxfp3",)), "32x1")
