@@ -245,14 +245,6 @@ def _join(path, header: dict, data: bytes):
     path.write_bytes(struct.pack("<Q", len(h)) + h + data)
 
 
-@pytest.fixture
-def good_file(tmp_path):
-    path = tmp_path / "m.safetensors"
-    q = ms.quantize(torch.randn(3, 70), "mxfp4", axis=-1)
-    ms.save_file({"w": q, "b": torch.arange(4.0)}, path)
-    return path
-
-
 def _expect(path, *patterns):
     with pytest.raises(ValueError) as info:
         ms.load_file(path)

@@ -169,14 +169,6 @@ def test_non_cpu_tensors_are_not_covered_by_the_c_kernels():
 
 
 # ---- 2. hostile headers ---------------------------------------------------------------------------
-@pytest.fixture
-def good_file(tmp_path):
-    path = tmp_path / "m.safetensors"
-    q = ms.quantize(torch.randn(3, 70), "mxfp4", axis=-1)
-    ms.save_file({"w": q, "b": torch.arange(4.0)}, path)
-    return path
-
-
 def _deep(depth: int) -> str:
     return "[" * depth + "]" * depth
 
