@@ -301,12 +301,19 @@ def test_experiments_checkpoint_names_round_trip():
 
 def test_train_lm_reproduces_cached_unit(experiments_corpus):
     """The first steps of results/runs/gpt-0.2M_fp32_s0.json, rerun by train_lm's own loop (warm-up learning
-    rates do not depend on the run length, nor do the first batches)."""
+    rates do not depend on the run length, nor do the first batches). Only the first steps: from step 10 on
+    this environment departs from that record in the last bit of the loss with the old class as well
+    (both classes give the same full run, checkpoint included; the record predates this environment)."""
     from experiments import common, train_lm
     cached = json.loads((ROOT / "results" / "runs" / "gpt-0.2M_fp32_s0.json").read_text())
     preset = replace(common.PRESETS["full"], val_windows=2)
     assert cached["key"]["config"] == preset.gpt_sizes["gpt-0.2M"]
-    rec, _ = train_lm.train_one(preset, preset.gpt_sizes["gpt-0.2M"], 3, "fp32", 0, experiments_corpus)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cached["environment"]["threads"])
+    try:
+        rec, _ = train_lm.train_one(preset, preset.gpt_sizes["gpt-0.2M"], 3, "fp32", 0, experiments_corpus)
+    finally:
+        torch.set_num_threads(threads)
     assert rec["train_loss"] == cached["train_loss"][:3]
 
 
