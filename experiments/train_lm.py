@@ -20,7 +20,7 @@ from . import mx
 from .common import (Timer, add_common_args, environment, markdown_table, model_bytes, pm, read_json, setup,
                      write_json)
 from .data import batch_windows, load_corpus, train_starts
-from .lm import build_gpt, checkpoint_path, lr_at, save_checkpoint, val_loss
+from .lm import build_gpt, checkpoint_path, lr_at, save_gpt, val_loss
 from .models import n_params
 
 
@@ -40,7 +40,7 @@ def train_one(preset, size_kwargs, steps, recipe_label, seed, corpus, desc=""):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, preset.lr, preset.warmup)
             x, y = batch_windows(corpus.train, starts[step], ctx)
-            loss = model.loss(x, y)
+            loss = model(x, y)[1]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -157,7 +157,7 @@ def run_job(job: dict) -> dict:
     rec.update(model=name, params=n_params(build_gpt(kw, seed)), bits=recipe_bits(recipe), key=key,
                environment=environment())
     if recipe == "fp32":
-        save_checkpoint(model, ckpt)
+        save_gpt(model, ckpt)
     cache.parent.mkdir(exist_ok=True)
     write_json(cache, rec)
     return rec

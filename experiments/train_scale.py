@@ -4,7 +4,7 @@ finding that the gap to FP32 falls from 20M to 1.5B parameters).
 
 Plan (every knob is a CLI option; the defaults are the published run):
 
-- Sizes ``DxL``: the library's GPT (:class:`microscale.nn.models.TinyGPT`, GPT-2 initialisation applied here),
+- Sizes ``DxL``: the library's GPT (:class:`microscale.nn.models.TinyGPT`, ``init="gpt2"``: GPT-2's initialisation),
   d_model D, L layers, head dimension 32 (one MX block), context 64 bytes, vocabulary 256 (bytes). "params"
   are non-embedding parameters (Kaplan et al. 2020): every parameter except the token and position
   embeddings (the untied LM head is a GEMM and counts); the total is recorded too.
@@ -111,28 +111,17 @@ def parse_size(size: str) -> tuple[int, int]:
 
 
 def gpt_config(size: str, ctx: int):
+    """The TinyGPT config of a size: bytes, biases, GPT-2 initialisation (one draw per matrix)."""
     from microscale.nn.models import GPTConfig
     d, n = parse_size(size)
-    return GPTConfig(vocab_size=256, block_size=ctx, n_layer=n, n_head=d // HEAD_DIM, n_embd=d, bias=True)
-
-
-def gpt2_init(model: torch.nn.Module) -> torch.nn.Module:
-    """GPT-2's initialisation (Radford et al. 2019): N(0, 0.02) weights and embeddings, zero biases, residual
-    output projections scaled by 1/sqrt(2 x layers)."""
-    n_layer = len(model.blocks)
-    for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            torch.nn.init.zeros_(p)
-        elif p.dim() >= 2:
-            std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("c_proj.weight", "mlp.2.weight")) else 0.02
-            torch.nn.init.normal_(p, std=std)
-    return model
+    return GPTConfig(vocab_size=256, block_size=ctx, n_layer=n, n_head=d // HEAD_DIM, n_embd=d, bias=True,
+                     init="gpt2")
 
 
 def build_model(size: str, seed: int, ctx: int):
     from microscale.nn.models import TinyGPT
     torch.manual_seed(seed)
-    return gpt2_init(TinyGPT(gpt_config(size, ctx)))
+    return TinyGPT(gpt_config(size, ctx))
 
 
 def param_counts(size: str, ctx: int) -> dict:
@@ -198,7 +187,9 @@ def unit_key(plan: Plan, size: str, recipe: str, seed: int, lr: float, steps: in
     return {"size": size, "recipe": recipe, "seed": seed, "lr": lr, "steps": steps, "batch": plan.batch,
             "ctx": plan.ctx, "warmup_fraction": plan.warmup_fraction, "lr_floor": plan.lr_floor,
             "weight_decay": plan.weight_decay, "n_evals": plan.n_evals, "val_windows": plan.val_windows,
-            "final_val_windows": plan.final_val_windows, "model": "microscale.nn.models.TinyGPT+gpt2_init"}
+            "final_val_windows": plan.final_val_windows,
+            # the label the cached units were keyed with; TinyGPT(init="gpt2") draws what TinyGPT + gpt2_init drew
+            "model": "microscale.nn.models.TinyGPT+gpt2_init"}
 
 
 def unit_name(kind: str, size: str, recipe: str, seed: int, lr: float) -> str:

@@ -66,7 +66,7 @@ def trained_models(preset, out: pathlib.Path) -> list[TrainedModel]:
                 return [batch_windows(corpus.train, st, ctx) for st in starts]
 
             models.append(TrainedModel(name, "lm", seed, lambda p=path, kw=kw: lm.load_gpt(kw, p), evaluate,
-                                       calibration, finetune, lambda m, x, y: m.loss(x, y), path))
+                                       calibration, finetune, lambda m, x, y: m(x, y)[1], path))
     for seed in preset.digits_seeds:
         path = train_digits.checkpoint_path(out, seed)
 

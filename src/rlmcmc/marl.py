@@ -59,6 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .proposals import LOG_2PI, GaussianProposal, LinearGaussianProposal
+from .sampling import mh_accept
 
 
 @dataclass
@@ -331,17 +332,15 @@ def _train(fine, coarse, config, white, train, init, progress):
             return np.logaddexp(np.log(w_safe) - 0.5 * (wm * wm).sum(1), np.log1p(-w_safe) + learned)
 
         log_fwd, log_rev = mix(w, delta, logc), mix(-w, d_new, lc_new)
-        log_a1 = np.nan_to_num(lpc_new - lpc + log_rev - log_fwd, nan=-np.inf)
-        alpha1 = np.exp(np.minimum(0.0, log_a1))
-        pass1 = rng.random(n) < alpha1
-        alpha2 = np.zeros(n)
+        pass1, alpha1 = mh_accept(lpc_new - lpc + log_rev - log_fwd, rng)
+        log_a2 = np.full(n, -np.inf)  # stage 2 runs where stage 1 passed; elsewhere α₂ = 0
         lpf_new = lpf.copy()
         for i in np.flatnonzero(pass1):
             lpf_new[i], _ = fine.evaluate(prop[i])
-            alpha2[i] = np.exp(min(0.0, lpf_new[i] - lpf[i] + lpc[i] - lpc_new[i]))
+            log_a2[i] = lpf_new[i] - lpf[i] + lpc[i] - lpc_new[i]
+        move, alpha2 = mh_accept(log_a2, rng)
         jump = (w * w).sum(1) * s0**2 / d
         reward = pass1 * alpha2 * jump / (train.cost_coarse + alpha1)
-        move = pass1 & (rng.random(n) < alpha2)
         theta = np.where(move[:, None], prop, theta)
         lpc = np.where(move, lpc_new, lpc)
         lpf = np.where(move, lpf_new, lpf)

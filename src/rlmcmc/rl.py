@@ -64,6 +64,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .proposals import LOG_2PI, GaussianProposal
+from .sampling import mh_accept
 
 
 def misfit_feature(misfit):
@@ -384,8 +385,7 @@ def _train(coarse_posterior, config, train, init, scale, progress, checkpoint):
         logp_new, misfit_new = _evaluate(coarse_posterior, prop_np)
         with torch.no_grad():
             log_rev = policy.log_density(torch.as_tensor(theta, dtype=torch.float32), _state(prop_np, misfit_new))
-        log_alpha = logp_new - logp + (log_rev - log_fwd).double().numpy()
-        alpha = np.exp(np.minimum(0.0, np.nan_to_num(log_alpha, nan=-np.inf)))
+        accept, alpha = mh_accept(logp_new - logp + (log_rev - log_fwd).double().numpy(), rng)
         reward = alpha * _jump(torch.as_tensor(prop_np - theta, dtype=torch.float32), whiten_t, blocks).numpy()
         idx = (ptr + np.arange(train.n_envs)) % cap
         buf["s"][idx] = state.numpy()
@@ -394,7 +394,6 @@ def _train(coarse_posterior, config, train, init, scale, progress, checkpoint):
         buf["dlogp"][idx] = np.clip(np.nan_to_num(dlogp, nan=-1e4, neginf=-1e4), -1e4, 1e4)
         ptr = (ptr + train.n_envs) % cap
         size = min(size + train.n_envs, cap)
-        accept = rng.random(train.n_envs) < alpha
         theta = np.where(accept[:, None], prop_np, theta)
         logp = np.where(accept, logp_new, logp)
         misfit = np.where(accept, misfit_new, misfit)
@@ -457,10 +456,10 @@ def coarse_esjd(posterior, proposal: GaussianProposal, init, n_steps: int, scale
             prop = proposal.sample(theta, m, rng)
             lp_new, m_new = posterior.evaluate(prop)
             log_r = lp_new - lp + proposal.log_ratio(theta, prop, m, m_new)
-            a = float(np.exp(min(0.0, log_r))) if np.isfinite(log_r) else 0.0
+            ok, a = mh_accept(log_r, rng)
             rewards.append(a * np.mean(((prop - theta) / scale) ** 2))
             accs.append(a)
-            if rng.random() < a:
+            if ok:
                 theta, lp, m = prop, lp_new, m_new
     return {"esjd": float(np.mean(rewards)), "accept": float(np.mean(accs))}
 

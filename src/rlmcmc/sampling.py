@@ -92,9 +92,22 @@ class ChainResult:
     extra: dict = field(default_factory=dict)
 
 
-def _log_accept(log_ratio: float, rng: np.random.Generator) -> tuple[bool, float]:
-    prob = float(np.exp(min(0.0, log_ratio))) if np.isfinite(log_ratio) else 0.0
-    return bool(rng.random() < prob), prob
+def mh_accept(log_ratio, rng: np.random.Generator):
+    """The Metropolis–Hastings accept step (Metropolis et al. 1953; Hastings 1970), the one every sampler
+    and training loop here uses: accept with probability ``α = min(1, exp(log_ratio))``.
+
+    ``log_ratio`` is a float (one chain) or an array (one entry per chain). One uniform is drawn from
+    ``rng`` per entry whatever the ratio, ``rng.random()`` for a float and ``rng.random(n)`` for n entries,
+    and the move is accepted when ``u < α``; so the draws do not depend on the outcome and a seed gives the
+    same stream as before this function existed. A NaN ratio counts as α = 0 (reject), +inf as α = 1.
+    Returns ``(accept, α)``: a bool and a float, or bool and float64 arrays shaped like ``log_ratio``."""
+    if np.ndim(log_ratio) == 0:
+        log_ratio = float(log_ratio)
+        prob = 0.0 if np.isnan(log_ratio) else float(np.exp(min(0.0, log_ratio)))
+        return bool(rng.random() < prob), prob
+    log_ratio = np.asarray(log_ratio, dtype=float)
+    prob = np.exp(np.minimum(0.0, np.where(np.isnan(log_ratio), -np.inf, log_ratio)))
+    return rng.random(log_ratio.shape) < prob, prob
 
 
 def run_chain(fine: Posterior, proposal: GaussianProposal, theta0, n_samples: int, rng: np.random.Generator,
@@ -138,7 +151,7 @@ def run_chain(fine: Posterior, proposal: GaussianProposal, theta0, n_samples: in
         lp1_new, m1_new = level1.evaluate(prop)
         s1_new = level1.last_residual.copy() if wants_residual else m1_new
         log_r1 = lp1_new - lp1 + proposal.log_ratio(theta, prop, s1, s1_new)
-        ok, prob1 = _log_accept(log_r1, rng)
+        ok, prob1 = mh_accept(log_r1, rng)
         if tune and it < n_burn:
             log_step += (prob1 - target_accept) / np.sqrt(it + 1.0)
             upper = getattr(proposal, "max_step", 0.999 if proposal.name == "pcn" else 10.0)
@@ -151,7 +164,7 @@ def run_chain(fine: Posterior, proposal: GaussianProposal, theta0, n_samples: in
             else:
                 tried2 += 1
                 lpf_new, mf_new = fine.evaluate(prop)
-                ok2, _ = _log_accept(lpf_new - lpf + lp1 - lp1_new, rng)
+                ok2, _ = mh_accept(lpf_new - lpf + lp1 - lp1_new, rng)
                 if ok2:
                     acc2 += 1
                     theta, lp1, m1, s1, lpf, mf = prop, lp1_new, m1_new, s1_new, lpf_new, mf_new

@@ -7,7 +7,7 @@ import torch
 from rlmcmc.diagnostics import ess_rhat, summarize
 from rlmcmc.proposals import PCNProposal, RandomWalkProposal, make_proposal
 from rlmcmc.rl import AgentConfig, MultiAgentPolicy, RLProposal, misfit_feature
-from rlmcmc.sampling import LinearForward, Posterior, linear_gaussian_posterior, run_chain, run_chains
+from rlmcmc.sampling import LinearForward, Posterior, linear_gaussian_posterior, mh_accept, run_chain, run_chains
 
 G = np.array([[1.0, 0.5, 0.0], [0.0, 1.0, -0.7], [0.3, 0.0, 1.2], [1.0, 1.0, 1.0]])
 Y = np.array([0.4, -0.3, 1.1, 0.8])
@@ -57,6 +57,43 @@ def test_recovers_linear_gaussian_posterior(kind, levels):
     if levels == 2:
         assert all(c.fine_solves < c.coarse_solves for c in chains)
         assert all(0 < c.accept_stage2 < 1 for c in chains)
+
+
+# ---- the one Metropolis–Hastings accept step ------------------------------------------------------
+LOG_RATIOS = np.array([np.nan, -np.inf, np.inf, 0.0, np.log(0.3), 5.0, -2.0])
+ALPHAS = np.array([0.0, 0.0, 1.0, 1.0, 0.3, 1.0, np.exp(-2.0)])
+
+
+def test_mh_accept_is_u_below_min_one_exp_ratio():
+    rng, ref = np.random.default_rng(4), np.random.default_rng(4)
+    accept, alpha = mh_accept(LOG_RATIOS, rng)
+    np.testing.assert_allclose(alpha, ALPHAS, rtol=1e-15)
+    assert accept.dtype == bool and np.array_equal(accept, ref.random(len(LOG_RATIOS)) < alpha)
+    assert rng.random() == ref.random()  # exactly one uniform per entry
+
+
+def test_mh_accept_scalar_and_array_draw_the_same_stream():
+    a, b = np.random.default_rng(9), np.random.default_rng(9)
+    one_by_one = [mh_accept(x, a) for x in LOG_RATIOS]
+    accept, alpha = mh_accept(LOG_RATIOS, b)
+    assert [ok for ok, _ in one_by_one] == accept.tolist() and [p for _, p in one_by_one] == alpha.tolist()
+    assert all(type(ok) is bool and type(p) is float for ok, p in one_by_one)
+    assert a.random() == b.random()
+
+
+def test_mh_accept_edges():
+    rng = np.random.default_rng(0)
+    # a zero-density current state (ratio +inf) is always left; a NaN ratio never accepted (it used to be
+    # rejected in the scalar sampler but accepted at stage 2 of the MARL training loop)
+    assert all(mh_accept(np.inf, rng) == (True, 1.0) for _ in range(100))
+    assert all(mh_accept(np.nan, rng) == (False, 0.0) for _ in range(100))
+    assert all(mh_accept(-np.inf, rng) == (False, 0.0) for _ in range(100))
+    assert mh_accept(np.full((2, 3), 0.0), rng)[0].shape == (2, 3)
+
+
+def test_mh_accept_frequency():
+    accept, _ = mh_accept(np.full(40000, np.log(0.3)), np.random.default_rng(1))
+    assert abs(accept.mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / 40000)
 
 
 def test_wrong_hastings_term_is_detected():
