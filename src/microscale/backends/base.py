@@ -86,5 +86,11 @@ class Backend:
     def packed_linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
         return None
 
+    def grouped_conv(self, x: torch.Tensor, wq: torch.Tensor, bias: torch.Tensor | None, stride, padding,
+                     dilation, groups: int, spec: QuantSpec, return_windows: bool = False):
+        """A fused MX grouped convolution (input windows quantized by ``spec`` along the per-group
+        reduction, see :mod:`microscale.kernels.conv`), or None when this backend has none for the request."""
+        return None
+
     def __repr__(self) -> str:
         return f"<microscale backend {self.name!r}>"
