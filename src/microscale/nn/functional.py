@@ -27,7 +27,7 @@ from .packed import PackedWeight
 from .recipe import OperandSpec, Recipe, get_recipe
 
 __all__ = ["QuantState", "quantize_operand", "mx_linear", "packed_mx_linear", "mx_grouped_gemm", "mx_grouped_conv2d",
-           "grouped_conv_fused", "im2col", "col2im", "mx_matmul",
+           "grouped_conv_fused", "fused_conv_covers", "im2col", "col2im", "mx_matmul",
            "mx_bmm", "mx_baddbmm", "mx_addmm", "mx_scaled_dot_product_attention"]
 
 
@@ -356,9 +356,7 @@ class _MXGroupedConvFn(torch.autograd.Function):
         o = w.shape[0]
         w3 = w.view(groups, o // groups, -1)
         wq = _weight_operand(w3, r.fwd_weight, 2, state, cache).view(w.shape)
-        spec = r.fwd_input
-        y = _grouped_conv_op(x.detach(), wq, None if b is None else b.detach(), list(stride), list(padding),
-                             list(dilation), groups, spec.format, spec.rounding.value, spec.scale_mode.value)
+        y = _run_fused_conv(x, wq, b, geometry, r.fwd_input)
         ctx.save_for_backward(x, w)
         ctx.state, ctx.cache, ctx.has_bias, ctx.geometry = state, cache, b is not None, geometry
         return _round_elementwise(y, r)
@@ -401,16 +399,28 @@ def mx_grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"mx_grouped_conv2d expects x [N, C, H, W] and weight [O, C/G, kh, kw], got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
-    spec = r.fwd_input
-    if spec.is_none or spec.is_stochastic or torch.compiler.is_compiling():
-        return None
-    from ..kernels import conv as _conv   # coverage facts only; the call goes through backends
-    reduction = weight[0].numel()
-    if backends.select(spec.quant, x).name != "c" or not _conv.covers(
-            x, spec.format, spec.rounding.value, spec.scale_mode.value, reduction):
+    if not fused_conv_covers(x, r.fwd_input, weight[0].numel()):
         return None
     geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
     return _MXGroupedConvFn.apply(x, weight, bias, state, cache, geometry)
+
+
+def fused_conv_covers(x: torch.Tensor, spec: OperandSpec, reduction: int) -> bool:
+    """True when a fused grouped convolution kernel takes input ``x`` quantized by ``spec`` with a
+    per-group reduction of ``reduction`` elements: the c backend is the one selected for ``x`` and its
+    kernel covers the request (deterministic rounding, float32, single-level formats; eager mode only)."""
+    if spec.is_none or spec.is_stochastic or torch.compiler.is_compiling():
+        return False
+    from ..kernels import conv as _conv   # coverage facts only; the call goes through backends
+    return backends.select(spec.quant, x).name == "c" and _conv.covers(
+        x, spec.format, spec.rounding.value, spec.scale_mode.value, reduction)
+
+
+def _run_fused_conv(x, wq, b, geometry, spec: OperandSpec) -> torch.Tensor:
+    """The ``microscale_nn::grouped_conv`` op (no autograd) on ``wq`` [O, C/G, kh, kw], quantized already."""
+    stride, padding, dilation, groups = geometry
+    return _grouped_conv_op(x.detach(), wq, None if b is None else b.detach(), list(stride), list(padding),
+                            list(dilation), groups, spec.format, spec.rounding.value, spec.scale_mode.value)
 
 
 def packed_mx_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None,

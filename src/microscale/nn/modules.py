@@ -8,6 +8,9 @@ them), its state_dict keys and its hooks; :func:`microscale.nn.dequantize_model`
   over the groups (:func:`~microscale.nn.functional.mx_grouped_gemm`), so the reduction blocked is
   C_in/groups · kernel (channel-major, the order of ``weight.reshape(out, -1)``): for a depthwise conv,
   each block is one channel's kh·kw window. The result equals one :func:`mx_linear` per group exactly.
+  Grouped convolutions (groups > 1) run their forward fused where a kernel covers them
+  (:func:`~microscale.nn.functional.mx_grouped_conv2d`: the same quantized windows without the im2col
+  columns, outputs equal up to fp32 summation order, gradients bit for bit; :data:`fused_grouped_conv`).
 - Subclasses of those types whose forward is the parent's (e.g. nn.MultiheadAttention's ``out_proj``,
   a ``NonDynamicallyQuantizableLinear``) are swapped too (:func:`swap_for`); subclasses that override
   ``forward`` are left alone and reported (:mod:`microscale.nn.coverage`).
@@ -43,8 +46,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..tensor import MXTensor
-from .functional import (QuantState, WeightCache, _round_elementwise, grouped_conv_fused, im2col, mx_addmm,
-                         mx_baddbmm, mx_bmm, mx_grouped_conv2d, mx_grouped_gemm, mx_linear, mx_matmul,
+from .functional import (QuantState, WeightCache, _round_elementwise, _run_fused_conv, fused_conv_covers, im2col,
+                         mx_addmm, mx_baddbmm, mx_bmm, mx_grouped_conv2d, mx_grouped_gemm, mx_linear, mx_matmul,
                          mx_scaled_dot_product_attention, packed_mx_linear, quantize_operand)
 from .packed import PackedWeight, is_packed, pack_parameter, unpack_parameters
 
@@ -186,12 +189,10 @@ class _MXConvNd(QuantizedModule):
             return mx_grouped_conv2d(x, self.weight.view(shape4), self.bias, s, padding, d, self.groups,
                                      self._mx_state, self._mx_cache)
         r = self.recipe
-        if r.fwd_input.is_none or r.fwd_input.is_stochastic or torch.compiler.is_compiling():
+        if not fused_conv_covers(x, r.fwd_input, shape4[1] * shape4[2] * shape4[3]):
             return None
         wq = self.weight.dequantize(x.dtype).view(shape4)
-        y = grouped_conv_fused(x.detach(), wq, None if self.bias is None else self.bias.detach(), s, padding, d,
-                               self.groups, r.fwd_input.quant)
-        return None if y is None else _round_elementwise(y, r)
+        return _round_elementwise(_run_fused_conv(x, wq, self.bias, (s, padding, d, self.groups), r.fwd_input), r)
 
     def _grouped_gemm(self, cols: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
         """All groups in one batched GEMM: [G, K, N*L] columns, [G, O/G, K] weights -> [G, O/G, N*L]."""
