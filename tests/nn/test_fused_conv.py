@@ -1,7 +1,7 @@
 """The fused MX grouped / depthwise convolution (kernels/_mxconv.c, kernels/conv.py, nn.mx_grouped_conv2d):
-its quantized windows are bit for bit fake_quantize(im2col(x)) along the per-group reduction, its outputs
-equal the im2col + batched-GEMM path up to fp32 summation order, its gradients are that path's bit for
-bit, every ISA variant agrees, and bad calls raise before C runs."""
+its quantized windows (forward) and columns (wgrad, blocked along the tokens) are bit for bit
+fake_quantize(im2col(x)), its outputs and gradients equal the im2col + batched-GEMM path's up to fp32
+summation order, every ISA variant agrees, and bad calls raise before C runs."""
 
 import copy
 import os
@@ -84,6 +84,36 @@ def test_windows_bit_identical_and_outputs_match_im2col(geom, fmt, bias):
     assert (err <= 1e-5 * scale + 1e-30).all(), (err / scale.clamp_min(1e-30)).max()
 
 
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: "x".join(map(str, g[:6])) + f"-s{g[7][0]}{g[7][1]}")
+@pytest.mark.parametrize("fmt", ["mxfp8", "mxfp6", "mxfp4", "mxint8"])
+def test_wgrad_columns_bit_identical_and_gradient_matches(geom, fmt):
+    """wgrad: the columns quantized along the tokens (blocks of 32 from token 0, crossing rows and images)
+    bit for bit; the weight gradient within fp32 summation error of a float64 product of those operands."""
+    n, c, h, w, o, groups, k, s, p, d = geom
+    x = awkward_input((n, c, h, w), 7)
+    x[~torch.isfinite(x) | (x.abs() > 1e30)] = 1.0   # (sums of huge values overflow fp32 on either path)
+    xp = F.pad(x, (p[1], p[1], p[0], p[0]))
+    cols, ho, wo = im2col(xp, k, s, d)
+    tokens = cols.shape[-1]
+    gyq = ms.fake_quantize(torch.randn(groups, o // groups, tokens), fmt, axis=2)
+    gw, colsq = kconv.conv_wgrad(x, gyq, (o, c // groups, *k), s, p, d, groups, fmt, return_columns=True)
+    ref_cols = ms.fake_quantize(cols.view(groups, -1, tokens), fmt, axis=2)
+    assert torch.equal(colsq.view(torch.int32), ref_cols.view(torch.int32))
+    exact = torch.matmul(gyq.double(), ref_cols.double().transpose(1, 2)).reshape(gw.shape)
+    bound = torch.matmul(gyq.double().abs(), ref_cols.double().abs().transpose(1, 2)).reshape(gw.shape)
+    assert ((gw.double() - exact).abs() <= 1e-5 * bound + 1e-30).all()
+
+
+def test_wgrad_bad_calls_raise_before_c():
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"gyq must be \[G, O/G, N·Ho·Wo\]"):
+        kconv.conv_wgrad(x, torch.randn(4, 1, 49), (4, 1, 3, 3), 1, 1, 1, 4, "mxfp6")
+    with pytest.raises(TypeError, match="float32"):
+        kconv.conv_wgrad(x, torch.randn(4, 1, 50).half(), (4, 1, 3, 3), 1, 1, 1, 4, "mxfp6")
+    with pytest.raises(ValueError, match="multiples of groups"):
+        kconv.conv_wgrad(x, torch.randn(4, 1, 50), (4, 1, 3, 3), 1, 1, 1, 3, "mxfp6")
+
+
 @pytest.mark.parametrize("rounding,scale_mode", [("away", "floor"), ("zero", "ceil"), ("even", "even"),
                                                  ("even", "rceil")])
 def test_every_deterministic_option_is_bit_identical(rounding, scale_mode):
@@ -150,19 +180,37 @@ MODULES = [
 
 @pytest.mark.parametrize("make", MODULES, ids=range(len(MODULES)))
 @pytest.mark.parametrize("recipe", ["mxfp6", "mxfp8", "mxfp4", "mxint8"])
-def test_module_fused_forward_matches_im2col_and_gradients_are_identical(make, recipe, monkeypatch):
+def test_module_fused_matches_im2col_path(make, recipe, monkeypatch):
     torch.manual_seed(4)
     conv = make()
     x = torch.randn(3, conv.in_channels, 11, 9) if isinstance(conv, nn.Conv2d) else torch.randn(3, 8, 23)
     gy = torch.randn_like(conv(x))
     q = mnn.quantize_model(copy.deepcopy(conv), recipe)
     fused, plain = run(q, x, gy, True, monkeypatch), run(q, x, gy, False, monkeypatch)
-    scale = plain[0].abs().max()
-    assert torch.allclose(fused[0], plain[0], rtol=1e-5, atol=1e-5 * scale)
-    for a, b in zip(fused[1:], plain[1:]):
-        assert torch.equal(a, b)
+    for a, b in zip(fused, plain):   # output, dX, dW: the same quantized operands summed in another order
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max())
+    if conv.bias is not None:
+        assert torch.equal(fused[3], plain[3])   # the bias gradient is the same sum
     monkeypatch.setattr(mmod, "fused_grouped_conv", True)
     assert [c.op for c in mnn.coverage(q, x).gemms] == ["grouped_conv"]
+
+
+@pytest.mark.parametrize("recipe", [
+    mnn.Recipe.from_formats("mxfp6", "mxfp6", "mxfp6", grad_rounding="stochastic", seed=3),
+    mnn.Recipe.from_formats("mxfp6", "mxfp6", "mxfp8", elementwise="bf16", seed=3),
+], ids=["stochastic-grads", "bf16-elementwise"])
+def test_backward_parts_outside_the_fused_kernels_match_the_im2col_path(recipe, monkeypatch):
+    """Stochastic gradient rounding draws its noise by the columns' flat index and bf16 rounding applies to
+    the dgrad columns: those parts take the im2col path, with the same seeds in the same order."""
+    torch.manual_seed(5)
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    x = torch.randn(2, 8, 9, 9)
+    gy = torch.randn_like(conv(x))
+    fused = run(mnn.quantize_model(copy.deepcopy(conv), recipe), x, gy, True, monkeypatch)
+    plain = run(mnn.quantize_model(copy.deepcopy(conv), recipe), x, gy, False, monkeypatch)
+    assert torch.equal(fused[1], plain[1])                                    # dX: the im2col path itself
+    for a, b in zip(fused, plain):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max())
 
 
 def test_fused_path_is_taken_only_where_covered(monkeypatch):
@@ -208,6 +256,13 @@ for fmt in ["mxfp8", "mxfp6", "mxfp4", "mxint8"]:
         ref = torch.matmul(wq.reshape(G, o // G, -1), cq).reshape(o, n, ho, wo).transpose(0, 1)
         ok = torch.isfinite(ref)
         assert torch.allclose(y[ok], ref[ok], rtol=1e-5, atol=1e-30), (fmt, n, c)
+        gyq = ms.fake_quantize(torch.randn(G, o // G, cols.shape[-1], generator=g), fmt, axis=2)
+        xf = torch.randn(n, c, h, w, generator=g)
+        gw, colsq = conv.conv_wgrad(xf, gyq, (o, c // G, k, k), s, p, 1, G, fmt, return_columns=True)
+        colsf, _, _ = im2col(F.pad(xf, (p, p, p, p)), (k, k), (s, s), (1, 1))
+        assert torch.equal(colsq, ms.fake_quantize(colsf.view(G, -1, colsf.shape[-1]), fmt, axis=2)), (fmt, n, c)
+        ref = torch.matmul(gyq.double(), colsq.double().transpose(1, 2)).reshape(gw.shape)
+        assert torch.allclose(gw.double(), ref, rtol=1e-5, atol=1e-6), (fmt, n, c)
 print(ms.kernels._load().conv_info()["isa"])
 """
 

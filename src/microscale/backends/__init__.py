@@ -43,7 +43,8 @@ from .triton_kernels import TritonBackend
 
 __all__ = ["Backend", "Coverage", "COVERED", "not_covered", "Packed", "QuantSpec", "BACKEND_ENV",
            "register_backend", "get_backend", "backend_names", "backends", "use_backend", "selected_backend",
-           "select", "select_dequantize", "packed_linear", "grouped_conv"]
+           "select", "select_dequantize", "packed_linear", "grouped_conv",
+           "grouped_conv_wgrad"]
 
 #: Environment variable naming the backend for every call (c | torch | triton | reference | auto).
 BACKEND_ENV = "MICROSCALE_BACKEND"
@@ -178,6 +179,14 @@ def grouped_conv(x: torch.Tensor, wq: torch.Tensor, bias: torch.Tensor | None, s
     :func:`microscale.kernels.conv.conv_forward`), or None when it has no fused kernel for the request
     (the caller then runs im2col + the quantized batched GEMM)."""
     return select(spec, x).grouped_conv(x, wq, bias, stride, padding, dilation, groups, spec, return_windows)
+
+
+def grouped_conv_wgrad(x: torch.Tensor, gyq: torch.Tensor, weight_shape, stride, padding, dilation, groups: int,
+                       spec: QuantSpec, return_columns: bool = False):
+    """The weight gradient of that grouped convolution from the backend that would quantize ``x`` with
+    ``spec`` (for ``c``: :func:`microscale.kernels.conv.conv_wgrad`), or None when it has none."""
+    return select(spec, x).grouped_conv_wgrad(x, gyq, weight_shape, stride, padding, dilation, groups, spec,
+                                              return_columns)
 
 
 class _CallableModule(types.ModuleType):

@@ -92,5 +92,11 @@ class Backend:
         reduction, see :mod:`microscale.kernels.conv`), or None when this backend has none for the request."""
         return None
 
+    def grouped_conv_wgrad(self, x: torch.Tensor, gyq: torch.Tensor, weight_shape, stride, padding, dilation,
+                           groups: int, spec: QuantSpec, return_columns: bool = False):
+        """The weight gradient of that convolution without im2col (its columns quantized by ``spec`` along
+        the tokens, ``gyq`` [G, O/G, tokens] quantized already), or None when this backend has none."""
+        return None
+
     def __repr__(self) -> str:
         return f"<microscale backend {self.name!r}>"

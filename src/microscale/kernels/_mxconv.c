@@ -1,4 +1,5 @@
-/* Fused MX grouped / depthwise convolution (forward) on CPU: y = conv(q(x), wq) + b without im2col.
+/* Fused MX grouped / depthwise convolution on CPU without im2col: the forward y = conv(q(x), wq) + b
+ * (conv_forward) and the weight gradient gw = q(gy) . q(columns)^T (conv_wgrad, described above its loop).
  *
  * The recipe semantics are those of microscale.nn.modules (im2col + one batched GEMM over the groups):
  * group g's reduction vector at output position (n, ho, wo) is its window of K = C/G * kh * kw input
@@ -171,10 +172,73 @@ AINLINE void conv_fwd_impl(const cjob_t *J, int64_t t0, int64_t t1) {
     }
 }
 
+/* ---- weight gradient: gw[o, kk] = sum_t gyq[o, t] * q(cols[g, kk, t]) -----------------------------------
+ * The wgrad GEMM of the recipe blocks both operands along the T = N * Ho * Wo tokens: row (g, kk) of the
+ * columns [G, K, T] (kk = (c, i, j)) is quantized in blocks of k consecutive tokens from t = 0 (the last
+ * block ragged), exactly like row_block of _mxkernels.c (fake-quantize along the last axis). Item = one row
+ * (g, kk): its tokens are gathered a tile of TT (a multiple of k) at a time, each block quantized, and the
+ * tile dotted with the group's M rows of gyq (already quantized along T by the caller); sums of each tile
+ * in fp32, tiles accumulated in double. J->cols (optional): the quantized rows, [G, K, T]. */
+#define WG_TT 512
+
+AINLINE void conv_wgrad_impl(const cjob_t *J, int64_t r0, int64_t r1) {
+    const fmt_t F = J->f, *f = &F;
+    const int K = J->K, k = f->k, M = J->M, Cg = J->Cg, kh = J->kh, kw = J->kw;
+    const int64_t L = J->L, T = J->N * J->L;
+    const int tt = k >= WG_TT ? k : WG_TT / k * k;
+    float A[MAXK > WG_TT ? MAXK : WG_TT] __attribute__((aligned(64)));
+    double accd[CONV_MAXK];
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t g = r / K;
+        const int kk = (int)(r % K), c = kk / (kh * kw), i = (kk / kw) % kh, j = kk % kw;
+        for (int m = 0; m < M; m++) accd[m] = 0.0;
+        for (int64_t t0 = 0; t0 < T; t0 += tt) {
+            const int cnt = (int)(T - t0 < tt ? T - t0 : tt);
+            /* gather tokens t0 .. t0 + cnt - 1 = (n, l) image by image */
+            for (int p = 0; p < cnt;) {
+                const int64_t t = t0 + p, n = t / L, l = t - n * L;
+                const int seg = (int)(L - l < cnt - p ? L - l : cnt - p);
+                gather_row(J, J->x + ((n * J->C) + g * Cg + c) * J->H * J->W, i, j, l, seg, A + p);
+                p += seg;
+            }
+            uint32_t *Au = (uint32_t *)A;
+            for (int b0 = 0; b0 < cnt; b0 += k) {
+                const int nb = cnt - b0 < k ? cnt - b0 : k;
+                uint32_t *blk = Au + b0, m = 0;
+#pragma omp simd reduction(max:m)
+                for (int q = 0; q < nb; q++) { uint32_t ax = blk[q] & 0x7FFFFFFFu; m = ax > m ? ax : m; }
+                if (m >= 0x7F800000u) {
+                    for (int q = 0; q < nb; q++) blk[q] = 0x7FC00000u;
+                    continue;
+                }
+                const int32_t X = shared_exp(m, J->smode, f), Tc = X + f->emin + 127;
+                if (Tc >= 1) {
+                    const uint32_t maxb = max_bits(X, f);
+#pragma omp simd
+                    for (int q = 0; q < nb; q++) { uint32_t cd, v; quant_fast(blk[q], Tc, maxb, f, &cd, &v, 1, 0); blk[q] = v; }
+                } else {
+#pragma omp simd
+                    for (int q = 0; q < nb; q++) { uint32_t cd, v; quant_elem(blk[q], X, 0u, R_EVEN, f, &cd, &v); blk[q] = v; }
+                }
+            }
+            if (J->cols) memcpy(J->cols + ((size_t)g * K + kk) * T + t0, A, (size_t)cnt * 4);
+            for (int m = 0; m < M; m++) {
+                const float *gr = J->w + ((size_t)g * M + m) * T + t0;   /* (J->w: gyq [G, M, T]) */
+                float s = 0.0f;
+#pragma omp simd reduction(+:s)
+                for (int p = 0; p < cnt; p++) s += gr[p] * A[p];
+                accd[m] += (double)s;
+            }
+        }
+        for (int m = 0; m < M; m++) J->y[((size_t)g * M + m) * K + kk] = (float)accd[m];   /* (J->y: gw [O, K]) */
+    }
+}
+
 typedef void (*conv_worker_fn)(const cjob_t *, int64_t, int64_t);
 
 #define DEFINE_CONV_WORKERS(SFX, ATTR) \
-    ATTR static void conv_fwd_##SFX(const cjob_t *J, int64_t a, int64_t b) { conv_fwd_impl(J, a, b); }
+    ATTR static void conv_fwd_##SFX(const cjob_t *J, int64_t a, int64_t b) { conv_fwd_impl(J, a, b); } \
+    ATTR static void conv_wgrad_##SFX(const cjob_t *J, int64_t a, int64_t b) { conv_wgrad_impl(J, a, b); }
 
 DEFINE_CONV_WORKERS(base, )
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -183,7 +247,7 @@ DEFINE_CONV_WORKERS(avx2, __attribute__((target("avx2,fma,f16c,bmi2"))))
 DEFINE_CONV_WORKERS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"))))
 #endif
 
-static conv_worker_fn C_FWD = conv_fwd_base;
+static conv_worker_fn C_FWD = conv_fwd_base, C_WGRAD = conv_wgrad_base;
 static const char *C_ISA = "baseline";
 
 /* Same rule as the quantization kernels: MICROSCALE_KERNELS_ISA=avx2|baseline caps the variant. */
@@ -194,10 +258,10 @@ static void mxconv_select_isa(void) {
     __builtin_cpu_init();
     if (allow512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-        C_FWD = conv_fwd_avx512; C_ISA = "avx512";
+        C_FWD = conv_fwd_avx512; C_WGRAD = conv_wgrad_avx512; C_ISA = "avx512";
     } else if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                __builtin_cpu_supports("bmi2")) {
-        C_FWD = conv_fwd_avx2; C_ISA = "avx2";
+        C_FWD = conv_fwd_avx2; C_WGRAD = conv_wgrad_avx2; C_ISA = "avx2";
     }
 #endif
 }
@@ -227,56 +291,95 @@ static int conv_parse_fmt(PyObject *tup, fmt_t *f) {
 
 static int64_t out_size(int64_t in, int p, int d, int k, int s) { return (in + 2 * (int64_t)p - (int64_t)d * (k - 1) - 1) / s + 1; }
 
-/* conv_forward(x, w, bias_or_0, y, cols_or_0, N, C, H, W, O, G, kh, kw, sh, sw, ph, pw, dh, dw, fmt, rnd,
- *              smode, nthreads): y [N, O, Ho, Wo] (and cols [G, K, N * Ho * Wo] when given) */
-static PyObject *py_conv_forward(PyObject *self, PyObject *args) {
-    unsigned long long x, w, bias, y, cols;
-    long long N, C, H, W, O;
-    int G, kh, kw, sh, sw, ph, pw, dh, dw, rnd, smode, nt;
-    PyObject *ft;
-    cjob_t J;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KKKKKLLLLLiiiiiiiiiOiii", &x, &w, &bias, &y, &cols, &N, &C, &H, &W, &O, &G, &kh,
-                          &kw, &sh, &sw, &ph, &pw, &dh, &dw, &ft, &rnd, &smode, &nt))
-        return NULL;
-    memset(&J, 0, sizeof J);
-    if (conv_parse_fmt(ft, &J.f)) return NULL;
-    int64_t Ho = 0, Wo = 0;
-    int ok = N >= 1 && C >= 1 && H >= 1 && W >= 1 && O >= 1 && G >= 1 && C % G == 0 && O % G == 0 && kh >= 1 &&
-             kw >= 1 && sh >= 1 && sw >= 1 && ph >= 0 && pw >= 0 && dh >= 1 && dw >= 1 && x && w && y &&
-             rnd >= R_EVEN && rnd <= R_ZERO && smode >= S_FLOOR && smode <= S_RCEIL;
-    if (ok) {
-        Ho = out_size(H, ph, dh, kh, sh); Wo = out_size(W, pw, dw, kw, sw);
-        ok = Ho >= 1 && Wo >= 1 && (C / G) * (int64_t)kh * kw <= CONV_MAXK;
-    }
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "bad conv kernel arguments");
-        return NULL;
-    }
-    J.x = (const float *)(uintptr_t)x; J.w = (const float *)(uintptr_t)w; J.bias = (const float *)(uintptr_t)bias;
-    J.y = (float *)(uintptr_t)y; J.cols = (float *)(uintptr_t)cols;
-    J.N = N; J.C = C; J.H = H; J.W = W; J.O = O; J.Ho = Ho; J.Wo = Wo; J.L = Ho * Wo;
-    J.G = G; J.Cg = (int)(C / G); J.M = (int)(O / G); J.K = J.Cg * kh * kw;
-    J.kh = kh; J.kw = kw; J.sh = sh; J.sw = sw; J.ph = ph; J.pw = pw; J.dh = dh; J.dw = dw;
-    J.f.half_mask = rnd == R_ZERO ? 0u : ~0u; J.f.even = rnd == R_EVEN;
-    J.smode = smode;
-    int lt = CONV_BUF / J.K / 16 * 16;
-    lt = lt > CONV_MAXLT ? CONV_MAXLT : lt;
-    J.lt = lt;
-    J.ntile = (J.L + lt - 1) / lt;
-    const int64_t items = N * G * J.ntile;
-    Py_BEGIN_ALLOW_THREADS
+static void run_items(conv_worker_fn fn, const cjob_t *J, int64_t items, int nt) {
 #ifdef _OPENMP
     if (nt > 1 && items > 1) {
         if (nt > items) nt = (int)items;
 #pragma omp parallel num_threads(nt)
         {
             int t = omp_get_thread_num(), n = omp_get_num_threads();
-            C_FWD(&J, items * t / n, items * (t + 1) / n);
+            fn(J, items * t / n, items * (t + 1) / n);
         }
-    } else
+        return;
+    }
 #endif
-        C_FWD(&J, 0, items);
+    (void)nt;
+    fn(J, 0, items);
+}
+
+/* Parse and check the arguments shared by both entries into J (geometry, format, options). */
+static int conv_job(cjob_t *J, PyObject *args, unsigned long long *a, unsigned long long *b, unsigned long long *c,
+                    unsigned long long *d, unsigned long long *e, int *nt) {
+    long long N, C, H, W, O;
+    int G, kh, kw, sh, sw, ph, pw, dh, dw, rnd, smode;
+    PyObject *ft;
+    if (!PyArg_ParseTuple(args, "KKKKKLLLLLiiiiiiiiiOiii", a, b, c, d, e, &N, &C, &H, &W, &O, &G, &kh,
+                          &kw, &sh, &sw, &ph, &pw, &dh, &dw, &ft, &rnd, &smode, nt))
+        return -1;
+    memset(J, 0, sizeof *J);
+    if (conv_parse_fmt(ft, &J->f)) return -1;
+    int64_t Ho = 0, Wo = 0;
+    int ok = N >= 1 && C >= 1 && H >= 1 && W >= 1 && O >= 1 && G >= 1 && C % G == 0 && O % G == 0 && kh >= 1 &&
+             kw >= 1 && sh >= 1 && sw >= 1 && ph >= 0 && pw >= 0 && dh >= 1 && dw >= 1 &&
+             rnd >= R_EVEN && rnd <= R_ZERO && smode >= S_FLOOR && smode <= S_RCEIL;
+    if (ok) {
+        Ho = out_size(H, ph, dh, kh, sh); Wo = out_size(W, pw, dw, kw, sw);
+        ok = Ho >= 1 && Wo >= 1 && (C / G) * (int64_t)kh * kw <= CONV_MAXK && O / G <= CONV_MAXK;
+    }
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "bad conv kernel arguments");
+        return -1;
+    }
+    J->N = N; J->C = C; J->H = H; J->W = W; J->O = O; J->Ho = Ho; J->Wo = Wo; J->L = Ho * Wo;
+    J->G = G; J->Cg = (int)(C / G); J->M = (int)(O / G); J->K = J->Cg * kh * kw;
+    J->kh = kh; J->kw = kw; J->sh = sh; J->sw = sw; J->ph = ph; J->pw = pw; J->dh = dh; J->dw = dw;
+    J->f.half_mask = rnd == R_ZERO ? 0u : ~0u; J->f.even = rnd == R_EVEN;
+    J->smode = smode;
+    return 0;
+}
+
+/* conv_forward(x, wq, bias_or_0, y, cols_or_0, N, C, H, W, O, G, kh, kw, sh, sw, ph, pw, dh, dw, fmt, rnd,
+ *              smode, nthreads): y [N, O, Ho, Wo] (and the quantized windows cols [G, K, N * Ho * Wo]) */
+static PyObject *py_conv_forward(PyObject *self, PyObject *args) {
+    unsigned long long x, w, bias, y, cols;
+    int nt;
+    cjob_t J;
+    (void)self;
+    if (conv_job(&J, args, &x, &w, &bias, &y, &cols, &nt)) return NULL;
+    if (!x || !w || !y) {
+        PyErr_SetString(PyExc_ValueError, "bad conv kernel arguments (NULL buffer)");
+        return NULL;
+    }
+    J.x = (const float *)(uintptr_t)x; J.w = (const float *)(uintptr_t)w; J.bias = (const float *)(uintptr_t)bias;
+    J.y = (float *)(uintptr_t)y; J.cols = (float *)(uintptr_t)cols;
+    int lt = CONV_BUF / J.K / 16 * 16;
+    J.lt = lt > CONV_MAXLT ? CONV_MAXLT : lt;
+    J.ntile = (J.L + J.lt - 1) / J.lt;
+    const int64_t items = J.N * J.G * J.ntile;
+    Py_BEGIN_ALLOW_THREADS
+    run_items(C_FWD, &J, items, nt);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* conv_wgrad(x, gyq, 0, gw, cols_or_0, N, C, H, W, O, G, kh, kw, sh, sw, ph, pw, dh, dw, fmt, rnd, smode,
+ *            nthreads): gw [O, K] from gyq [G, O/G, N * Ho * Wo] (quantized along its last axis by the caller)
+ * and the columns quantized along the tokens in fmt (cols: those quantized rows, [G, K, N * Ho * Wo]) */
+static PyObject *py_conv_wgrad(PyObject *self, PyObject *args) {
+    unsigned long long x, gyq, unused, gw, cols;
+    int nt;
+    cjob_t J;
+    (void)self;
+    if (conv_job(&J, args, &x, &gyq, &unused, &gw, &cols, &nt)) return NULL;
+    if (!x || !gyq || !gw || unused) {
+        PyErr_SetString(PyExc_ValueError, "bad conv_wgrad kernel arguments (buffers)");
+        return NULL;
+    }
+    J.x = (const float *)(uintptr_t)x; J.w = (const float *)(uintptr_t)gyq;
+    J.y = (float *)(uintptr_t)gw; J.cols = (float *)(uintptr_t)cols;
+    const int64_t items = (int64_t)J.G * J.K;
+    Py_BEGIN_ALLOW_THREADS
+    run_items(C_WGRAD, &J, items, nt);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -289,6 +392,8 @@ static PyObject *py_conv_info(PyObject *self, PyObject *noargs) {
 static PyMethodDef conv_methods[] = {
     {"conv_forward", py_conv_forward, METH_VARARGS,
      "fused MX grouped convolution: y = conv(fake_quantize(windows), wq) + bias, no im2col"},
+    {"conv_wgrad", py_conv_wgrad, METH_VARARGS,
+     "fused MX grouped convolution weight gradient: gw = gyq . fake_quantize(columns along tokens)^T, no im2col"},
     {"conv_info", py_conv_info, METH_NOARGS, "build facts of the fused conv kernel: selected ISA, largest reduction"},
     {NULL, NULL, 0, NULL},
 };

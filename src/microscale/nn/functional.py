@@ -345,9 +345,13 @@ def grouped_conv_fused(x, wq, bias, stride, padding, dilation, groups: int, spec
 
 
 class _MXGroupedConvFn(torch.autograd.Function):
-    """A grouped 2-D convolution with zero padding, its forward GEMM fused (:func:`grouped_conv_fused`:
-    no im2col, each window block quantized as the columns would be), its backward exactly that of
-    :class:`_MXGroupedGemmFn` on the im2col columns (same blocks, same bits)."""
+    """A grouped 2-D convolution with zero padding and the operand blocks of :class:`_MXGroupedGemmFn` on
+    the im2col columns, without the columns: the forward fused (:func:`grouped_conv_fused`: each window
+    block quantized in the kernel as the columns would be), dgrad as a transposed convolution of the
+    quantized dY and W, wgrad fused (:func:`microscale.backends.grouped_conv_wgrad`: the columns quantized
+    along the tokens in the kernel). Every quantized operand is bit for bit the im2col path's; the sums
+    differ in fp32 order only. Stochastic or bf16-rounded dgrad and uncovered wgrad specs take the
+    im2col path for that part."""
 
     @staticmethod
     def forward(ctx, x, w, b, state, cache, geometry):
@@ -365,23 +369,62 @@ class _MXGroupedConvFn(torch.autograd.Function):
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
-        ph, pw = padding
-        xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-        k = tuple(w.shape[2:])
-        with torch.no_grad():
-            cols, ho, wo = im2col(xp, k, stride, dilation)
-        n, o = gy.shape[0], gy.shape[1]
-        gy3 = gy.reshape(n, groups, o // groups, ho * wo).permute(1, 2, 0, 3).reshape(groups, o // groups, -1)
-        w3 = w.view(groups, o // groups, -1)
+        state, cache, r = ctx.state, ctx.cache, ctx.state.recipe
         needs = ctx.needs_input_grad
-        gcols, gw, gb = _grouped_gemm_backward(needs[:3], cols.view(groups, -1, cols.shape[-1]), w3, gy3,
-                                               ctx.state, ctx.cache, ctx.has_bias)
-        gx = None
+        n, o, ho, wo = gy.shape
+        m, k = o // groups, tuple(w.shape[2:])
+        gy = gy.contiguous()
+        cache_cols = []
+
+        def columns():  # the im2col columns [G, K, T] of the padded input, made once when a part needs them
+            if not cache_cols:
+                ph, pw = padding
+                xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+                with torch.no_grad():
+                    cols, _, _ = im2col(xp, k, stride, dilation)
+                cache_cols.append((xp, cols))
+            return cache_cols[0]
+
+        gx = gw = gb = None
+        gy3 = None
         if needs[0]:
-            gx = col2im(gcols.reshape(cols.shape), xp.shape, k, stride, dilation, ho, wo)
-            if ph or pw:
-                gx = gx[:, :, ph: ph + x.shape[2], pw: pw + x.shape[3]]
-        return gx, None if gw is None else gw.view(w.shape), gb, None, None, None
+            if not r.dgrad_grad_output.is_stochastic and r.elementwise == "fp32":
+                # dX = W_gᵀ · dY_g over each group's O/G output channels, as a transposed convolution: the
+                # same quantized operands (dY blocked along O/G, W along O/G; layout-independent for
+                # deterministic rounding), the same products, summed without the [G, K, T] columns
+                gyq = quantize_operand(gy.view(n, groups, m, ho * wo), r.dgrad_grad_output, 2,
+                                       state.seed(r.dgrad_grad_output))
+                wq = _weight_operand(w.view(groups, m, -1), r.dgrad_weight, 1, state, cache)
+                h_in, w_in = x.shape[2], x.shape[3]
+                out_pad = [h_in - ((ho - 1) * stride[0] - 2 * padding[0] + dilation[0] * (k[0] - 1) + 1),
+                           w_in - ((wo - 1) * stride[1] - 2 * padding[1] + dilation[1] * (k[1] - 1) + 1)]
+                gx = F.conv_transpose2d(gyq.view(gy.shape), wq.reshape(w.shape), None, stride, padding,
+                                        out_pad, groups, dilation)
+            else:   # stochastic noise follows the columns' layout, bf16 rounding the columns: the im2col path
+                xp, cols = columns()
+                gy3 = gy.view(n, o, -1).transpose(0, 1).reshape(groups, m, -1)
+                gcols, _, _ = _grouped_gemm_backward((True, False, False), cols.view(groups, -1, cols.shape[-1]),
+                                                     w.view(groups, m, -1), gy3, state, cache, False)
+                gx = col2im(gcols.reshape(cols.shape), xp.shape, k, stride, dilation, ho, wo)
+                if xp is not x:
+                    gx = gx[:, :, padding[0]: padding[0] + x.shape[2], padding[1]: padding[1] + x.shape[3]]
+        if needs[1] or (ctx.has_bias and needs[2]):
+            if gy3 is None:
+                gy3 = gy.view(n, o, -1).transpose(0, 1).reshape(groups, m, -1)       # [G, O/G, T]
+        if needs[1]:
+            # dW[g] = dY[g] · X[g]ᵀ over the tokens: dY quantized here, the columns inside the kernel
+            gyq3 = quantize_operand(gy3, r.wgrad_grad_output, 2, state.seed(r.wgrad_grad_output))
+            spec = r.wgrad_input
+            if not spec.is_none and not spec.is_stochastic and fused_conv_covers(x, spec, w[0].numel()):
+                gw = backends.grouped_conv_wgrad(x.detach(), gyq3, tuple(w.shape), stride, padding, dilation,
+                                                 groups, spec.quant)
+            if gw is None:
+                _, cols = columns()
+                xq = quantize_operand(cols.view(groups, -1, cols.shape[-1]), spec, 2, state.seed(spec))
+                gw = _matmul(gyq3, xq.transpose(1, 2)).view(w.shape)
+        if ctx.has_bias and needs[2]:
+            gb = gy3.transpose(1, 2).contiguous().sum(1).reshape(-1)
+        return gx, gw, gb, None, None, None
 
 
 def mx_grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=(1, 1),
@@ -389,10 +432,11 @@ def mx_grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       recipe: Recipe | str | QuantState = "mxfp8", cache: WeightCache | None = None):
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` (zero padding, x [N, C, H, W])
     with every GEMM operand quantized by ``recipe`` exactly as im2col + :func:`mx_grouped_gemm` would
-    (forward windows blocked along C/G·kh·kw, backward as there), the forward fused: no im2col columns,
-    each window quantized in registers (:mod:`microscale.kernels.conv`). Returns None when no fused
-    kernel covers the request (then use im2col + :func:`mx_grouped_gemm`); the forward output equals
-    theirs up to fp32 summation order, the quantized operands and the gradients bit for bit.
+    (forward windows blocked along C/G·kh·kw, backward as there), without im2col columns: windows and
+    wgrad columns quantized in the kernel (:mod:`microscale.kernels.conv`), dgrad a transposed
+    convolution (:class:`_MXGroupedConvFn`). Returns None when no fused kernel covers the request (then
+    use im2col + :func:`mx_grouped_gemm`); the quantized operands are theirs bit for bit, the output and
+    gradients equal theirs up to fp32 summation order.
     """
     state = _as_state(recipe)
     r = state.recipe

@@ -10,7 +10,7 @@ them), its state_dict keys and its hooks; :func:`microscale.nn.dequantize_model`
   each block is one channel's kh·kw window. The result equals one :func:`mx_linear` per group exactly.
   Grouped convolutions (groups > 1) run their forward fused where a kernel covers them
   (:func:`~microscale.nn.functional.mx_grouped_conv2d`: the same quantized windows without the im2col
-  columns, outputs equal up to fp32 summation order, gradients bit for bit; :data:`fused_grouped_conv`).
+  columns, outputs and gradients equal up to fp32 summation order; :data:`fused_grouped_conv`).
 - Subclasses of those types whose forward is the parent's (e.g. nn.MultiheadAttention's ``out_proj``,
   a ``NonDynamicallyQuantizableLinear``) are swapped too (:func:`swap_for`); subclasses that override
   ``forward`` are left alone and reported (:mod:`microscale.nn.coverage`).
@@ -139,7 +139,7 @@ class MXLinear(QuantizedModule, nn.Linear):
 
 
 #: Grouped convolutions (groups > 1) take the fused forward of :func:`mx_grouped_conv2d` where a kernel
-#: covers them (outputs equal to the im2col path's up to fp32 summation order). False: always im2col
+#: covers them (outputs and gradients equal to the im2col path's up to fp32 summation order). False: im2col
 #: (tests compare the two; benchmarks time them).
 fused_grouped_conv = True
 
