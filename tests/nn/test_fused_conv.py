@@ -274,3 +274,20 @@ def test_every_compiled_isa_variant_matches(isa):
     assert out.returncode == 0, out.stderr[-2000:]
     got = out.stdout.strip().splitlines()[-1]
     assert got == isa or (isa == "avx2" and got == "baseline")
+
+
+@pytest.mark.parametrize("make,x", [
+    (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.randn(8, 7, 9)),                      # unbatched
+    (lambda: nn.Conv1d(6, 6, 3, padding=1, groups=3), torch.randn(6, 20)),                         # unbatched 1-D
+    (lambda: nn.Conv2d(8, 16, 3, stride=2, groups=8),
+     torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)),
+], ids=["unbatched-2d", "unbatched-1d", "channels-last"])
+def test_other_input_layouts(make, x, monkeypatch):
+    torch.manual_seed(6)
+    conv = make()
+    gy = torch.randn_like(conv(x))
+    q = mnn.quantize_model(copy.deepcopy(conv), "mxfp6")
+    fused, plain = run(q, x, gy, True, monkeypatch), run(q, x, gy, False, monkeypatch)
+    assert fused[0].shape == plain[0].shape
+    for a, b in zip(fused, plain):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max())
