@@ -150,6 +150,18 @@ def test_bad_calls_raise_before_c(call, err, match):
         call(torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3))
 
 
+def test_functional_entry_point():
+    """nn.mx_grouped_conv2d directly: ints for stride/padding/dilation, the same result as the module."""
+    torch.manual_seed(9)
+    conv = nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=3)
+    x = torch.randn(2, 6, 7, 8)
+    q = mnn.quantize_model(copy.deepcopy(conv), "mxfp8")
+    y = mnn.mx_grouped_conv2d(x, conv.weight, conv.bias, 2, 1, 1, 3, "mxfp8")
+    assert torch.equal(y, q(x))
+    with pytest.raises(ValueError, match="groups must be a positive int"):
+        mnn.mx_grouped_conv2d(x, conv.weight, conv.bias, 2, 1, 1, 4, "mxfp8")
+
+
 def test_c_boundary_check_holds():
     """The single C boundary check (kernels.checked_pointers) rejects a buffer of the wrong size."""
     with pytest.raises(ValueError, match="conv_forward: buffer 'y': expected exactly"):
@@ -222,6 +234,8 @@ def test_fused_path_is_taken_only_where_covered(monkeypatch):
     assert ops(mnn.quantize_model(copy.deepcopy(dw), stochastic)) == ["bmm"]
     assert ops(mnn.quantize_model(copy.deepcopy(dw), "mxfp6-w")) == ["bmm"]              # activations not quantized
     assert ops(mnn.quantize_model(nn.Conv2d(8, 8, 3, padding=1), "mxfp6")) == ["bmm"]    # groups = 1: im2col GEMM
+    wide = nn.Conv2d(2, 2 * 257, 1, groups=2)                                             # 257 outputs per group
+    assert [c.op for c in mnn.coverage(mnn.quantize_model(wide, "mxfp6"), torch.randn(1, 2, 3, 3)).gemms] == ["bmm"]
     with ms.use_backend("reference"):
         assert ops(mnn.quantize_model(copy.deepcopy(dw), "mxfp6")) == ["bmm"]            # the backend chosen rules
     monkeypatch.setattr(mmod, "fused_grouped_conv", False)

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from .. import backends
 from ..formats import QuantSpec
@@ -311,8 +312,6 @@ def col2im(g: torch.Tensor, shape, k, s, d, ho: int, wo: int) -> torch.Tensor:
     return gx
 
 
-
-
 # The fused forward is a custom op so that dispatch-level tools (the coverage probe, profilers) see one
 # GEMM-bearing op; it runs the selected backend's fused kernel (the c backend: microscale.kernels.conv).
 @torch.library.custom_op("microscale_nn::grouped_conv", mutates_args=())
@@ -415,7 +414,7 @@ class _MXGroupedConvFn(torch.autograd.Function):
             # dW[g] = dY[g] · X[g]ᵀ over the tokens: dY quantized here, the columns inside the kernel
             gyq3 = quantize_operand(gy3, r.wgrad_grad_output, 2, state.seed(r.wgrad_grad_output))
             spec = r.wgrad_input
-            if not spec.is_none and not spec.is_stochastic and fused_conv_covers(x, spec, w[0].numel()):
+            if fused_conv_covers(x, spec, tuple(w.shape), groups):
                 gw = backends.grouped_conv_wgrad(x.detach(), gyq3, tuple(w.shape), stride, padding, dilation,
                                                  groups, spec.quant)
             if gw is None:
@@ -443,21 +442,26 @@ def mx_grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"mx_grouped_conv2d expects x [N, C, H, W] and weight [O, C/G, kh, kw], got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
-    if not fused_conv_covers(x, r.fwd_input, weight[0].numel()):
+    if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+        raise ValueError(f"mx_grouped_conv2d: groups must be a positive int dividing the {weight.shape[0]} "
+                         f"output channels, got {groups!r}")
+    if not fused_conv_covers(x, r.fwd_input, tuple(weight.shape), groups):
         return None
-    geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
+    geometry = (_pair(stride), _pair(padding), _pair(dilation), groups)
     return _MXGroupedConvFn.apply(x, weight, bias, state, cache, geometry)
 
 
-def fused_conv_covers(x: torch.Tensor, spec: OperandSpec, reduction: int) -> bool:
-    """True when a fused grouped convolution kernel takes input ``x`` quantized by ``spec`` with a
-    per-group reduction of ``reduction`` elements: the c backend is the one selected for ``x`` and its
-    kernel covers the request (deterministic rounding, float32, single-level formats; eager mode only)."""
+def fused_conv_covers(x: torch.Tensor, spec: OperandSpec, weight_shape, groups: int) -> bool:
+    """True when a fused grouped convolution kernel takes input ``x`` quantized by ``spec`` and a weight
+    of ``weight_shape`` [O, C/G, kh, kw]: the c backend is the one selected for ``x`` and its kernel
+    covers the request (deterministic rounding, float32, single-level formats, C/G·kh·kw and O/G at most
+    :func:`microscale.kernels.conv.max_reduction`; eager mode only)."""
     if spec.is_none or spec.is_stochastic or torch.compiler.is_compiling():
         return False
     from ..kernels import conv as _conv   # coverage facts only; the call goes through backends
-    return backends.select(spec.quant, x).name == "c" and _conv.covers(
-        x, spec.format, spec.rounding.value, spec.scale_mode.value, reduction)
+    reduction = weight_shape[1] * weight_shape[2] * weight_shape[3]
+    return (weight_shape[0] // groups <= _conv.max_reduction() and backends.select(spec.quant, x).name == "c"
+            and _conv.covers(x, spec.format, spec.rounding.value, spec.scale_mode.value, reduction))
 
 
 def _run_fused_conv(x, wq, b, geometry, spec: OperandSpec) -> torch.Tensor:

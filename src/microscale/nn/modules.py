@@ -189,7 +189,7 @@ class _MXConvNd(QuantizedModule):
             return mx_grouped_conv2d(x, self.weight.view(shape4), self.bias, s, padding, d, self.groups,
                                      self._mx_state, self._mx_cache)
         r = self.recipe
-        if not fused_conv_covers(x, r.fwd_input, shape4[1] * shape4[2] * shape4[3]):
+        if not fused_conv_covers(x, r.fwd_input, shape4, self.groups):
             return None
         wq = self.weight.dequantize(x.dtype).view(shape4)
         return _round_elementwise(_run_fused_conv(x, wq, self.bias, (s, padding, d, self.groups), r.fwd_input), r)
