@@ -162,6 +162,25 @@ def test_functional_entry_point():
         mnn.mx_grouped_conv2d(x, conv.weight, conv.bias, 2, 1, 1, 4, "mxfp8")
 
 
+def test_threads_give_the_same_bits():
+    """Every item (output tile, wgrad row) is computed by one thread in a fixed order: any thread count
+    gives the same bits."""
+    x = torch.randn(4, 32, 20, 20)
+    wq = ms.fake_quantize(torch.randn(32, 9), "mxfp6", axis=1).view(32, 1, 3, 3)
+    gyq = ms.fake_quantize(torch.randn(32, 1, 4 * 400), "mxfp6", axis=2)
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out.append((kconv.conv_forward(x, wq, None, 1, 1, 1, 32, "mxfp6"),
+                        kconv.conv_wgrad(x, gyq, (32, 1, 3, 3), 1, 1, 1, 32, "mxfp6")))
+    finally:
+        torch.set_num_threads(before)
+    for y, gw in out[1:]:
+        assert torch.equal(y, out[0][0]) and torch.equal(gw, out[0][1])
+
+
 def test_c_boundary_check_holds():
     """The single C boundary check (kernels.checked_pointers) rejects a buffer of the wrong size."""
     with pytest.raises(ValueError, match="conv_forward: buffer 'y': expected exactly"):

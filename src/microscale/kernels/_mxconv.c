@@ -13,9 +13,9 @@
  * The quantized windows are bit-identical to fake_quantize(im2col(x), axis=K); the sums differ from the
  * batched GEMM's only in fp32 summation order (in order over K here, then + bias).
  *
- * Parallel (OpenMP) over (batch, group, tile of output positions); no allocation. Variants: AVX-512,
- * AVX2 and baseline x86-64, chosen at import and capped by MICROSCALE_KERNELS_ISA=avx2|baseline like
- * the other kernels of the extension. Deterministic rounding only (even / away / zero; stochastic
+ * Parallel (OpenMP, dynamic chunks) over (batch, group, tile of output positions); no allocation.
+ * Variants: AVX-512, AVX2 and baseline x86-64, chosen at import and capped by
+ * MICROSCALE_KERNELS_ISA=avx2|baseline like the other kernels of the extension. Deterministic rounding only (even / away / zero; stochastic
  * rounding draws its noise by the flat index of the materialized columns and stays on that path);
  * fp32 x / w / y; single-level formats (no microexponents). The Python side (kernels/conv.py) checks
  * every buffer through checked_pointers before calling; the arguments are re-checked here.
@@ -291,14 +291,19 @@ static int conv_parse_fmt(PyObject *tup, fmt_t *f) {
 
 static int64_t out_size(int64_t in, int p, int d, int k, int s) { return (in + 2 * (int64_t)p - (int64_t)d * (k - 1) - 1) / s + 1; }
 
+/* Items are handed out in chunks of about 1/8 of a thread's share (dynamic schedule: on a shared machine a
+ * descheduled thread does not hold the others back at the end, as run_rows of _mxgemm.c). */
 static void run_items(conv_worker_fn fn, const cjob_t *J, int64_t items, int nt) {
 #ifdef _OPENMP
     if (nt > 1 && items > 1) {
         if (nt > items) nt = (int)items;
-#pragma omp parallel num_threads(nt)
-        {
-            int t = omp_get_thread_num(), n = omp_get_num_threads();
-            fn(J, items * t / n, items * (t + 1) / n);
+        int64_t chunk = items / (8 * (int64_t)nt);
+        chunk = chunk < 1 ? 1 : chunk;
+        const int64_t nchunks = (items + chunk - 1) / chunk;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+        for (int64_t q = 0; q < nchunks; q++) {
+            int64_t a = q * chunk, b = a + chunk < items ? a + chunk : items;
+            fn(J, a, b);
         }
         return;
     }
