@@ -43,7 +43,8 @@ if _X86 and sys.platform != "win32":
 
 setup(
     ext_modules=[Extension("microscale.kernels._mxkernels", ["src/microscale/kernels/_mxkernels.c",
-                                                               "src/microscale/kernels/_mxgemm.c"],
+                                                               "src/microscale/kernels/_mxgemm.c",
+                                                               "src/microscale/kernels/_mxconv.c"],
                            depends=["src/microscale/kernels/_mxscalar.h"],
                            extra_compile_args=_cflags, optional=True)],
     cmdclass={"build_ext": BuildExt},

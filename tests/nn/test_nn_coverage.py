@@ -334,11 +334,18 @@ def test_grouped_conv_equals_per_group_loop(make, shape, recipe):
     assert_all_equal(grads(q, x, gy), grads(conv, x, gy, lambda m, x: per_group_loop(m, x, mnn.get_recipe(recipe))))
 
 
-def test_depthwise_conv_is_one_batched_gemm():
-    """About 2,500 mm calls per MobileNetV3 forward before: now one bmm per convolution."""
+@pytest.mark.parametrize("fused,op", [(False, "bmm"), (True, "grouped_conv")])
+def test_depthwise_conv_is_one_batched_gemm(fused, op, monkeypatch):
+    """About 2,500 mm calls per MobileNetV3 forward before: now one bmm per convolution (or one fused
+    grouped convolution, microscale_nn::grouped_conv)."""
+    from microscale import kernels
+    from microscale.nn import modules
+    if fused and not kernels.available():
+        pytest.skip("the fused kernel needs the compiled C kernels")
+    monkeypatch.setattr(modules, "fused_grouped_conv", fused)
     conv = mnn.quantize_model(nn.Conv2d(32, 32, 3, padding=1, groups=32), "mxfp6")
     r = mnn.coverage(conv, torch.randn(2, 32, 8, 8))
-    assert [c.op for c in r.gemms] == ["bmm"] and r.share == 1.0
+    assert [c.op for c in r.gemms] == [op] and r.share == 1.0
 
 
 def test_im2col_matches_unfold_and_its_gradient():

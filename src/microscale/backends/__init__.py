@@ -43,7 +43,8 @@ from .triton_kernels import TritonBackend
 
 __all__ = ["Backend", "Coverage", "COVERED", "not_covered", "Packed", "QuantSpec", "BACKEND_ENV",
            "register_backend", "get_backend", "backend_names", "backends", "use_backend", "selected_backend",
-           "select", "select_dequantize", "packed_linear"]
+           "select", "select_dequantize", "packed_linear", "grouped_conv",
+           "grouped_conv_wgrad"]
 
 #: Environment variable naming the backend for every call (c | torch | triton | reference | auto).
 BACKEND_ENV = "MICROSCALE_BACKEND"
@@ -170,6 +171,22 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.T
     """A fused x · dequantize(weight)ᵀ + bias from the backend that would dequantize ``weight``, or None
     when it has no fused kernel for the request (the caller then dequantizes and runs F.linear)."""
     return select_dequantize(weight, x.dtype).packed_linear(x, weight, bias)
+
+
+def grouped_conv(x: torch.Tensor, wq: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
+                 groups: int, spec: QuantSpec, return_windows: bool = False):
+    """A fused MX grouped convolution from the backend that would quantize ``x`` with ``spec`` (for ``c``:
+    :func:`microscale.kernels.conv.conv_forward`), or None when it has no fused kernel for the request
+    (the caller then runs im2col + the quantized batched GEMM)."""
+    return select(spec, x).grouped_conv(x, wq, bias, stride, padding, dilation, groups, spec, return_windows)
+
+
+def grouped_conv_wgrad(x: torch.Tensor, gyq: torch.Tensor, weight_shape, stride, padding, dilation, groups: int,
+                       spec: QuantSpec, return_columns: bool = False):
+    """The weight gradient of that grouped convolution from the backend that would quantize ``x`` with
+    ``spec`` (for ``c``: :func:`microscale.kernels.conv.conv_wgrad`), or None when it has none."""
+    return select(spec, x).grouped_conv_wgrad(x, gyq, weight_shape, stride, padding, dilation, groups, spec,
+                                              return_columns)
 
 
 class _CallableModule(types.ModuleType):

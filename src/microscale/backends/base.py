@@ -86,5 +86,17 @@ class Backend:
     def packed_linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
         return None
 
+    def grouped_conv(self, x: torch.Tensor, wq: torch.Tensor, bias: torch.Tensor | None, stride, padding,
+                     dilation, groups: int, spec: QuantSpec, return_windows: bool = False):
+        """A fused MX grouped convolution (input windows quantized by ``spec`` along the per-group
+        reduction, see :mod:`microscale.kernels.conv`), or None when this backend has none for the request."""
+        return None
+
+    def grouped_conv_wgrad(self, x: torch.Tensor, gyq: torch.Tensor, weight_shape, stride, padding, dilation,
+                           groups: int, spec: QuantSpec, return_columns: bool = False):
+        """The weight gradient of that convolution without im2col (its columns quantized by ``spec`` along
+        the tokens, ``gyq`` [G, O/G, tokens] quantized already), or None when this backend has none."""
+        return None
+
     def __repr__(self) -> str:
         return f"<microscale backend {self.name!r}>"

@@ -77,3 +77,18 @@ class CBackend(Backend):
 
     def packed_linear(self, x, weight, bias):
         return kernels.packed_linear(x, weight, bias)
+
+    def grouped_conv(self, x, wq, bias, stride, padding, dilation, groups, spec, return_windows=False):
+        from ..kernels import conv
+        if spec.compat is not None:
+            return None
+        return conv.conv_forward(x, wq, bias, stride, padding, dilation, groups, spec.format,
+                                 spec.rounding.value, spec.scale_mode.value, return_windows)
+
+    def grouped_conv_wgrad(self, x, gyq, weight_shape, stride, padding, dilation, groups, spec,
+                           return_columns=False):
+        from ..kernels import conv
+        if spec.compat is not None:
+            return None
+        return conv.conv_wgrad(x, gyq, weight_shape, stride, padding, dilation, groups, spec.format,
+                               spec.rounding.value, spec.scale_mode.value, return_columns)

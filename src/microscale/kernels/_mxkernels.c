@@ -1178,5 +1178,6 @@ PyMODINIT_FUNC PyInit__mxkernels(void) {
     select_isa();
     PyObject *m = PyModule_Create(&moddef);
     if (m && mxgemm_add_functions(m) < 0) { Py_DECREF(m); return NULL; }
+    { extern int mxconv_add_functions(PyObject *); if (m && mxconv_add_functions(m) < 0) { Py_DECREF(m); return NULL; } }  /* _mxconv.c */
     return m;
 }

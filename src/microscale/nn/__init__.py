@@ -14,8 +14,9 @@ how each op is covered; :mod:`microscale.nn.ddp` has the MX-compressed DDP commu
 from .convert import (DEFAULT_ATTENTION_TYPES, dequantize_model, from_pretrained, load_quantized,  # noqa: F401
                       packing_plan, quantize_model, quantized_state, resident_bytes, restore,
                       save_quantized)
-from .functional import (QuantState, mx_addmm, mx_baddbmm, mx_bmm, mx_grouped_gemm, mx_linear,  # noqa: F401
-                         mx_matmul, mx_scaled_dot_product_attention, packed_mx_linear, quantize_operand)
+from .functional import (QuantState, mx_addmm, mx_baddbmm, mx_bmm, mx_grouped_conv2d, mx_grouped_gemm,  # noqa: F401
+                         mx_linear, mx_matmul, mx_scaled_dot_product_attention, packed_mx_linear,
+                         quantize_operand)
 from .modules import MXConv1d, MXConv2d, MXLinear, MXMatmulMode  # noqa: F401
 from .packed import PackedWeight, is_packed  # noqa: F401
 from .recipe import (ELEMENTWISE_MODES, OPERANDS, OperandSpec, Recipe, get_recipe, list_recipes,  # noqa: F401

@@ -7,11 +7,13 @@ whose operands are MX-quantized, measured on one forward pass.
 
 The measurement runs the forward under a ``TorchDispatchMode`` that sees every GEMM at the aten level
 (``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``addbmm``, ``mv``, ``addmv``, ``dot``, ``linear``,
-``convolution``, and the fused attention kernels, which count as full precision). A GEMM counts as MX
+``convolution``, microscale's fused grouped convolution ``microscale_nn::grouped_conv``, and the fused
+attention kernels, which count as full precision). A GEMM counts as MX
 when each operand is a fixed point of :func:`microscale.fake_quantize` along its reduction axis (blocks
 starting at index 0 of that axis) in one of the recipe's forward formats (``fwd_input``, ``fwd_weight``);
 for a convolution the input is checked as its im2col columns, blocked along C_in/groups · kernel, the
-reduction of :mod:`microscale.nn.modules`. This is the acceptance probe of issue 11: it looks only at the
+reduction of :mod:`microscale.nn.modules`; the fused grouped convolution's input operand is the windows
+its kernel quantized, handed back by the kernel. This is the acceptance probe of issue 11: it looks only at the
 values that reach the GEMM, so it holds for any code path, swapped modules or not.
 
 The static half (:func:`full_precision_modules`, also behind :func:`quantize_model`'s warning) is a
@@ -30,7 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..formats import QuantSpec
 from ..quantize import fake_quantize
+from .functional import grouped_conv_fused
 from .packed import is_packed
 from .modules import SWAPS, QuantizedModule, overridden_forward, swap_for
 from .recipe import Recipe, get_recipe
@@ -225,6 +229,7 @@ def _self_attention_flops(tokens: int, length: int, e: int) -> int:
 
 
 _aten = torch.ops.aten
+_GROUPED_CONV = torch.ops.microscale_nn.grouped_conv   # registered by .functional (imported via .modules)
 _FUSED_ATTENTION = {
     getattr(_aten, n).default for n in (
         "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
@@ -264,6 +269,14 @@ def _gemm_of(func, args, kwargs, out):
         if cols is None:
             return flops, [], f"{w.dim() - 2}-D convolution (not quantized)"
         return flops, [(cols, 2), (w.reshape(w.shape[0], -1), -1)], ""
+    if packet is _GROUPED_CONV:
+        # the fused MX grouped convolution: its input operand is the windows it quantized internally,
+        # asked back from the kernel (the values that reached its arithmetic, not recomputed here)
+        x, wq, bias, stride, padding, dilation, groups, fmt, rounding, scale_mode = args
+        spec = QuantSpec.resolve(fmt, rounding, scale_mode)
+        _, windows = grouped_conv_fused(x, wq, bias, stride, padding, dilation, groups, spec, return_windows=True)
+        return (2 * out.numel() * wq[0].numel(), [(windows, 1), (wq.reshape(wq.shape[0], -1), -1)],
+                "fused grouped convolution (windows quantized in the kernel)")
     if func in _FUSED_ATTENTION:
         return _attention_flops(args[0], args[1], args[2]), [], "fused attention kernel (operands not quantizable)"
     if packet is _aten._native_multi_head_attention:

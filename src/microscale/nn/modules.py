@@ -8,6 +8,9 @@ them), its state_dict keys and its hooks; :func:`microscale.nn.dequantize_model`
   over the groups (:func:`~microscale.nn.functional.mx_grouped_gemm`), so the reduction blocked is
   C_in/groups · kernel (channel-major, the order of ``weight.reshape(out, -1)``): for a depthwise conv,
   each block is one channel's kh·kw window. The result equals one :func:`mx_linear` per group exactly.
+  Grouped convolutions (groups > 1) run their forward fused where a kernel covers them
+  (:func:`~microscale.nn.functional.mx_grouped_conv2d`: the same quantized windows without the im2col
+  columns, outputs and gradients equal up to fp32 summation order; :data:`fused_grouped_conv`).
 - Subclasses of those types whose forward is the parent's (e.g. nn.MultiheadAttention's ``out_proj``,
   a ``NonDynamicallyQuantizableLinear``) are swapped too (:func:`swap_for`); subclasses that override
   ``forward`` are left alone and reported (:mod:`microscale.nn.coverage`).
@@ -43,9 +46,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..tensor import MXTensor
-from .functional import (QuantState, WeightCache, _round_elementwise, mx_addmm, mx_baddbmm, mx_bmm,
-                         mx_grouped_gemm, mx_linear, mx_matmul, mx_scaled_dot_product_attention,
-                         packed_mx_linear, quantize_operand)
+from .functional import (QuantState, WeightCache, _round_elementwise, _run_fused_conv, fused_conv_covers, im2col,
+                         mx_addmm, mx_baddbmm, mx_bmm, mx_grouped_conv2d, mx_grouped_gemm, mx_linear, mx_matmul,
+                         mx_scaled_dot_product_attention, packed_mx_linear, quantize_operand)
 from .packed import PackedWeight, is_packed, pack_parameter, unpack_parameters
 
 __all__ = ["MXLinear", "MXConv1d", "MXConv2d", "MXMatmulMode", "QuantizedModule", "swap_for", "mx_hf_conv1d_class",
@@ -135,6 +138,12 @@ class MXLinear(QuantizedModule, nn.Linear):
                 f"bias={self.bias is not None}, {self._mx_repr()}")
 
 
+#: Grouped convolutions (groups > 1) take the fused forward of :func:`mx_grouped_conv2d` where a kernel
+#: covers them (outputs and gradients equal to the im2col path's up to fp32 summation order). False: im2col
+#: (tests compare the two; benchmarks time them).
+fused_grouped_conv = True
+
+
 class _MXConvNd(QuantizedModule):
     """Shared im2col forward of MXConv1d / MXConv2d."""
 
@@ -152,16 +161,38 @@ class _MXConvNd(QuantizedModule):
             k, s, d = self.kernel_size, self.stride, self.dilation
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
         pad = list(self._reversed_padding_repeated_twice)
-        if any(pad):
-            x = F.pad(x, pad, mode=mode)
-        cols, ho, wo = im2col(x, k, s, d)                         # [C*kh*kw, N*L]
-        n, g = x.shape[0], self.groups
-        w2 = self._current_weight_2d(x.dtype)                    # [O, C/G*kh*kw]
-        y = self._grouped_gemm(cols.view(g, -1, cols.shape[-1]), w2.view(g, -1, w2.shape[1]))  # [G, O/G, N*L]
-        y = y.reshape(-1, n, ho, wo).transpose(0, 1).contiguous()
+        if spatial == 1:
+            pad = pad + [0, 0]
+        y = self._fused_conv(x, k, s, d, pad, mode) if self.groups > 1 and fused_grouped_conv else None
+        if y is None:
+            if any(pad):
+                x = F.pad(x, pad, mode=mode)
+            cols, ho, wo = im2col(x, k, s, d)                         # [C*kh*kw, N*L]
+            n, g = x.shape[0], self.groups
+            w2 = self._current_weight_2d(x.dtype)                    # [O, C/G*kh*kw]
+            y = self._grouped_gemm(cols.view(g, -1, cols.shape[-1]), w2.view(g, -1, w2.shape[1]))  # [G, O/G, N*L]
+            y = y.reshape(-1, n, ho, wo).transpose(0, 1).contiguous()
         if spatial == 1:
             y = y.squeeze(2)
         return y.squeeze(0) if unbatched else y
+
+    def _fused_conv(self, x: torch.Tensor, k, s, d, pad: list[int], mode: str) -> torch.Tensor | None:
+        """The grouped convolution without im2col (:func:`mx_grouped_conv2d`; packed: the fused kernel on
+        the decoded weight), or None when no fused kernel covers it. ``pad``: F.pad's [left, right, top,
+        bottom]; symmetric zero padding goes to the kernel, any other is applied here first."""
+        if pad[0] == pad[1] and pad[2] == pad[3] and mode == "constant":
+            padding = (pad[2], pad[0])
+        else:
+            x, padding = F.pad(x, pad, mode=mode), (0, 0)
+        shape4 = (self.out_channels, self.in_channels // self.groups, *k)   # 1-D: [O, C/G, 1, k]
+        if not self._mx_packed:
+            return mx_grouped_conv2d(x, self.weight.view(shape4), self.bias, s, padding, d, self.groups,
+                                     self._mx_state, self._mx_cache)
+        r = self.recipe
+        if not fused_conv_covers(x, r.fwd_input, shape4, self.groups):
+            return None
+        wq = self.weight.dequantize(x.dtype).view(shape4)
+        return _round_elementwise(_run_fused_conv(x, wq, self.bias, (s, padding, d, self.groups), r.fwd_input), r)
 
     def _grouped_gemm(self, cols: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
         """All groups in one batched GEMM: [G, K, N*L] columns, [G, O/G, K] weights -> [G, O/G, N*L]."""
@@ -174,51 +205,6 @@ class _MXConvNd(QuantizedModule):
 
     def extra_repr(self) -> str:
         return f"{self._mx_base.extra_repr(self)}, {self._mx_repr()}"
-
-
-class _Im2col(torch.autograd.Function):
-    """The GEMM columns [C·kh·kw, N·Ho·Wo] of an already padded [N, C, H, W] input: rows in F.unfold's
-    (c, i, j) order, tokens in (n, ho, wo) order, made by one strided copy (several times faster than
-    F.unfold on CPU). Its gradient adds each kernel offset's slice back in (i, j) order, the order
-    F.fold accumulates in."""
-
-    @staticmethod
-    def forward(ctx, x, k, s, d):
-        n, c, h, w = x.shape
-        ho = (h - d[0] * (k[0] - 1) - 1) // s[0] + 1
-        wo = (w - d[1] * (k[1] - 1) - 1) // s[1] + 1
-        x = x.contiguous()
-        st = x.stride()
-        view = x.as_strided((c, k[0], k[1], n, ho, wo),
-                            (st[1], st[2] * d[0], st[3] * d[1], st[0], st[2] * s[0], st[3] * s[1]))
-        ctx.geometry = (x.shape, k, s, d, ho, wo)
-        return view.reshape(c * k[0] * k[1], n * ho * wo)
-
-    @staticmethod
-    def backward(ctx, g):
-        shape, k, s, d, ho, wo = ctx.geometry
-        n, c = shape[0], shape[1]
-        gx = g.new_zeros(shape)
-        g6 = g.reshape(c, k[0], k[1], n, ho, wo)
-        for i in range(k[0]):
-            for j in range(k[1]):
-                gx[:, :, i * d[0]: i * d[0] + s[0] * (ho - 1) + 1: s[0],
-                   j * d[1]: j * d[1] + s[1] * (wo - 1) + 1: s[1]] += g6[:, i, j].transpose(0, 1)
-        return gx, None, None, None
-
-
-def im2col(x: torch.Tensor, k, s, d) -> tuple[torch.Tensor, int, int]:
-    """GEMM columns [C·kh·kw, N·Ho·Wo] of a padded [N, C, H, W] input (rows in the F.unfold order,
-    tokens in (n, ho, wo) order) and Ho, Wo."""
-    n, c, h, w = x.shape
-    ho = (h - d[0] * (k[0] - 1) - 1) // s[0] + 1
-    wo = (w - d[1] * (k[1] - 1) - 1) // s[1] + 1
-    if ho <= 0 or wo <= 0:
-        raise ValueError(f"input of spatial size {(h, w)} (after padding) is smaller than the dilated kernel "
-                         f"{tuple(k)} with dilation {tuple(d)}")
-    if tuple(k) == (1, 1) and tuple(s) == (1, 1):  # a 1x1 conv's columns are its input, channels first
-        return x.transpose(0, 1).reshape(c, n * h * w), ho, wo
-    return _Im2col.apply(x, tuple(k), tuple(s), tuple(d)), ho, wo
 
 
 class MXConv1d(_MXConvNd, nn.Conv1d):
