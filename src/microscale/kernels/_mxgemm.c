@@ -235,58 +235,87 @@ AI512 void gemv512_rows(const gjob_t *J, int64_t n, const int M, const int R, co
 
 /* 2^X of four E8M0 scale codes, each repeated over four lanes (lane j: code j / 4), by exponent
  * arithmetic: the fp32 bits of 2^(c - 127) are c << 23 for c in 1..254; c = 0 is the subnormal 2^-127 and
- * c = 255 NaN. */
-AI512 __m512 scale4_512(const uint8_t *sc) {
-    uint32_t four;
-    memcpy(&four, sc, 4);
+ * c = 255 NaN (fixed up only when ANY_SPECIAL: rows whose scales are all ordinary skip the two compares). */
+AI512 __m512 scale4_512(const uint8_t *sc, const int ANY_SPECIAL) {
     const __m512i pick = _mm512_set_epi32(0xFFFFFF03, 0xFFFFFF03, 0xFFFFFF03, 0xFFFFFF03, 0xFFFFFF02, 0xFFFFFF02,
                                           0xFFFFFF02, 0xFFFFFF02, 0xFFFFFF01, 0xFFFFFF01, 0xFFFFFF01, 0xFFFFFF01,
                                           (int)0xFFFFFF00, (int)0xFFFFFF00, (int)0xFFFFFF00, (int)0xFFFFFF00);
-    __m512i c = _mm512_shuffle_epi8(_mm512_set1_epi32((int)four), pick);
+    int32_t four;
+    memcpy(&four, sc, 4);
+    __m512i c = _mm512_shuffle_epi8(_mm512_set1_epi32(four), pick);
     __m512i e = _mm512_slli_epi32(c, 23);
-    e = _mm512_mask_mov_epi32(e, _mm512_cmpeq_epi32_mask(c, _mm512_setzero_si512()), _mm512_set1_epi32(0x00400000));
-    e = _mm512_mask_mov_epi32(e, _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(255)), _mm512_set1_epi32(0x7FC00000));
+    if (ANY_SPECIAL) {
+        e = _mm512_mask_mov_epi32(e, _mm512_cmpeq_epi32_mask(c, _mm512_setzero_si512()), _mm512_set1_epi32(0x00400000));
+        e = _mm512_mask_mov_epi32(e, _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(255)), _mm512_set1_epi32(0x7FC00000));
+    }
     return _mm512_castsi512_ps(e);
+}
+
+/* Whether any of the n scale codes at sc is outside [lo, hi] (then the careful scale path runs). */
+AI512 int scales_outside(const uint8_t *sc, int64_t n, const int lo, const int hi) {
+    const __m512i vlo = _mm512_set1_epi8((char)lo), vhi = _mm512_set1_epi8((char)hi);
+    __mmask64 bad = 0;
+    for (int64_t i = 0; i < n; i += 64) {
+        const __mmask64 live = n - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - i)) - 1);
+        __m512i v = _mm512_maskz_loadu_epi8(live, sc + i);
+        bad |= _mm512_mask_cmplt_epu8_mask(live, v, vlo) | _mm512_mask_cmpgt_epu8_mask(live, v, vhi);
+    }
+    return bad != 0;
 }
 
 /* 4-bit codes, 128 at a time (four 32-element blocks, one 64-byte load): dword lane j holds codes
  * 8j .. 8j+7 of the chunk in its nibbles; shifting by 4s and looking the low nibble up in the 16-entry fp32
  * table (vpermps) yields codes {8j + s}. x is reordered to match once per call (xq[c*128 + 16s + j] =
- * x[c*128 + 8j + s]), so no code is moved across lanes: one permute per 16 weights, and the scale of the
- * lane's block (j / 4) by exponent arithmetic. Tail blocks (K not a multiple of 128) take dec512_32. */
+ * x[c*128 + 8j + s]), so no code is moved across lanes: one permute per 16 weights. Lane j belongs to
+ * block j / 4 for all eight shifts, so the unscaled products of a chunk are summed per lane first and the
+ * block scale (exponent arithmetic) is applied once per lane and chunk by one FMA: 2^X * sum(x * v) equals
+ * sum(x * v * 2^X) up to summation order (a power-of-two factor is exact away from overflow / underflow).
+ * Per 16 weights: shift, permute, FMA (the former per-weight scale multiply is gone). Tail blocks (K not a
+ * multiple of 128) take dec512_32. */
 AI512 void gemv512_fp4_rows(const gjob_t *J, int64_t n, const int M, const int R, const dec512_t *D,
                             const float *sclv, int64_t b0, int64_t b1, float *part) {
     const int64_t nb = J->nb, Kp = J->Kp, nchunk = nb / 4, row_bytes = nb * 16;
     const __m512 lut = _mm512_loadu_ps(J->lut32);
-    __m512 acc[2][GEMV_MAX_M][2];
+    __m512 acc[2][GEMV_MAX_M];
 #pragma GCC unroll 2
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 8
-        for (int m = 0; m < M; m++) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
-    const int64_t c1 = (b1 < 4 * nchunk ? b1 : 4 * nchunk) / 4;
-    for (int64_t c = b0 / 4; c < c1; c++) {
-        __m512i q[2];
-        __m512 s[2];
+        for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
+    const int64_t c0 = b0 / 4, c1 = (b1 < 4 * nchunk ? b1 : 4 * nchunk) / 4;
+    const int NT = M * R <= 2 ? 2 : 1;   /* independent partial sums per (row, x row): enough FMA chains */
+    int special = 0;
 #pragma GCC unroll 2
-        for (int r = 0; r < R; r++) {
-            q[r] = _mm512_loadu_si512(J->codes + (n + r) * row_bytes + c * 64);
-            s[r] = scale4_512(J->scales + (n + r) * nb + 4 * c);
-        }
-#pragma GCC unroll 8
-        for (int sh = 0; sh < 8; sh++) {
-            __m512 w[2];
-#pragma GCC unroll 2
-            for (int r = 0; r < R; r++)
-                w[r] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q[r], 4 * sh), lut), s[r]);
-            const float *xb = J->xq + c * 128 + sh * 16;
-#pragma GCC unroll 8
-            for (int m = 0; m < M; m++) {
-                __m512 xv = _mm512_loadu_ps(xb + m * Kp);
-#pragma GCC unroll 2
-                for (int r = 0; r < R; r++) acc[r][m][sh & 1] = _mm512_fmadd_ps(xv, w[r], acc[r][m][sh & 1]);
-            }
-        }
+    for (int r = 0; r < R; r++) special |= scales_outside(J->scales + (n + r) * nb + 4 * c0, 4 * (c1 - c0), 1, 254);
+#define FP4_CHUNK_LOOP(SPECIAL) \
+    for (int64_t c = c0; c < c1; c++) { \
+        __m512i q[2]; \
+        __m512 t[2][GEMV_MAX_M][2]; \
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) \
+            q[r] = _mm512_loadu_si512(J->codes + (n + r) * row_bytes + c * 64); \
+        _Pragma("GCC unroll 8") for (int sh = 0; sh < 8; sh++) { \
+            __m512 w[2]; \
+            _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) \
+                w[r] = _mm512_permutexvar_ps(sh ? _mm512_srli_epi32(q[r], 4 * sh) : q[r], lut); \
+            const float *xb = J->xq + c * 128 + sh * 16; \
+            _Pragma("GCC unroll 8") for (int m = 0; m < M; m++) { \
+                __m512 xv = _mm512_loadu_ps(xb + m * Kp); \
+                _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) \
+                    t[r][m][sh % NT] = sh < NT ? _mm512_mul_ps(xv, w[r]) : _mm512_fmadd_ps(xv, w[r], t[r][m][sh % NT]); \
+            } \
+        } \
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) { \
+            const __m512 s = scale4_512(J->scales + (n + r) * nb + 4 * c, SPECIAL); \
+            _Pragma("GCC unroll 8") for (int m = 0; m < M; m++) \
+                acc[r][m] = _mm512_fmadd_ps(NT == 2 ? _mm512_add_ps(t[r][m][0], t[r][m][1]) : t[r][m][0], s, acc[r][m]); \
+        } \
     }
+    if (special) { FP4_CHUNK_LOOP(1) } else { FP4_CHUNK_LOOP(0) }
+#undef FP4_CHUNK_LOOP
+    __m512 tail[2][GEMV_MAX_M];
+#pragma GCC unroll 2
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) tail[r][m] = _mm512_setzero_ps();
     for (int64_t b = b0 > 4 * nchunk ? b0 : 4 * nchunk; b < b1; b++) {
 #pragma GCC unroll 2
         for (int r = 0; r < R; r++) {
@@ -295,15 +324,15 @@ AI512 void gemv512_fp4_rows(const gjob_t *J, int64_t n, const int M, const int R
             v0 = _mm512_mul_ps(v0, sv); v1 = _mm512_mul_ps(v1, sv);
 #pragma GCC unroll 8
             for (int m = 0; m < M; m++) {
-                acc[r][m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(J->x + m * Kp + b * 32), v0, acc[r][m][0]);
-                acc[r][m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(J->x + m * Kp + b * 32 + 16), v1, acc[r][m][1]);
+                acc[r][m] = _mm512_fmadd_ps(_mm512_loadu_ps(J->x + m * Kp + b * 32), v0, acc[r][m]);
+                tail[r][m] = _mm512_fmadd_ps(_mm512_loadu_ps(J->x + m * Kp + b * 32 + 16), v1, tail[r][m]);
             }
         }
     }
 #pragma GCC unroll 2
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 8
-        for (int m = 0; m < M; m++) part[r * GEMV_MAX_M + m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
+        for (int m = 0; m < M; m++) part[r * GEMV_MAX_M + m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m], tail[r][m]));
 }
 
 /* Rows [n0, n1) in groups of GEMV_GROUP rows; within a group, K in chunks small enough that the chunk of
