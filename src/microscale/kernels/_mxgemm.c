@@ -17,12 +17,23 @@
  * F.linear(x, dequantize(W)) only by summation order.
  *
  * Variants (chosen at import, capped by MICROSCALE_KERNELS_ISA=avx2|baseline like the other kernels):
- *   avx512 (F+BW+VL+VBMI, F16C): 32 codes at a time: one masked load, a byte permute (vpermb) that puts
- *     each code's two source bytes in a 16-bit lane, a per-lane shift (vpsrlvw) and mask; the code is then
- *     looked up as the fp16 bit pattern of v (vpermt2w over a 64-entry table; 8-bit sign-magnitude fp
+ *   avx512 (F+BW+VL+VBMI, F16C), GEMV: every path sums the unscaled products x * v(code) of a block (or of
+ *     the lanes that belong to one block) first and applies the block scale once, by one FMA per vector
+ *     of partial sums: 2^X * sum(x * v) is sum(x * v * 2^X) up to summation order. Per format:
+ *     - MXFP4: 128 codes per 64-byte load, nibble lanes (shift + 16-entry vpermps per 16 weights) against
+ *       x reordered once per call, block scales by exponent arithmetic (gemv512_fp4_rows);
+ *     - MXFP6: 64 codes per 48 bytes, one byte permute into 24-bit groups, then per 16 weights a shift,
+ *       a 32-entry vpermt2ps on the magnitude and the sign bit xor'ed in, against x reordered likewise
+ *       (gemv512_fp6_rows);
+ *     - MXFP8: the code read as an fp16 bit pattern (E5M2 exactly; E4M3 after a shift, times 2^-8, NaN
+ *       codes and scales 247..254 sent to the table decode) and widened by vcvtph2ps (gemv512_fp8_rows);
+ *     - MXINT8 and anything else: 32 codes at a time through dec512_32 (below) with the scale multiplied
+ *       per weight (gemv512_rows).
+ *     dec512_32 (also the decode of the tiled GEMM path): one masked load, a byte permute (vpermb) that
+ *     puts each code's two source bytes in a 16-bit lane, a per-lane shift (vpsrlvw) and mask; the code is
+ *     then looked up as the fp16 bit pattern of v (vpermt2w over a 64-entry table; 8-bit sign-magnitude fp
  *     codes use 128 magnitudes + the sign bit; MXINT8 converts the int8 code directly), widened to fp32
- *     with vcvtph2ps (every MX element value is an fp16 value), multiplied by 2^X and FMA'd into
- *     16-lane accumulators.
+ *     with vcvtph2ps (every MX element value is an fp16 value), multiplied by 2^X.
  *   avx2 / baseline: the same loop in portable C (block decoded through the fp32 table into 32 floats on
  *     the stack, FMAs vectorized by the compiler for the target).
  */
@@ -141,6 +152,14 @@ DEFINE_GENERIC(avx2, __attribute__((target("avx2,fma,f16c,bmi2"))))
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma,f16c,bmi2")))
 #define AI512 static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma,f16c,bmi2")))
 
+/* Software prefetch of the codes GEMV_PF_SETS row sets ahead (the rows the next iteration of the row loop
+ * reads, at the same offset): the decode keeps the core busy enough that the hardware prefetchers alone
+ * leave memory latency exposed. 0 disables. */
+#ifndef GEMV_PF_SETS
+#define GEMV_PF_SETS 1
+#endif
+#define PF_CODES(p) do { if (GEMV_PF_SETS) _mm_prefetch((const char *)(p), _MM_HINT_T0); } while (0)
+
 typedef struct {
     __m512i perm, shv, mask;        /* byte gather, per-lane shift and code mask (bits 4 / 6) */
     __m512i t0, t1, t2, t3;         /* fp16 tables: 64 entries in (t0, t1); 128 magnitudes in t0..t3 */
@@ -215,6 +234,7 @@ AI512 void gemv512_rows(const gjob_t *J, int64_t n, const int M, const int R, co
             __m512 w[2][2];
 #pragma GCC unroll 2
             for (int r = 0; r < R; r++) {
+                PF_CODES(src0 + (r + GEMV_PF_SETS * R) * row_bytes + (j / 32) * chunk_bytes);
                 dec512_32(src0 + r * row_bytes + (j / 32) * chunk_bytes, BITS, MODE, D, &w[r][0], &w[r][1]);
                 w[r][0] = _mm512_mul_ps(w[r][0], s[r]);
                 w[r][1] = _mm512_mul_ps(w[r][1], s[r]);
@@ -294,8 +314,10 @@ AI512 void gemv512_fp4_rows(const gjob_t *J, int64_t n, const int M, const int R
     for (int64_t c = c0; c < c1; c++) { \
         __m512i q[2]; \
         __m512 t[2][GEMV_MAX_M][2]; \
-        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) \
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) { \
             q[r] = _mm512_loadu_si512(J->codes + (n + r) * row_bytes + c * 64); \
+            PF_CODES(J->codes + (n + r + GEMV_PF_SETS * R) * row_bytes + c * 64); \
+        } \
         _Pragma("GCC unroll 8") for (int sh = 0; sh < 8; sh++) { \
             __m512 w[2]; \
             _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) \
@@ -382,6 +404,7 @@ AI512 int gemv512_fp8_rows(const gjob_t *J, int64_t n, const int M, const int R,
         __m512 v[2][2], s[2];
 #pragma GCC unroll 2
         for (int r = 0; r < R; r++) {
+            PF_CODES(J->codes + (n + r + GEMV_PF_SETS * R) * row_bytes + b * 32);
             const __m512i raw = _mm512_zextsi256_si512(
                 _mm256_loadu_si256((const __m256i *)(J->codes + (n + r) * row_bytes + b * 32)));
             __m512i h = _mm512_maskz_permutexvar_epi8(odd, idx, raw);
@@ -437,6 +460,7 @@ AI512 void gemv512_fp6_rows(const gjob_t *J, int64_t n, const int M, const int R
         __m512 t[2][GEMV_MAX_M][2], s[2];
 #pragma GCC unroll 2
         for (int r = 0; r < R; r++) {
+            PF_CODES(J->codes + (n + r + GEMV_PF_SETS * R) * row_bytes + c * 48 + 47);
             g[r] = _mm512_permutexvar_epi8(gidx, _mm512_maskz_loadu_epi8(0xFFFFFFFFFFFFull,
                                                                           J->codes + (n + r) * row_bytes + c * 48));
             const uint8_t *sc = J->scales + (n + r) * nb + 2 * c;
