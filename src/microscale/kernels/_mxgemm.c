@@ -27,13 +27,12 @@
  *       (gemv512_fp6_rows);
  *     - MXFP8: the code read as an fp16 bit pattern (E5M2 exactly; E4M3 after a shift, times 2^-8, NaN
  *       codes and scales 247..254 sent to the table decode) and widened by vcvtph2ps (gemv512_fp8_rows);
- *     - MXINT8 and anything else: 32 codes at a time through dec512_32 (below) with the scale multiplied
- *       per weight (gemv512_rows).
+ *     - MXINT8 and anything else: 32 codes at a time through dec512_32 (below) (gemv512_rows).
  *     dec512_32 (also the decode of the tiled GEMM path): one masked load, a byte permute (vpermb) that
  *     puts each code's two source bytes in a 16-bit lane, a per-lane shift (vpsrlvw) and mask; the code is
  *     then looked up as the fp16 bit pattern of v (vpermt2w over a 64-entry table; 8-bit sign-magnitude fp
  *     codes use 128 magnitudes + the sign bit; MXINT8 converts the int8 code directly), widened to fp32
- *     with vcvtph2ps (every MX element value is an fp16 value), multiplied by 2^X.
+ *     with vcvtph2ps (every MX element value is an fp16 value); the tile decode multiplies by 2^X.
  *   avx2 / baseline: the same loop in portable C (block decoded through the fp32 table into 32 floats on
  *     the stack, FMAs vectorized by the compiler for the target).
  */
@@ -214,30 +213,37 @@ AI512 void dec512_32(const uint8_t *src, const int BITS, const int MODE, const d
     *v1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
 }
 
-/* R output rows at a time (R = 2 when M <= 4: more independent FMA chains and one x load for two rows). */
+/* R output rows at a time (R = 2 when M <= 4: more independent FMA chains and one x load for two rows).
+ * For M <= 2 the unscaled products of a block are summed first and the block scale applied once per
+ * block (one FMA per x row); for more x rows the decoded weights are scaled once instead (two multiplies
+ * per 32 weights, shared by all x rows). */
 AI512 void gemv512_rows(const gjob_t *J, int64_t n, const int M, const int R, const int BITS, const int MODE,
                         const dec512_t *D, const float *sclv, int64_t b0, int64_t b1, float *part) {
     const int64_t nb = J->nb, Kp = J->Kp;
     const int k = J->k, chunk_bytes = 4 * BITS;
     const int64_t row_bytes = nb * k * BITS / 8;
-    __m512 acc[2][GEMV_MAX_M][2];
+    __m512 acc[2][GEMV_MAX_M];
 #pragma GCC unroll 2
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 8
-        for (int m = 0; m < M; m++) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
+        for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
     for (int64_t b = b0; b < b1; b++) {
-        __m512 s[2];
-#pragma GCC unroll 2
-        for (int r = 0; r < R; r++) s[r] = _mm512_set1_ps(sclv[J->scales[(n + r) * nb + b]]);
         const uint8_t *src0 = J->codes + n * row_bytes + b * (int64_t)(k * BITS / 8);
+        const int LATE = M <= 2;   /* scale the block sums (else the weights) */
+        __m512 t[2][GEMV_MAX_M], s[2];
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) {
+            s[r] = _mm512_set1_ps(sclv[J->scales[(n + r) * nb + b]]);
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++) t[r][m] = _mm512_setzero_ps();
+        }
         for (int j = 0; j < k; j += 32) {
             __m512 w[2][2];
 #pragma GCC unroll 2
             for (int r = 0; r < R; r++) {
                 PF_CODES(src0 + (r + GEMV_PF_SETS * R) * row_bytes + (j / 32) * chunk_bytes);
                 dec512_32(src0 + r * row_bytes + (j / 32) * chunk_bytes, BITS, MODE, D, &w[r][0], &w[r][1]);
-                w[r][0] = _mm512_mul_ps(w[r][0], s[r]);
-                w[r][1] = _mm512_mul_ps(w[r][1], s[r]);
+                if (!LATE) { w[r][0] = _mm512_mul_ps(w[r][0], s[r]); w[r][1] = _mm512_mul_ps(w[r][1], s[r]); }
             }
             const float *xb = J->x + b * k + j;
 #pragma GCC unroll 8
@@ -245,16 +251,21 @@ AI512 void gemv512_rows(const gjob_t *J, int64_t n, const int M, const int R, co
                 __m512 x0 = _mm512_loadu_ps(xb + m * Kp), x1 = _mm512_loadu_ps(xb + m * Kp + 16);
 #pragma GCC unroll 2
                 for (int r = 0; r < R; r++) {
-                    acc[r][m][0] = _mm512_fmadd_ps(x0, w[r][0], acc[r][m][0]);
-                    acc[r][m][1] = _mm512_fmadd_ps(x1, w[r][1], acc[r][m][1]);
+                    __m512 *dst = LATE ? &t[r][m] : &acc[r][m];
+                    *dst = _mm512_fmadd_ps(x1, w[r][1], _mm512_fmadd_ps(x0, w[r][0], *dst));
                 }
             }
         }
+        if (LATE)
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+                for (int m = 0; m < M; m++) acc[r][m] = _mm512_fmadd_ps(t[r][m], s[r], acc[r][m]);
     }
 #pragma GCC unroll 2
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 8
-        for (int m = 0; m < M; m++) part[r * GEMV_MAX_M + m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
+        for (int m = 0; m < M; m++) part[r * GEMV_MAX_M + m] += _mm512_reduce_add_ps(acc[r][m]);
 }
 
 /* 2^X of four E8M0 scale codes, each repeated over four lanes (lane j: code j / 4), by exponent
