@@ -286,16 +286,16 @@ AI512 __m512 scale4_512(const uint8_t *sc, const int ANY_SPECIAL) {
     return _mm512_castsi512_ps(e);
 }
 
-/* Whether any of the n scale codes at sc is outside [lo, hi] (then the careful scale path runs). */
-AI512 int scales_outside(const uint8_t *sc, int64_t n, const int lo, const int hi) {
+/* Whether any of the n scale codes at sc lies in [lo, hi]. */
+AI512 int scales_inside(const uint8_t *sc, int64_t n, const int lo, const int hi) {
     const __m512i vlo = _mm512_set1_epi8((char)lo), vhi = _mm512_set1_epi8((char)hi);
-    __mmask64 bad = 0;
+    __mmask64 hit = 0;
     for (int64_t i = 0; i < n; i += 64) {
         const __mmask64 live = n - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - i)) - 1);
         __m512i v = _mm512_maskz_loadu_epi8(live, sc + i);
-        bad |= _mm512_mask_cmplt_epu8_mask(live, v, vlo) | _mm512_mask_cmpgt_epu8_mask(live, v, vhi);
+        hit |= _mm512_mask_cmpge_epu8_mask(live, v, vlo) & _mm512_mask_cmple_epu8_mask(live, v, vhi);
     }
-    return bad != 0;
+    return hit != 0;
 }
 
 /* 4-bit codes, 128 at a time (four 32-element blocks, one 64-byte load): dword lane j holds codes
@@ -306,7 +306,7 @@ AI512 int scales_outside(const uint8_t *sc, int64_t n, const int lo, const int h
  * block scale (exponent arithmetic) is applied once per lane and chunk by one FMA: 2^X * sum(x * v) equals
  * sum(x * v * 2^X) up to summation order (a power-of-two factor is exact away from overflow / underflow).
  * Per 16 weights: shift, permute, FMA (the former per-weight scale multiply is gone). Tail blocks (K not a
- * multiple of 128) take dec512_32. */
+ * multiple of 128) take gemv512_rows. */
 AI512 void gemv512_fp4_rows(const gjob_t *J, int64_t n, const int M, const int R, const dec512_t *D,
                             const float *sclv, int64_t b0, int64_t b1, float *part) {
     const int64_t nb = J->nb, Kp = J->Kp, nchunk = nb / 4, row_bytes = nb * 16;
@@ -320,7 +320,10 @@ AI512 void gemv512_fp4_rows(const gjob_t *J, int64_t n, const int M, const int R
     const int NT = M * R <= 2 ? 2 : 1;   /* independent partial sums per (row, x row): enough FMA chains */
     int special = 0;
 #pragma GCC unroll 2
-    for (int r = 0; r < R; r++) special |= scales_outside(J->scales + (n + r) * nb + 4 * c0, 4 * (c1 - c0), 1, 254);
+    for (int r = 0; r < R; r++) {   /* 0 (subnormal 2^-127) and 255 (NaN) need the fix-ups of scale4_512 */
+        const uint8_t *sc = J->scales + (n + r) * nb + 4 * c0;
+        special |= scales_inside(sc, 4 * (c1 - c0), 0, 0) | scales_inside(sc, 4 * (c1 - c0), 255, 255);
+    }
 #define FP4_CHUNK_LOOP(SPECIAL) \
     for (int64_t c = c0; c < c1; c++) { \
         __m512i q[2]; \
@@ -348,40 +351,12 @@ AI512 void gemv512_fp4_rows(const gjob_t *J, int64_t n, const int M, const int R
     }
     if (special) { FP4_CHUNK_LOOP(1) } else { FP4_CHUNK_LOOP(0) }
 #undef FP4_CHUNK_LOOP
-    __m512 tail[2][GEMV_MAX_M];
 #pragma GCC unroll 2
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 8
-        for (int m = 0; m < M; m++) tail[r][m] = _mm512_setzero_ps();
-    for (int64_t b = b0 > 4 * nchunk ? b0 : 4 * nchunk; b < b1; b++) {
-#pragma GCC unroll 2
-        for (int r = 0; r < R; r++) {
-            __m512 v0, v1, sv = _mm512_set1_ps(sclv[J->scales[(n + r) * nb + b]]);
-            dec512_32(J->codes + (n + r) * row_bytes + b * 16, 4, GM_LUT6, D, &v0, &v1);
-            v0 = _mm512_mul_ps(v0, sv); v1 = _mm512_mul_ps(v1, sv);
-#pragma GCC unroll 8
-            for (int m = 0; m < M; m++) {
-                acc[r][m] = _mm512_fmadd_ps(_mm512_loadu_ps(J->x + m * Kp + b * 32), v0, acc[r][m]);
-                tail[r][m] = _mm512_fmadd_ps(_mm512_loadu_ps(J->x + m * Kp + b * 32 + 16), v1, tail[r][m]);
-            }
-        }
-    }
-#pragma GCC unroll 2
-    for (int r = 0; r < R; r++)
-#pragma GCC unroll 8
-        for (int m = 0; m < M; m++) part[r * GEMV_MAX_M + m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m], tail[r][m]));
-}
-
-/* Whether any of the n scale codes at sc lies in [lo, hi]. */
-AI512 int scales_inside(const uint8_t *sc, int64_t n, const int lo, const int hi) {
-    const __m512i vlo = _mm512_set1_epi8((char)lo), vhi = _mm512_set1_epi8((char)hi);
-    __mmask64 hit = 0;
-    for (int64_t i = 0; i < n; i += 64) {
-        const __mmask64 live = n - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - i)) - 1);
-        __m512i v = _mm512_maskz_loadu_epi8(live, sc + i);
-        hit |= _mm512_mask_cmpge_epu8_mask(live, v, vlo) & _mm512_mask_cmple_epu8_mask(live, v, vhi);
-    }
-    return hit != 0;
+        for (int m = 0; m < M; m++) part[r * GEMV_MAX_M + m] += _mm512_reduce_add_ps(acc[r][m]);
+    const int64_t tail0 = b0 > 4 * nchunk ? b0 : 4 * nchunk;   /* blocks past the last whole lane chunk */
+    if (tail0 < b1) gemv512_rows(J, n, M, R, 4, GM_LUT6, D, sclv, tail0, b1, part);
 }
 
 /* 8-bit fp codes (MXFP8 E5M2 / E4M3), 32-element blocks, no table: the code moved to the high byte of a
@@ -450,7 +425,7 @@ AI512 int gemv512_fp8_rows(const gjob_t *J, int64_t n, const int M, const int R,
  * (vpermt2ps) and its sign bit xor'ed in (shift left by 26, one ternary logic op). x is reordered once per
  * call to match (xq[c*64 + 16s + j] = x[c*64 + 4j + s]); lanes 0..7 belong to the first block, 8..15 to
  * the second, so the unscaled products are summed per lane over the four shifts and the two block scales
- * (fp32 table, NaN / subnormal codes included) applied once by one FMA. Tail blocks take dec512_32. */
+ * (fp32 table, NaN / subnormal codes included) applied once by one FMA. Tail blocks take gemv512_rows. */
 AI512 void gemv512_fp6_rows(const gjob_t *J, int64_t n, const int M, const int R, const dec512_t *D,
                             const float *sclv, int64_t b0, int64_t b1, float *part) {
     const int64_t nb = J->nb, Kp = J->Kp, nchunk = nb / 2, row_bytes = nb * 24;
@@ -501,28 +476,12 @@ AI512 void gemv512_fp6_rows(const gjob_t *J, int64_t n, const int M, const int R
             for (int m = 0; m < M; m++)
                 acc[r][m] = _mm512_fmadd_ps(NT == 2 ? _mm512_add_ps(t[r][m][0], t[r][m][1]) : t[r][m][0], s[r], acc[r][m]);
     }
-    __m512 tail[2][GEMV_MAX_M];
 #pragma GCC unroll 2
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 8
-        for (int m = 0; m < M; m++) tail[r][m] = _mm512_setzero_ps();
-    for (int64_t b = b0 > 2 * nchunk ? b0 : 2 * nchunk; b < b1; b++) {
-#pragma GCC unroll 2
-        for (int r = 0; r < R; r++) {
-            __m512 v0, v1, sv = _mm512_set1_ps(sclv[J->scales[(n + r) * nb + b]]);
-            dec512_32(J->codes + (n + r) * row_bytes + b * 24, 6, GM_LUT6, D, &v0, &v1);
-            v0 = _mm512_mul_ps(v0, sv); v1 = _mm512_mul_ps(v1, sv);
-#pragma GCC unroll 8
-            for (int m = 0; m < M; m++) {
-                acc[r][m] = _mm512_fmadd_ps(_mm512_loadu_ps(J->x + m * Kp + b * 32), v0, acc[r][m]);
-                tail[r][m] = _mm512_fmadd_ps(_mm512_loadu_ps(J->x + m * Kp + b * 32 + 16), v1, tail[r][m]);
-            }
-        }
-    }
-#pragma GCC unroll 2
-    for (int r = 0; r < R; r++)
-#pragma GCC unroll 8
-        for (int m = 0; m < M; m++) part[r * GEMV_MAX_M + m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m], tail[r][m]));
+        for (int m = 0; m < M; m++) part[r * GEMV_MAX_M + m] += _mm512_reduce_add_ps(acc[r][m]);
+    const int64_t tail0 = b0 > 2 * nchunk ? b0 : 2 * nchunk;   /* blocks past the last whole lane chunk */
+    if (tail0 < b1) gemv512_rows(J, n, M, R, 6, GM_LUT6, D, sclv, tail0, b1, part);
 }
 
 enum { PATH_GENERIC = 0, PATH_FP4 = 1, PATH_FP6 = 2, PATH_E5M2 = 3, PATH_E4M3 = 4 };
