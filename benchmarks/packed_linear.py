@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -125,7 +126,7 @@ def main(argv=None) -> None:
         with open(args.out + ".md", "w") as f:
             f.write(f"Fused packed linear vs F.linear; {threads} threads, best of {args.repeat} interleaved"
                     f"{' (thread CPU time)' if args.cpu_time else ''}, load average {load:.1f}. Regenerate: "
-                    f"`python benchmarks/packed_linear.py`.\n\n")
+                    f"`python benchmarks/packed_linear.py{''.join(' ' + a for a in (sys.argv[1:] if argv is None else argv))}`.\n\n")
             f.write("\n".join(lines) + "\n")
 
 
