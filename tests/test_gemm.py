@@ -366,7 +366,7 @@ def test_fp8_special_codes_in_single_blocks(fmt):
         assert bool(((y - ref).abs()[fin] <= 1e-5 * mag[fin] + 1e-30).all())
 
 
-def test_gemv_lane_paths_match_the_table_decode_variant_bit_for_bit_where_sums_agree():
+def test_avx512_lane_paths_agree_with_the_baseline_variant():
     """The AVX-512 lane paths against the portable (baseline) variant run in a subprocess: both within
     fp32 summation-order error of each other on every format, batch 1 and 8 (the paths differ only in
     summation order and where the block scale is applied)."""
