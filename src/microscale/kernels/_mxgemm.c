@@ -157,6 +157,9 @@ DEFINE_GENERIC(avx2, __attribute__((target("avx2,fma,f16c,bmi2"))))
 #ifndef GEMV_PF_SETS
 #define GEMV_PF_SETS 1
 #endif
+/* The 4-bit loop finishes a row set in about half the time of the others and looks two sets ahead
+ * (16384 x 4096, batch 1, one thread: 4.25 ms against 4.5 ms one set ahead, 7.3 ms without prefetch). */
+#define GEMV_PF_SETS_FP4 (GEMV_PF_SETS ? GEMV_PF_SETS + 1 : 0)
 #define PF_CODES(p) do { if (GEMV_PF_SETS) _mm_prefetch((const char *)(p), _MM_HINT_T0); } while (0)
 
 typedef struct {
@@ -330,7 +333,7 @@ AI512 void gemv512_fp4_rows(const gjob_t *J, int64_t n, const int M, const int R
         __m512 t[2][GEMV_MAX_M][2]; \
         _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) { \
             q[r] = _mm512_loadu_si512(J->codes + (n + r) * row_bytes + c * 64); \
-            PF_CODES(J->codes + (n + r + GEMV_PF_SETS * R) * row_bytes + c * 64); \
+            PF_CODES(J->codes + (n + r + GEMV_PF_SETS_FP4 * R) * row_bytes + c * 64); \
         } \
         _Pragma("GCC unroll 8") for (int sh = 0; sh < 8; sh++) { \
             __m512 w[2]; \
