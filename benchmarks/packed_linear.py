@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -28,24 +29,25 @@ from microscale import kernels
 FORMATS = ["mxfp4_e2m1", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp8_e4m3", "mxfp8_e5m2", "mxint8"]
 
 
-def interleaved_best(fns: dict, repeat: int) -> dict:
-    """Best wall time of each callable, the callables run round-robin ``repeat`` times (after one warm-up)."""
+def interleaved_best(fns: dict, repeat: int, clock=time.perf_counter) -> dict:
+    """Best time of each callable by ``clock`` (wall time by default), the callables run round-robin
+    ``repeat`` times (after one warm-up)."""
     for fn in fns.values():
         fn()
     best = {name: float("inf") for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            best[name] = min(best[name], clock() - t0)
     return best
 
 
-def copy_bandwidth(nbytes: int, repeat: int) -> float:
+def copy_bandwidth(nbytes: int, repeat: int, clock=time.perf_counter) -> float:
     """Bytes read + written per second by an fp32 ``dst.copy_(src)`` of ``nbytes``."""
     src = torch.rand(nbytes // 4)
     dst = torch.empty_like(src)
-    t = interleaved_best({"copy": lambda: dst.copy_(src)}, repeat)["copy"]
+    t = interleaved_best({"copy": lambda: dst.copy_(src)}, repeat, clock)["copy"]
     return 2 * nbytes / t
 
 
@@ -61,6 +63,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's); 1 avoids OpenMP team hand-offs, which cost "
                          "milliseconds each on an oversubscribed machine")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by the calling thread's CPU time instead of wall time (with --threads 1 only: every "
+                         "candidate then runs on the calling thread, so time spent descheduled on a loaded machine "
+                         "is not counted)")
     ap.add_argument("--quick", action="store_true", help="4096x4096, rows 1 and 128, 3 repeats")
     ap.add_argument("--out", default="results/bench/packed_linear",
                     help="write OUT.json and OUT.md (default: %(default)s; '' to skip)")
@@ -70,6 +76,9 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    if args.cpu_time and threads != 1:
+        ap.error(f"--cpu-time needs --threads 1 (other threads' CPU time is not the wall time), got {threads}")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     info = kernels.info() if kernels.available() else None
     print(f"# torch {torch.__version__}, {threads} threads, kernels ISA "
@@ -85,7 +94,7 @@ def main(argv=None) -> None:
         g = torch.Generator().manual_seed(0)
         w = torch.randn(n_out, k_in, generator=g) * 0.02
         wb = w.bfloat16()
-        copy_bw = copy_bandwidth(w.numel() * 4, args.repeat)
+        copy_bw = copy_bandwidth(w.numel() * 4, args.repeat, clock)
         print(f"# {shape}: fp32 copy {copy_bw / 1e9:.2f} GB/s (read + write)")
         packed = {fmt: ms.quantize(w, fmt, axis=1) for fmt in args.formats}
         for m in args.rows:
@@ -94,7 +103,7 @@ def main(argv=None) -> None:
             fns = {"fp32": lambda: F.linear(x, w), "bf16": lambda: F.linear(xb, wb)}
             for fmt, q in packed.items():
                 fns[fmt] = (lambda q=q: ms.packed_linear(x, q))
-            best = interleaved_best(fns, args.repeat)
+            best = interleaved_best(fns, args.repeat, clock)
             for fmt, q in packed.items():
                 t = best[fmt]
                 gbs = q.nbytes / t
@@ -111,11 +120,13 @@ def main(argv=None) -> None:
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out + ".json", "w") as f:
-            json.dump({"threads": threads, "load_average": load, "torch": torch.__version__, "rows": rows_out}, f,
+            json.dump({"threads": threads, "load_average": load, "cpu_time": args.cpu_time, "torch": torch.__version__,
+                       "rows": rows_out}, f,
                       indent=1)
         with open(args.out + ".md", "w") as f:
-            f.write(f"Fused packed linear vs F.linear; {threads} threads, best of {args.repeat} interleaved, load "
-                    f"average {load:.1f}. Regenerate: `python benchmarks/packed_linear.py`.\n\n")
+            f.write(f"Fused packed linear vs F.linear; {threads} threads, best of {args.repeat} interleaved"
+                    f"{' (thread CPU time)' if args.cpu_time else ''}, load average {load:.1f}. Regenerate: "
+                    f"`python benchmarks/packed_linear.py{''.join(' ' + a for a in (sys.argv[1:] if argv is None else argv))}`.\n\n")
             f.write("\n".join(lines) + "\n")
 
 

@@ -285,3 +285,113 @@ def test_register_decode_dequantize_checks_buffer_sizes_before_c():
     object.__setattr__(q, "codes", torch.zeros(4, dtype=torch.uint8))   # forced past MXTensor's checks
     with pytest.raises(ValueError, match="expected exactly 128 bytes.*replaced or resized"):
         kernels.dequantize(q, torch.float32)
+
+
+# ---- the AVX-512 GEMV lane paths (4-bit and 6-bit lanes over x reordered per call, 8-bit codes read as
+# fp16 bits, block scales applied once per block) and their fall-backs ---------------------------------
+
+@pytest.mark.parametrize("fmt", COVERED)
+def test_gemv_every_row_count_and_k_chunking(fmt):
+    """Every x row count of the GEMV (1..8: each its own compiled loop, two weight rows at a time up to 4),
+    K spanning several of the GEMV's K chunks plus lane-chunk and block tails (K = 4096 + 96 + 5: 4-bit
+    lanes cover 128 elements, 6-bit 64), an odd number of weight rows, with and without bias."""
+    q = weight(fmt, 21, 4197, seed=11)
+    g = torch.Generator().manual_seed(3)
+    for batch in range(1, 9):
+        x = torch.randn(batch, 4197, generator=g)
+        b = torch.randn(21, generator=g) if batch % 2 else None
+        assert_close_to_reference(kernels.packed_linear(x, q, b), x, q, b, 1e-5)
+
+
+def _with_codes_and_scales(q, codes, scales):
+    return ms.MXTensor(codes, scales, q.shape, q.axis, q.format)
+
+
+@pytest.mark.parametrize("fmt", COVERED)
+def test_gemv_extreme_and_subnormal_range_scales(fmt):
+    """Scale codes 0..3 (weights in fp32's subnormal range), large codes 247..251 (where the E4M3 path's
+    2^(X + 8) is no fp32 value: those rows fall back) and 255 (NaN) in single blocks of otherwise ordinary
+    rows; the huge-scale blocks hold one small code, so the sums stay finite. Every output equals F.linear on the dequantized weight
+    (NaN exactly where it has NaN)."""
+    n, k = 10, 320
+    q = weight(fmt, n, k, seed=4)
+    f = q.format
+    g = torch.Generator().manual_seed(9)
+    scales = q.scales.clone().view(n, -1)
+    scales[0, 1], scales[1, 0], scales[2, 9], scales[3, 4] = 0, 1, 3, 2      # subnormal range
+    scales[4, 2], scales[5, 7], scales[6, 0] = 247, 249, 251                   # huge
+    scales[7, 3] = 255                                                          # NaN
+    codes = q.codes.clone().view(n, -1)
+    bpb = 32 * f.element.bits // 8                                              # bytes per block
+    for r, blk in ((4, 2), (5, 7), (6, 0)):   # one small code (the first) in the huge-scale blocks
+        codes[r, blk * bpb:(blk + 1) * bpb] = 0
+        codes[r, blk * bpb] = 1
+    q2 = _with_codes_and_scales(q, codes.reshape(-1), scales.reshape(-1))
+    w = q2.dequantize()
+    for batch in (1, 2, 3, 8):
+        x = torch.randn(batch, k, generator=g)
+        y = kernels.packed_linear(x, q2, None)
+        ref = F.linear(x, w)
+        assert torch.equal(torch.isnan(y), torch.isnan(ref))
+        assert bool(torch.isnan(y[:, 7]).all()) and bool(torch.isfinite(y[:, :7]).all())
+        ok = ~torch.isnan(ref)
+        _, mag = reference(x, q2, None)
+        assert bool(((y - ref).abs()[ok] <= 1e-5 * mag[ok] + 1e-37).all())
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp8_e5m2"])
+def test_fp8_special_codes_in_single_blocks(fmt):
+    """8-bit codes read as fp16 bits: NaN codes (E4M3 magnitude 0x7F, which that reading does not map to
+    NaN: the rows are recomputed from the table), E5M2 infinities and NaNs (exact in the fp16 reading),
+    subnormal codes, negative zero; one block of one row each, rows paired by the kernel."""
+    n, k = 9, 256
+    q = weight(fmt, n, k, seed=2)
+    codes = q.codes.clone().view(n, k)
+    codes[1, 37] = 0x7F
+    codes[2, 200] = 0xFF
+    codes[3, 0:8] = torch.tensor([0x01, 0x81, 0x02, 0x07, 0x80, 0x00, 0x83, 0x05], dtype=torch.uint8)
+    codes[4, 64] = 0x7C     # E5M2 +inf (E4M3: a finite value)
+    codes[5, 65] = 0xFC     # E5M2 -inf
+    codes[6, 255] = 0x7E    # E5M2 NaN (E4M3: the largest finite value)
+    q2 = _with_codes_and_scales(q, codes.reshape(-1), q.scales)
+    w = q2.dequantize()
+    g = torch.Generator().manual_seed(1)
+    for batch in (1, 2, 5, 8):
+        x = torch.randn(batch, k, generator=g)
+        y = kernels.packed_linear(x, q2, None)
+        ref = F.linear(x, w)
+        assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+        fin = torch.isfinite(ref)
+        _, mag = reference(x, q2, None)
+        assert bool(((y - ref).abs()[fin] <= 1e-5 * mag[fin] + 1e-30).all())
+
+
+def test_avx512_lane_paths_agree_with_the_baseline_variant():
+    """The AVX-512 lane paths against the portable (baseline) variant run in a subprocess: both within
+    fp32 summation-order error of each other on every format, batch 1 and 8 (the paths differ only in
+    summation order and where the block scale is applied)."""
+    script = """
+import torch, microscale as ms
+from microscale import kernels
+torch.manual_seed(0)
+out = {}
+for fmt in %r:
+    q = ms.quantize(torch.randn(33, 1000) * 3, fmt, axis=1)
+    for m in (1, 8):
+        x = torch.randn(m, 1000)
+        out[(fmt, m)] = kernels.packed_linear(x, q, None)
+torch.save(out, %r)
+"""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        res = {}
+        for isa in ("avx512", "baseline"):
+            path = os.path.join(d, isa + ".pt")
+            env = dict(os.environ, MICROSCALE_KERNELS_ISA=isa)
+            run = subprocess.run([sys.executable, "-c", script % (COVERED, path)], env=env, capture_output=True,
+                                 text=True)
+            assert run.returncode == 0, run.stderr[-2000:]
+            res[isa] = torch.load(path)
+        for key, y in res["avx512"].items():
+            z = res["baseline"][key]
+            assert bool(((y - z).abs() <= 2e-5 * z.abs().max()).all()), key
