@@ -39,13 +39,29 @@ def test_value_shape_dtype(fmt):
     assert f"format={ms.get_format(fmt).name}" in repr(p)
 
 
-def test_gemms_take_the_packed_custom_op(monkeypatch):
+@pytest.mark.parametrize("route", ["plan", "custom_op"])
+def test_gemms_take_the_packed_custom_op(monkeypatch, route):
+    """Every GEMM spelling reaches the packed kernel: eagerly through the weight's checked plan
+    (``_eager_fused``), and through the custom op where that declines (tracing, autograd, other backends)."""
     from microscale.nn import packed as packed_module
     calls = []
 
     def counting(x, q, bias=None):
         calls.append(q.shape)
         return ms.packed_linear(x, q, bias)
+
+    eager_fused = packed_module._eager_fused
+
+    def counting_plan(x, w, bias):
+        y = eager_fused(x, w, bias)
+        assert y is not None, "an eager CPU call must take the weight's plan"
+        calls.append(w.gemm_shape)
+        return y
+
+    if route == "plan":
+        monkeypatch.setattr(packed_module, "_eager_fused", counting_plan)
+    else:
+        monkeypatch.setattr(packed_module, "_eager_fused", lambda x, w, bias: None)
 
     def no_dense(func, args, kwargs):
         raise AssertionError(f"{func} ran on the dequantized weight")
@@ -63,7 +79,7 @@ def test_gemms_take_the_packed_custom_op(monkeypatch):
     monkeypatch.setattr(packed_module, "_on_dense", no_dense)
     for i, (run_packed, run_dense) in enumerate(cases):
         y = run_packed()
-        assert calls == [(48, 70)] * (i + 1)
+        assert [tuple(c) for c in calls] == [(48, 70)] * (i + 1)
         assert torch.allclose(y, run_dense(), rtol=1e-5, atol=1e-5)
     assert torch.equal(F.linear(x, p, b), F.linear(x, d, b))
 
