@@ -218,6 +218,29 @@ def test_bad_calls_raise_before_any_c_runs():
         kernels.packed_linear(x, bad, None)
 
 
+def test_plan_of_an_mxtensor_is_reused_and_rechecked_when_its_storage_changes():
+    q = weight("mxfp4", 8, 64)
+    x = torch.randn(2, 64)
+    plan = gemm.plan_for(q, kernels._load())
+    assert plan is not None and gemm.plan_for(q, kernels._load()) is plan
+    assert torch.equal(kernels.packed_linear(x, q, None), plan(x, None))
+    object.__setattr__(q, "codes", q.codes[:-1])   # forced past MXTensor's checks after the plan was made
+    with pytest.raises(ValueError, match="codes .* must hold 256 bytes, got 255"):
+        kernels.packed_linear(x, q, None)
+    q = weight("mxfp4", 8, 64)
+    plan = gemm.plan_for(q, kernels._load())
+    q.scales.resize_(15)   # resized in place: the same tensor object, fewer bytes
+    with pytest.raises(ValueError, match="scales .* must hold 16 bytes, got 15"):
+        kernels.packed_linear(x, q, None)
+
+
+def test_tile_rows_fit_the_cache_and_the_weight():
+    assert gemm.tile_rows(16384, 4096, 1) * 4096 * 4 <= gemm.TILE_BYTES
+    assert gemm.tile_rows(16384, 4096, 2) == 2 * gemm.tile_rows(16384, 4096, 1)
+    assert gemm.tile_rows(37, 128, 1) == 37 and gemm.tile_rows(10**6, 10**6, 1) == 16
+    assert gemm.tile_rows(16384, 4096, 1) % 16 == 0
+
+
 _VARIANT_CHECK = r"""
 import torch, torch.nn.functional as F
 import microscale as ms
