@@ -10,13 +10,18 @@ before any C runs, then picks a path:
   bandwidth on 4.25 / 6.25 / 8.25 bits per weight instead of 32 (the batch-1 decode case of LLM
   inference, as in llama.cpp's MXFP4 CPU kernels).
 - tiled GEMM (more rows): the weight is decoded a tile of rows at a time into one reused, cache-sized
-  fp32 buffer (:data:`TILE_BYTES` per thread) and multiplied by torch's BLAS (``torch.mm``), so the cost
+  buffer (:data:`TILE_BYTES` per thread) and multiplied by torch's BLAS (``torch.mm``), so the cost
   stays that of an FP32 GEMM plus one decode pass of the packed bytes (no register-blocked micro-kernel
-  of our own: torch's BLAS is reachable without a new dependency).
+  of our own: torch's BLAS is reachable without a new dependency). bf16 x: the tiles are decoded to
+  bf16 (exactly dequantize(W, bfloat16)) and torch's bf16 GEMM runs on them.
+
+Per-call cost: :class:`LinearPlan` holds what the kernels need of one weight, its storage checked once;
+a call checks only x and the bias. ``packed_linear`` keeps the plan of each MXTensor it saw (by identity,
+re-checked cheaply: :meth:`LinearPlan.fits`), and ``nn.packed.PackedWeight`` keeps its own.
 
 Covered: single-level OCP MX formats with E8M0 block scales and 4-, 6- or 8-bit elements (MXFP4,
 MXFP6 E3M2 / E2M3, MXFP8 E4M3 / E5M2, MXINT8; any ``is_mx`` format the quantization kernels cover with
-blocks of a multiple of 32 elements), x float32 / bfloat16 / float16 (computed in fp32, y in x's dtype),
+blocks of a multiple of 32 elements), x float32 / bfloat16 / float16 (computed in fp32 except the bf16 GEMM path, y in x's dtype),
 CPU tensors. Not covered (returns None; the verb then dequantizes and calls F.linear): two-level formats
 (MX9 / MX6 / MX4), formats with tensor scales (NVFP4), non-CPU tensors, a missing extension.
 """
@@ -32,16 +37,20 @@ import torch
 from . import checked_pointers  # the one place buffers are checked before C (kernels/__init__.py)
 
 __all__ = ["packed_linear", "plan_for", "LinearPlan", "tile_rows", "dequantize_rows", "covers", "GEMV_MAX_ROWS",
-           "TILE_BYTES"]
+           "TILE_BYTES", "TILE_BYTES_BF16"]
 
 #: Rows of x up to which the fused GEMV runs; more rows take the tiled GEMM path.
 GEMV_MAX_ROWS = 8
 #: Bytes of decoded fp32 weight per tile and thread on the GEMM path (the tile is ``TILE_BYTES`` times the
 #: thread count): about one core's L2 (2 MiB here), so the decode's writes stay in cache for the product
 #: that reads them right after. Measured at 128 x 4096 x 16384, 1 thread, CPU time: 2-4 MiB tiles ran at
-#: 0.94-0.95x the time of one F.linear, 0.5 MiB at 1.07x, 64 MiB (the tile spills to memory, written
+#: 0.94-0.97x the time of one F.linear, 0.5 MiB at 1.07x, 64 MiB (the tile spills to memory, written
 #: and read back) at 1.32x.
 TILE_BYTES = 1 << 21
+#: The same for the bf16 tiles of bf16 x. Larger: torch's bf16 GEMM (oneDNN, AMX where the CPU has it)
+#: runs ~4x faster than fp32 and pays a fixed cost per call (it re-lays xᵀ out each time). Measured as
+#: above against the BF16 F.linear: 2 MiB 1.57x, 4 MiB 1.27x, 8 MiB 1.17x, 16 MiB 1.37x.
+TILE_BYTES_BF16 = 1 << 23
 #: Below this many weight bytes one thread does the work.
 _PARALLEL_MIN_BYTES = 1 << 16
 
@@ -234,44 +243,57 @@ class LinearPlan:
         return y
 
     def _tiled(self, xf, m, bias, half: bool):
-        """Decode ``tile_rows`` weight rows at a time into one reused buffer and multiply it with torch's
-        BLAS: yᵀ[rows, M] = tile[rows, Kp] · xᵀ[Kp, M] (xᵀ made contiguous once, so every tile's product
-        streams it the same way), y written once at the end with the bias added in the same pass.
+        """Decode ``tile_rows`` weight rows at a time into one reused, cache-sized buffer and multiply it with
+        torch's BLAS: yᵀ[rows, M] = tile[rows, Kp] · xᵀ[Kp, M] (xᵀ made contiguous once, so every tile's
+        product streams it the same way), y written once at the end with the bias added in the same pass.
 
-        bf16 x: the tile goes to bf16 (exact: every MX element times 2^X has at most 8 significant bits,
-        the weights F.linear(x, dequantize(W, bf16)) would use) and torch's bf16 GEMM runs on it."""
-        n_out, kp, nb, rb = self.n_out, self.kp, self.nb, self.row_bytes
+        bf16 x: the tile is decoded straight to bf16 (``gemm_decode_bf16``: exact, every MX element times
+        2^X has at most 8 significant bits; it is dequantize(W, bfloat16), the weight F.linear in bf16 would
+        use) and torch's bf16 GEMM runs on it, with the bf16 x."""
+        n_out, kp = self.n_out, self.kp
         nt = torch.get_num_threads() if self.parallel else 1
-        rows = tile_rows(n_out, kp, nt)
-        tile = torch.empty(rows, kp, dtype=torch.float32)
-        tile_h = torch.empty(rows, kp, dtype=torch.bfloat16) if half else None
-        yt = torch.empty(n_out, m, dtype=torch.bfloat16 if half else torch.float32)
+        dtype = torch.bfloat16 if half else torch.float32
+        rows = tile_rows(n_out, kp, nt, dtype.itemsize)
+        tile = torch.empty(rows, kp, dtype=dtype)
+        yt = torch.empty(n_out, m, dtype=dtype)
         xt = (xf.to(torch.bfloat16) if half else xf).t().contiguous()
-        (p_tile,) = checked_pointers("gemm_decode", [("tile", tile, torch.float32, 4 * rows * kp)])
-        decode = self.lib.gemm_decode
         for n0 in range(0, n_out, rows):
             r = min(rows, n_out - n0)
             # the same thread count as the GEMM (one OpenMP pool: torch's libgomp serves both), so each
             # thread's share of the tile is decoded into its own cache
-            decode(self.p_codes + n0 * rb, self.p_scales + n0 * nb, r, nb, self.k, self.bits, self.mode,
-                   *self.p_tables, p_tile, nt)
-            if half:
-                tile_h[:r].copy_(tile[:r])
-                torch.mm(tile_h[:r], xt, out=yt[n0:n0 + r])
-            else:
-                torch.mm(tile[:r], xt, out=yt[n0:n0 + r])
-        y = torch.empty(m, n_out, dtype=yt.dtype)
+            self.decode_rows(n0, tile[:r], nt)
+            torch.mm(tile[:r], xt, out=yt[n0:n0 + r])
+        y = torch.empty(m, n_out, dtype=dtype)
         if bias is None:
             y.copy_(yt.t())
         else:
-            torch.add(yt.t(), bias.detach().to(yt.dtype), out=y)
+            torch.add(yt.t(), bias.detach().to(dtype), out=y)
         return y
 
 
-def tile_rows(n_out: int, kp: int, threads: int = 1) -> int:
-    """Weight rows decoded per tile on the GEMM path: :data:`TILE_BYTES` of fp32 per thread, a multiple of
-    16 rows (at least 16, at most ``n_out``)."""
-    return max(16, min(n_out, (TILE_BYTES * max(threads, 1) // (4 * kp)) // 16 * 16))
+    def decode_rows(self, n0: int, out: torch.Tensor, threads: int = 1) -> torch.Tensor:
+        """Weight rows [n0, n0 + len(out)) decoded into ``out`` (contiguous float32, or bfloat16 rounded to
+        nearest even as torch converts): equal bit for bit to those rows of dequantize(W, out.dtype)
+        padded with zeros to whole blocks (``out`` is [rows, nb * k])."""
+        r = out.shape[0] if out.dim() == 2 else -1
+        if out.dim() != 2 or out.shape[1] != self.kp or not 0 <= n0 or n0 + r > self.n_out or r < 1:
+            raise ValueError(f"out must be [rows, {self.kp}] for rows within [0, {self.n_out}) starting at n0 "
+                             f"= {n0}, got {tuple(out.shape)}")
+        if out.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"out must be float32 or bfloat16, got {out.dtype}")
+        entry = "gemm_decode_bf16" if out.dtype == torch.bfloat16 else "gemm_decode"
+        (p_out,) = checked_pointers(entry, [("tile", out, out.dtype, out.numel() * out.element_size())])
+        getattr(self.lib, entry)(self.p_codes + n0 * self.row_bytes, self.p_scales + n0 * self.nb, r, self.nb,
+                                 self.k, self.bits, self.mode, *self.p_tables, p_out, threads)
+        return out
+
+
+def tile_rows(n_out: int, kp: int, threads: int = 1, itemsize: int = 4) -> int:
+    """Weight rows decoded per tile on the GEMM path: :data:`TILE_BYTES` (fp32, ``itemsize`` 4) or
+    :data:`TILE_BYTES_BF16` (``itemsize`` 2) per thread, a multiple of 16 rows (at least 16, at most
+    ``n_out``)."""
+    budget = TILE_BYTES if itemsize == 4 else TILE_BYTES_BF16
+    return max(16, min(n_out, (budget * max(threads, 1) // (itemsize * kp)) // 16 * 16))
 
 
 #: plans of MXTensors passed to packed_linear, by identity (an MXTensor is frozen; see LinearPlan.fits)
