@@ -256,7 +256,13 @@ def packed_mx_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor |
     state = _as_state(recipe)
     r = state.recipe
     xq = quantize_operand(x, r.fwd_input, -1, state.seed(r.fwd_input))
-    return _round_elementwise(_linear(xq, weight, bias), r)
+    if xq.dim() == 2:
+        return _round_elementwise(_linear(xq, weight, bias), r)
+    # As 2-D rows: aten.linear then runs addmm / mm on the packed weight. A 3-D x whose leading dims do not
+    # fold into rows without a copy (a sliced activation, e.g. the last position fed to an LM head) would
+    # take matmul's batched route instead, which expands the weight, i.e. dequantizes all of it per call.
+    y = _linear(xq.reshape(-1, xq.shape[-1]), weight, bias)
+    return _round_elementwise(y.reshape(*xq.shape[:-1], y.shape[-1]), r)
 
 
 # ---- activation x activation matmuls (attention) --------------------------------------------------
