@@ -129,6 +129,24 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def _wrapper(cls, gemm_shape, shape, transposed: bool, dtype: torch.dtype, device):
+    """The bare wrapper tensor of a packed weight of GEMM shape [out, K] seen as ``shape`` (or as [K, out]
+    when ``transposed``), after checking that view and the compute dtype."""
+    out_features, k = gemm_shape
+    if transposed:
+        shape, strides = (k, out_features), (1, k)
+    else:
+        shape = tuple(int(s) for s in shape)
+        if not shape or shape[0] != out_features or math.prod(shape[1:]) != k:
+            raise ValueError(f"a packed weight of GEMM shape [{out_features}, {k}] cannot be viewed as "
+                             f"{list(shape)} (needs shape[0] == {out_features} and prod(shape[1:]) == {k})")
+        strides = _contiguous_strides(shape)
+    if not dtype.is_floating_point:
+        raise TypeError(f"a packed weight's compute dtype must be floating point, got {dtype}")
+    return torch.Tensor._make_wrapper_subclass(cls, shape, strides=strides, dtype=dtype, device=device,
+                                               requires_grad=False)
+
+
 class PackedWeight(torch.Tensor):
     """A frozen weight stored as MX codes + scales of its GEMM view ``[out, K]`` blocked along K.
 
@@ -142,18 +160,7 @@ class PackedWeight(torch.Tensor):
     def __new__(cls, q: MXTensor, dtype: torch.dtype = torch.float32, shape=None, transposed: bool = False,
                 rounding: str = "even", scale_mode: str | None = None):
         out_features, k = cls._check_q(q)
-        if transposed:
-            shape, strides = (k, out_features), (1, k)
-        else:
-            shape = tuple(int(s) for s in (shape or q.shape))
-            if not shape or shape[0] != out_features or math.prod(shape[1:]) != k:
-                raise ValueError(f"a packed weight of GEMM shape [{out_features}, {k}] cannot be viewed as "
-                                 f"{list(shape)} (needs shape[0] == {out_features} and prod(shape[1:]) == {k})")
-            strides = _contiguous_strides(shape)
-        if not dtype.is_floating_point:
-            raise TypeError(f"a packed weight's compute dtype must be floating point, got {dtype}")
-        return torch.Tensor._make_wrapper_subclass(cls, shape, strides=strides, dtype=dtype,
-                                                   device=q.codes.device, requires_grad=False)
+        return _wrapper(cls, (out_features, k), shape or q.shape, transposed, dtype, q.codes.device)
 
     def __init__(self, q: MXTensor, dtype: torch.dtype = torch.float32, shape=None, transposed: bool = False,
                  rounding: str = "even", scale_mode: str | None = None):
@@ -169,19 +176,7 @@ class PackedWeight(torch.Tensor):
     def _rewrap(self, dtype: torch.dtype, shape, transposed: bool) -> "PackedWeight":
         """A new wrapper over the same (already validated) components with other view facts: no MXTensor is
         rebuilt and the kernel plan is shared, so views such as ``W.t()`` inside ``F.linear`` stay cheap."""
-        out_features, k = self.gemm_shape
-        if transposed:
-            shape, strides = (k, out_features), (1, k)
-        else:
-            shape = tuple(int(v) for v in shape)
-            if not shape or shape[0] != out_features or math.prod(shape[1:]) != k:
-                raise ValueError(f"a packed weight of GEMM shape [{out_features}, {k}] cannot be viewed as "
-                                 f"{list(shape)} (needs shape[0] == {out_features} and prod(shape[1:]) == {k})")
-            strides = _contiguous_strides(shape)
-        if not dtype.is_floating_point:
-            raise TypeError(f"a packed weight's compute dtype must be floating point, got {dtype}")
-        w = torch.Tensor._make_wrapper_subclass(PackedWeight, shape, strides=strides, dtype=dtype,
-                                                device=self.codes.device, requires_grad=False)
+        w = _wrapper(PackedWeight, self.gemm_shape, shape, transposed, dtype, self.codes.device)
         for name in ("codes", "scales", "micro", "tensor_scale", "format_name", "gemm_shape", "rounding",
                      "scale_mode", "_plan_cell"):
             setattr(w, name, getattr(self, name))
