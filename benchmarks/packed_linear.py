@@ -116,11 +116,11 @@ def overhead(args) -> None:
             f.write("\n".join(lines) + "\n")
 
 
-def copy_bandwidth(nbytes: int, repeat: int) -> float:
-    """Bytes read + written per second by an fp32 ``dst.copy_(src)`` of ``nbytes``."""
+def copy_bandwidth(nbytes: int, repeat: int, clock=time.perf_counter) -> float:
+    """Bytes read + written per second (by ``clock``) by an fp32 ``dst.copy_(src)`` of ``nbytes``."""
     src = torch.rand(nbytes // 4)
     dst = torch.empty_like(src)
-    t = interleaved_best({"copy": lambda: dst.copy_(src)}, repeat)["copy"]
+    t = interleaved_best({"copy": lambda: dst.copy_(src)}, repeat, clock)["copy"]
     return 2 * nbytes / t
 
 
@@ -175,7 +175,7 @@ def main(argv=None) -> None:
         g = torch.Generator().manual_seed(0)
         w = torch.randn(n_out, k_in, generator=g) * 0.02
         wb = w.bfloat16()
-        copy_bw = copy_bandwidth(w.numel() * 4, args.repeat)
+        copy_bw = copy_bandwidth(w.numel() * 4, args.repeat, clock)
         print(f"# {shape}: fp32 copy {copy_bw / 1e9:.2f} GB/s (read + write)")
         packed = {fmt: ms.quantize(w, fmt, axis=1) for fmt in args.formats}
         for m in args.rows:
