@@ -11,6 +11,7 @@ noise hits them alike; each keeps its best time.
     python benchmarks/packed_linear.py --quick         # one shape, rows 1 and 128, few repeats
     python benchmarks/packed_linear.py --shapes 16384x4096 --rows 1 128 --repeat 15
     python benchmarks/packed_linear.py --overhead      # per-call cost of small packed layers, 1 thread
+    python benchmarks/packed_linear.py --x-dtype bfloat16 --threads 1 --clock cpu   # bf16 x vs BF16 F.linear
 
 ``--overhead`` times single calls at batch 1 on one thread (512x512 and 4096x4096 by default): the
 dense ``F.linear``, ``F.linear`` on a ``PackedWeight`` (what a packed nn.Linear runs), ``ms.packed_linear``
@@ -137,6 +138,9 @@ def main(argv=None) -> None:
                     help="torch.set_num_threads (default: torch's); 1 avoids OpenMP team hand-offs, which cost "
                          "milliseconds each on an oversubscribed machine")
     ap.add_argument("--quick", action="store_true", help="4096x4096, rows 1 and 128, 3 repeats")
+    ap.add_argument("--x-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="dtype of x for the packed calls (bfloat16: the bf16 GEMM path above 8 rows; compare "
+                         "with the BF16 column) (default: %(default)s)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall time, or the process's CPU time (with --threads 1: immune to the time the process "
                          "spends descheduled on a shared machine; with more threads it also counts waiting "
@@ -163,7 +167,7 @@ def main(argv=None) -> None:
     info = kernels.info() if kernels.available() else None
     print(f"# torch {torch.__version__}, {threads} threads, kernels ISA "
           f"{info and kernels._load().gemm_info()['isa']}, load average {load:.1f} on {os.cpu_count()} CPUs, "
-          f"{args.clock} time")
+          f"{args.clock} time, packed x {args.x_dtype}")
     rows_out = []
     header = ("| shape | rows | format | packed ms | FP32 ms | BF16 ms | vs FP32 | vs BF16 | weight GB/s | "
               "% of copy |")
@@ -183,7 +187,7 @@ def main(argv=None) -> None:
             xb = x.bfloat16()
             fns = {"fp32": lambda: F.linear(x, w), "bf16": lambda: F.linear(xb, wb)}
             for fmt, q in packed.items():
-                fns[fmt] = (lambda q=q: ms.packed_linear(x, q))
+                fns[fmt] = (lambda q=q: ms.packed_linear(xb if args.x_dtype == "bfloat16" else x, q))
             best = interleaved_best(fns, args.repeat, clock)
             for fmt, q in packed.items():
                 t = best[fmt]
@@ -201,10 +205,12 @@ def main(argv=None) -> None:
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out + ".json", "w") as f:
-            json.dump({"threads": threads, "clock": args.clock, "load_average": load, "torch": torch.__version__, "rows": rows_out}, f,
+            json.dump({"threads": threads, "clock": args.clock, "x_dtype": args.x_dtype, "load_average": load,
+                       "torch": torch.__version__, "rows": rows_out}, f,
                       indent=1)
         with open(args.out + ".md", "w") as f:
-            f.write(f"Fused packed linear vs F.linear; {threads} threads, {args.clock} time, best of {args.repeat} "
+            f.write(f"Fused packed linear (x {args.x_dtype}) vs F.linear; {threads} threads, {args.clock} time, "
+                    f"best of {args.repeat} "
                     f"interleaved, load average {load:.1f}. Regenerate: `python benchmarks/packed_linear.py`.\n\n")
             f.write("\n".join(lines) + "\n")
 
