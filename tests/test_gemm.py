@@ -64,6 +64,7 @@ def test_gemm_tiles_cover_every_row(monkeypatch, dtype):
     """The GEMM path decodes the weight a tile of rows at a time: several tiles and a ragged last one."""
     monkeypatch.setattr(gemm, "TILE_BYTES", 16 * 4 * 128)   # 16 rows of K = 128 per tile
     monkeypatch.setattr(gemm, "TILE_BYTES_BF16", 16 * 2 * 128)
+    monkeypatch.setattr(gemm, "TILE_BYTES_THREADED", 16 * 4 * 128)
     q = weight("mxfp6_e3m2", 37, 128)
     x = torch.randn(20, 128).to(dtype)
     b = torch.randn(37)
@@ -265,7 +266,7 @@ def test_tile_decode_is_dequantize_bit_for_bit_in_fp32_and_bf16(fmt):
 
 def test_tile_rows_fit_the_cache_and_the_weight():
     assert gemm.tile_rows(16384, 4096, 1) * 4096 * 4 <= gemm.TILE_BYTES
-    assert gemm.tile_rows(16384, 4096, 2) == 2 * gemm.tile_rows(16384, 4096, 1)
+    assert gemm.tile_rows(16384, 4096, 2) * 4096 * 4 <= gemm.TILE_BYTES_THREADED
     assert gemm.tile_rows(37, 128, 1) == 37 and gemm.tile_rows(10**6, 10**6, 1) == 16
     assert gemm.tile_rows(16384, 4096, 1) % 16 == 0
     assert gemm.tile_rows(16384, 4096, 1, 2) * 4096 * 2 <= gemm.TILE_BYTES_BF16

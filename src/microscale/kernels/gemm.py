@@ -10,9 +10,9 @@ before any C runs, then picks a path:
   bandwidth on 4.25 / 6.25 / 8.25 bits per weight instead of 32 (the batch-1 decode case of LLM
   inference, as in llama.cpp's MXFP4 CPU kernels).
 - tiled GEMM (more rows): the weight is decoded a tile of rows at a time into one reused, cache-sized
-  buffer (:data:`TILE_BYTES` per thread) and multiplied by torch's BLAS (``torch.mm``), so the cost
-  stays that of an FP32 GEMM plus one decode pass of the packed bytes (no register-blocked micro-kernel
-  of our own: torch's BLAS is reachable without a new dependency). bf16 x: the tiles are decoded to
+  buffer (:data:`TILE_BYTES`; larger with several threads) and multiplied by torch's BLAS (``torch.mm``),
+  so the cost stays that of an FP32 GEMM plus one decode pass of the packed bytes (no register-blocked
+  micro-kernel of our own: torch's BLAS is reachable without a new dependency). bf16 x: the tiles are decoded to
   bf16 (exactly dequantize(W, bfloat16)) and torch's bf16 GEMM runs on them.
 
 Per-call cost: :class:`LinearPlan` holds what the kernels need of one weight, its storage checked once;
@@ -37,20 +37,26 @@ import torch
 from . import checked_pointers  # the one place buffers are checked before C (kernels/__init__.py)
 
 __all__ = ["packed_linear", "plan_for", "LinearPlan", "tile_rows", "dequantize_rows", "covers", "GEMV_MAX_ROWS",
-           "TILE_BYTES", "TILE_BYTES_BF16"]
+           "TILE_BYTES", "TILE_BYTES_BF16",
+           "TILE_BYTES_THREADED"]
 
 #: Rows of x up to which the fused GEMV runs; more rows take the tiled GEMM path.
 GEMV_MAX_ROWS = 8
-#: Bytes of decoded fp32 weight per tile and thread on the GEMM path (the tile is ``TILE_BYTES`` times the
-#: thread count): about one core's L2 (2 MiB here), so the decode's writes stay in cache for the product
-#: that reads them right after. Measured at 128 x 4096 x 16384, 1 thread, CPU time: 2-4 MiB tiles ran at
-#: 0.94-0.97x the time of one F.linear, 0.5 MiB at 1.07x, 64 MiB (the tile spills to memory, written
-#: and read back) at 1.32x.
+#: Bytes of decoded fp32 weight per tile on the GEMM path with one thread: about one core's L2 (2 MiB
+#: here), so the decode's writes stay in cache for the product that reads them right after. Measured at
+#: 128 x 4096 x 16384, 1 thread, CPU time: 2-4 MiB tiles ran at 0.94-0.97x the time of one F.linear,
+#: 0.5 MiB at 1.07x, 64 MiB (the tile spills to memory, written and read back) at 1.32x.
 TILE_BYTES = 1 << 21
 #: The same for the bf16 tiles of bf16 x. Larger: torch's bf16 GEMM (oneDNN, AMX where the CPU has it)
 #: runs ~4x faster than fp32 and pays a fixed cost per call (it re-lays xᵀ out each time). Measured as
 #: above against the BF16 F.linear: 2 MiB 1.57x, 4 MiB 1.27x, 8 MiB 1.17x, 16 MiB 1.37x.
 TILE_BYTES_BF16 = 1 << 23
+#: Tile bytes (either dtype) with more than one thread. Every tile costs an OpenMP fork / join in the
+#: GEMM, and on an oversubscribed machine each join waits for a descheduled thread: measured at 2 threads,
+#: load 7 on 2 cores, wall time vs F.linear: 256-row tiles 1.76x, 1024 1.73x, 4096 (64 MiB) 1.51x, and
+#: decoding each tile with 2 threads instead of 1 added 10-15% (one more join per tile). So: few tiles,
+#: decoded by one thread, as before the 1-thread tiles above.
+TILE_BYTES_THREADED = 1 << 26
 #: Below this many weight bytes one thread does the work.
 _PARALLEL_MIN_BYTES = 1 << 16
 
@@ -259,9 +265,8 @@ class LinearPlan:
         xt = (xf.to(torch.bfloat16) if half else xf).t().contiguous()
         for n0 in range(0, n_out, rows):
             r = min(rows, n_out - n0)
-            # the same thread count as the GEMM (one OpenMP pool: torch's libgomp serves both), so each
-            # thread's share of the tile is decoded into its own cache
-            self.decode_rows(n0, tile[:r], nt)
+            # one thread: a parallel decode is one more OpenMP join per tile (see TILE_BYTES_THREADED)
+            self.decode_rows(n0, tile[:r], 1)
             torch.mm(tile[:r], xt, out=yt[n0:n0 + r])
         y = torch.empty(m, n_out, dtype=dtype)
         if bias is None:
@@ -290,10 +295,10 @@ class LinearPlan:
 
 def tile_rows(n_out: int, kp: int, threads: int = 1, itemsize: int = 4) -> int:
     """Weight rows decoded per tile on the GEMM path: :data:`TILE_BYTES` (fp32, ``itemsize`` 4) or
-    :data:`TILE_BYTES_BF16` (``itemsize`` 2) per thread, a multiple of 16 rows (at least 16, at most
-    ``n_out``)."""
-    budget = TILE_BYTES if itemsize == 4 else TILE_BYTES_BF16
-    return max(16, min(n_out, (budget * max(threads, 1) // (itemsize * kp)) // 16 * 16))
+    :data:`TILE_BYTES_BF16` (``itemsize`` 2) with one thread, :data:`TILE_BYTES_THREADED` with more; a
+    multiple of 16 rows (at least 16, at most ``n_out``)."""
+    budget = TILE_BYTES_THREADED if threads > 1 else TILE_BYTES if itemsize == 4 else TILE_BYTES_BF16
+    return max(16, min(n_out, (budget // (itemsize * kp)) // 16 * 16))
 
 
 #: plans of MXTensors passed to packed_linear, by identity (an MXTensor is frozen; see LinearPlan.fits)
