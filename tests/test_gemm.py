@@ -63,6 +63,8 @@ def test_fused_equals_linear_on_dequantized_weight(fmt, batch):
 def test_gemm_tiles_cover_every_row(monkeypatch, dtype):
     """The GEMM path decodes the weight a tile of rows at a time: several tiles and a ragged last one."""
     monkeypatch.setattr(gemm, "TILE_BYTES", 16 * 4 * 128)   # 16 rows of K = 128 per tile
+    monkeypatch.setattr(gemm, "TILE_BYTES_BF16", 16 * 2 * 128)
+    monkeypatch.setattr(gemm, "TILE_BYTES_THREADED", 16 * 4 * 128)
     q = weight("mxfp6_e3m2", 37, 128)
     x = torch.randn(20, 128).to(dtype)
     b = torch.randn(37)
@@ -218,6 +220,58 @@ def test_bad_calls_raise_before_any_c_runs():
         kernels.packed_linear(x, bad, None)
 
 
+def test_plan_of_an_mxtensor_is_reused_and_rechecked_when_its_storage_changes():
+    q = weight("mxfp4", 8, 64)
+    x = torch.randn(2, 64)
+    plan = gemm.plan_for(q, kernels._load())
+    assert plan is not None and gemm.plan_for(q, kernels._load()) is plan
+    assert torch.equal(kernels.packed_linear(x, q, None), plan(x, None))
+    object.__setattr__(q, "codes", q.codes[:-1])   # forced past MXTensor's checks after the plan was made
+    with pytest.raises(ValueError, match="codes .* must hold 256 bytes, got 255"):
+        kernels.packed_linear(x, q, None)
+    q = weight("mxfp4", 8, 64)
+    plan = gemm.plan_for(q, kernels._load())
+    q.scales.resize_(15)   # resized in place: the same tensor object, fewer bytes
+    with pytest.raises(ValueError, match="scales .* must hold 16 bytes, got 15"):
+        kernels.packed_linear(x, q, None)
+
+
+@pytest.mark.parametrize("fmt", COVERED)
+def test_tile_decode_is_dequantize_bit_for_bit_in_fp32_and_bf16(fmt):
+    """The GEMM path's tiles (fp32, and bf16 for bf16 x) are dequantize(W) of the rows, bit for bit: every
+    code, the extreme and NaN scale codes (the smallest scales put values in bf16's subnormal range,
+    where the bf16 tile rounds to nearest even as torch's conversion does)."""
+    f = ms.get_format(fmt)
+    g = torch.Generator().manual_seed(3)
+    n, k = 24, 96
+    codes = torch.randint(0, 256, (n * k * f.element.bits // 8,), dtype=torch.uint8, generator=g)
+    scales = torch.randint(0, 256, (n * k // 32,), dtype=torch.uint8, generator=g)
+    scales[:6] = torch.tensor([0, 1, 2, 127, 254, 255], dtype=torch.uint8)
+    q = ms.MXTensor(codes, scales, (n, k), 1, f)
+    plan = gemm.plan_for(q, kernels._load())
+    ref32 = q.dequantize(torch.float32)
+    for dtype, ref in ((torch.float32, ref32), (torch.bfloat16, ref32.bfloat16())):
+        got = plan.decode_rows(0, torch.empty(n, k, dtype=dtype))
+        part = plan.decode_rows(5, torch.empty(7, k, dtype=dtype))
+        for g_, r_ in ((got, ref), (part, ref[5:12])):
+            nan = torch.isnan(r_)
+            assert torch.equal(torch.isnan(g_), nan)
+            assert torch.equal(g_[~nan], r_[~nan])
+            assert torch.equal(torch.signbit(g_[~nan]), torch.signbit(r_[~nan]))   # -0 kept
+    with pytest.raises(ValueError, match=r"out must be \[rows, 96\]"):
+        plan.decode_rows(20, torch.empty(7, k))
+    with pytest.raises(TypeError, match="float32 or bfloat16, got torch.float16"):
+        plan.decode_rows(0, torch.empty(7, k, dtype=torch.float16))
+
+
+def test_tile_rows_fit_the_cache_and_the_weight():
+    assert gemm.tile_rows(16384, 4096, 1) * 4096 * 4 <= gemm.TILE_BYTES
+    assert gemm.tile_rows(16384, 4096, 2) * 4096 * 4 <= gemm.TILE_BYTES_THREADED
+    assert gemm.tile_rows(37, 128, 1) == 37 and gemm.tile_rows(10**6, 10**6, 1) == 16
+    assert gemm.tile_rows(16384, 4096, 1) % 16 == 0
+    assert gemm.tile_rows(16384, 4096, 1, 2) * 4096 * 2 <= gemm.TILE_BYTES_BF16
+
+
 _VARIANT_CHECK = r"""
 import torch, torch.nn.functional as F
 import microscale as ms
@@ -241,8 +295,20 @@ for fmt in ("mxfp4_e2m1", "mxfp6_e3m2"):
                     torch.randint(0, 256, (12,), dtype=torch.uint8), (6, 64), 1, f)
     ref = cast_values(from_blocks(dequantize_blocks(q.to_blocks(), f), q.layout), torch.float32)
     assert torch.equal(q.dequantize().view(torch.int32), ref.view(torch.int32)), fmt
+from microscale.kernels import gemm
+for fmt in %r:
+    f = ms.get_format(fmt)
+    q = ms.MXTensor(torch.randint(0, 256, (6 * 64 * f.element.bits // 8,), dtype=torch.uint8),
+                    torch.randint(0, 256, (12,), dtype=torch.uint8), (6, 64), 1, f)
+    ref = q.dequantize().bfloat16()
+    got = gemm.plan_for(q, kernels._load()).decode_rows(0, torch.empty(6, 64, dtype=torch.bfloat16))
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan].view(torch.int16), ref[~nan].view(torch.int16)), fmt
+    x = torch.randn(40, 64).bfloat16()
+    y = kernels.packed_linear(x, ms.quantize(torch.randn(6, 64), fmt, axis=1), None)
+    assert y.dtype == torch.bfloat16 and y.shape == (40, 6)
 print(kernels._load().gemm_info()["isa"])
-""" % (COVERED,)
+""" % (COVERED, COVERED)
 
 
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])

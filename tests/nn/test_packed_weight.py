@@ -39,13 +39,29 @@ def test_value_shape_dtype(fmt):
     assert f"format={ms.get_format(fmt).name}" in repr(p)
 
 
-def test_gemms_take_the_packed_custom_op(monkeypatch):
+@pytest.mark.parametrize("route", ["plan", "custom_op"])
+def test_gemms_take_the_packed_custom_op(monkeypatch, route):
+    """Every GEMM spelling reaches the packed kernel: eagerly through the weight's checked plan
+    (``_eager_fused``), and through the custom op where that declines (tracing, autograd, other backends)."""
     from microscale.nn import packed as packed_module
     calls = []
 
     def counting(x, q, bias=None):
         calls.append(q.shape)
         return ms.packed_linear(x, q, bias)
+
+    eager_fused = packed_module._eager_fused
+
+    def counting_plan(x, w, bias):
+        y = eager_fused(x, w, bias)
+        assert y is not None, "an eager CPU call must take the weight's plan"
+        calls.append(w.gemm_shape)
+        return y
+
+    if route == "plan":
+        monkeypatch.setattr(packed_module, "_eager_fused", counting_plan)
+    else:
+        monkeypatch.setattr(packed_module, "_eager_fused", lambda x, w, bias: None)
 
     def no_dense(func, args, kwargs):
         raise AssertionError(f"{func} ran on the dequantized weight")
@@ -63,9 +79,33 @@ def test_gemms_take_the_packed_custom_op(monkeypatch):
     monkeypatch.setattr(packed_module, "_on_dense", no_dense)
     for i, (run_packed, run_dense) in enumerate(cases):
         y = run_packed()
-        assert calls == [(48, 70)] * (i + 1)
+        assert [tuple(c) for c in calls] == [(48, 70)] * (i + 1)
         assert torch.allclose(y, run_dense(), rtol=1e-5, atol=1e-5)
     assert torch.equal(F.linear(x, p, b), F.linear(x, d, b))
+
+
+def test_the_kernel_plan_is_made_once_and_remade_when_a_component_changes():
+    """A packed weight's storage is checked once (its plan, shared by its views); each call then checks x.
+    copy_ into it keeps the plan (same storage, new codes: new results); a component resized in place
+    makes the next call re-check the storage and raise before any C runs."""
+    w, p = packed()
+    x = torch.randn(2, 70)
+    y0 = F.linear(x, p)
+    plan = p._plan_cell[0]
+    assert plan is not None and p.t()._plan_cell is p._plan_cell
+    assert torch.equal(F.linear(x, p), y0) and p._plan_cell[0] is plan and p.t()._linear_plan() is plan
+    w2 = torch.randn(48, 70)
+    p.copy_(w2)
+    assert p._plan_cell[0] is plan
+    assert torch.allclose(F.linear(x, p), F.linear(x, PackedWeight.from_dense(w2, "mxfp4_e2m1").dequantize()),
+                          rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 70\]"):
+        F.linear(torch.randn(2, 71), p)
+    with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16, got torch.float64"):
+        torch.mm(torch.randn(2, 70, dtype=torch.float64), p.t())
+    p.codes.resize_(p.codes.numel() - 1)   # forced past every check the weight made when it was built
+    with pytest.raises(ValueError, match=r"needs codes as torch.uint8 of shape \(2304,\), got torch.uint8 \(2303,\)"):
+        F.linear(x, p)
 
 
 def test_views_share_the_codes():

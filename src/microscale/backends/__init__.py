@@ -43,7 +43,7 @@ from .triton_kernels import TritonBackend
 
 __all__ = ["Backend", "Coverage", "COVERED", "not_covered", "Packed", "QuantSpec", "BACKEND_ENV",
            "register_backend", "get_backend", "backend_names", "backends", "use_backend", "selected_backend",
-           "select", "select_dequantize", "packed_linear", "grouped_conv",
+           "select", "select_dequantize", "packed_linear", "c_selected", "grouped_conv",
            "grouped_conv_wgrad"]
 
 #: Environment variable naming the backend for every call (c | torch | triton | reference | auto).
@@ -165,6 +165,19 @@ def select_dequantize(q, dtype: torch.dtype) -> Backend:
     """The backend that decodes MXTensor ``q`` to ``dtype``."""
     return _pick(lambda b: b.covers_dequantize(q, dtype),
                  f"dequantizing {q.format.name} on {q.codes.device.type} to {dtype}")
+
+
+def c_selected() -> bool:
+    """Whether an eager call on CPU tensors runs the ``c`` backend now: not under torch.compile, and the
+    choice is automatic (c comes first for CPU tensors) or names ``c``. Cheap (no coverage test): for
+    callers that hold an already checked kernel plan (``nn.packed.PackedWeight``)."""
+    if torch.compiler.is_compiling():
+        return False
+    choice = _CHOICE.get()
+    if choice is None:
+        choice = os.environ.get(BACKEND_ENV)
+        choice = choice.strip().lower() if choice else "auto"
+    return choice in ("auto", "c")
 
 
 def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:

@@ -346,3 +346,11 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.T
     every argument the C code relies on and raises ValueError / TypeError before any C runs."""
     from . import gemm
     return gemm.packed_linear(x, weight, bias, _load())
+
+
+def linear_plan(weight):
+    """The checked :class:`~microscale.kernels.gemm.LinearPlan` of a packed 2-D weight (an MXTensor [out,
+    K] blocked along K): its storage checked once, so that each call then checks only x and the bias.
+    None when the fused kernels do not cover the weight (format, non-CPU components, no extension)."""
+    from . import gemm
+    return gemm.plan_for(weight, _load())

@@ -9,6 +9,10 @@
  *           never stored as fp32 weights.
  *   decode: rows [n0, n1) of Wq -> fp32 [n1 - n0, Kp] into a caller-owned, cache-sized buffer (the tiled
  *           GEMM path: Python decodes one tile at a time and runs torch's BLAS on it).
+ *   decode_bf16: the same rows as bf16 (the tile of the bf16 GEMM path): each fp32 value v(code) * 2^X
+ *           rounded to bf16 to nearest, ties to even (NaN -> 0x7FC0), as torch converts fp32 to bf16, so
+ *           the tile equals dequantize(W, bfloat16); exact for every MX value with at most 8 significant
+ *           bits above bf16's subnormal range (all of them, short of the smallest scales).
  *
  * Decoding is exact: a weight is w = v(code) * 2^X with v the element value (a 256-entry fp32 table built
  * in Python from formats.py) and 2^X the block scale (a 256-entry table, NaN for the NaN code). The
@@ -80,6 +84,7 @@ typedef struct {
                                 (2^-8 times the value), 0 neither (see fp8_as_fp16) */
     int sm6;                 /* 6-bit sign-magnitude codes without NaN (AVX-512 6-bit lane path) */
     int xgroup;              /* xq: codes per lane (8 for 4-bit, 4 for 6-bit), 0 when xq is NULL */
+    uint16_t *out16;         /* decode_bf16: [n1 - n0, Kp] bf16 bits (then out is NULL) */
 } gjob_t;
 
 typedef void (*gworker_fn)(const gjob_t *, int64_t, int64_t);
@@ -134,7 +139,25 @@ GINLINE void gemv_generic_impl(const gjob_t *J, int64_t n0, int64_t n1) {
     }
 }
 
+/* fp32 -> bf16 bits, round to nearest even (torch's c10::BFloat16 rounding; NaN -> 0x7FC0) */
+GINLINE uint16_t bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0x7FC0u;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 GINLINE void decode_generic_impl(const gjob_t *J, int64_t n0, int64_t n1, int64_t base) {
+    if (J->out16) {
+        float w[GEMM_MAXK];
+        for (int64_t n = n0; n < n1; n++)
+            for (int64_t b = 0; b < J->nb; b++) {
+                decode_block_generic(J, n, b, w);
+                uint16_t *dst = J->out16 + (n - base) * J->Kp + b * J->k;
+                for (int i = 0; i < J->k; i++) dst[i] = bf16_bits(w[i]);
+            }
+        return;
+    }
     for (int64_t n = n0; n < n1; n++)
         for (int64_t b = 0; b < J->nb; b++) decode_block_generic(J, n, b, J->out + (n - base) * J->Kp + b * J->k);
 }
@@ -587,21 +610,39 @@ T512 static void gemv_avx512(const gjob_t *J, int64_t a, int64_t b) {
     else { GEMV512_M(gemv512_range, 8, GM_LUT6) }
 }
 
+/* 16 fp32 -> 16 bf16 bits, round to nearest even, NaN -> 0x7FC0 (bf16_bits above, vectorized) */
+AI512 __m256i bf16x16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(r);
+}
+
 AI512 void decode512_range(const gjob_t *J, int64_t n0, int64_t n1, const int BITS, const int MODE,
                            const dec512_t *D, const float *sclv) {
     const int64_t nb = J->nb, row_bytes = nb * J->k * BITS / 8;
     const int k = J->k;
     for (int64_t n = n0; n < n1; n++) {
-        float *dst = J->out + n * J->Kp;
+        float *dst = J->out ? J->out + n * J->Kp : NULL;
+        uint16_t *dst16 = J->out16 ? J->out16 + n * J->Kp : NULL;
         const uint8_t *src = J->codes + n * row_bytes;
         for (int64_t b = 0; b < nb; b++) {
             __m512 s = _mm512_set1_ps(sclv[J->scales[n * nb + b]]);
             for (int j = 0; j < k; j += 32) {
                 __m512 v0, v1;
                 dec512_32(src, BITS, MODE, D, &v0, &v1);
-                _mm512_storeu_ps(dst, _mm512_mul_ps(v0, s));
-                _mm512_storeu_ps(dst + 16, _mm512_mul_ps(v1, s));
-                src += 4 * BITS; dst += 32;
+                v0 = _mm512_mul_ps(v0, s); v1 = _mm512_mul_ps(v1, s);
+                if (dst16) {
+                    _mm256_storeu_si256((__m256i *)dst16, bf16x16(v0));
+                    _mm256_storeu_si256((__m256i *)(dst16 + 16), bf16x16(v1));
+                    dst16 += 32;
+                } else {
+                    _mm512_storeu_ps(dst, v0);
+                    _mm512_storeu_ps(dst + 16, v1);
+                    dst += 32;
+                }
+                src += 4 * BITS;
             }
         }
     }
@@ -758,13 +799,13 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
 }
 
 /* decode(codes, scales, N, nb, k, bits, mode, lut32, lut16, scl, out, nthreads): rows [0, N) of the given
- * codes / scales (the caller offsets the pointers to a tile) -> fp32 out [N, nb * k]. */
-static PyObject *py_decode(PyObject *self, PyObject *args) {
+ * codes / scales (the caller offsets the pointers to a tile) -> fp32 out [N, nb * k]; decode_bf16: the same
+ * with out a bf16 [N, nb * k] buffer. */
+static PyObject *decode_entry(PyObject *args, int bf16) {
     unsigned long long codes, scales, lut32, lut16, scl, out;
     long long N, nb;
     int k, bits, mode, nt;
     gjob_t J;
-    (void)self;
     if (!PyArg_ParseTuple(args, "KKLLiiiKKKKi", &codes, &scales, &N, &nb, &k, &bits, &mode, &lut32, &lut16, &scl,
                           &out, &nt))
         return NULL;
@@ -773,12 +814,16 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bad packed_linear kernel arguments (no output)");
         return NULL;
     }
-    J.out = (float *)(uintptr_t)out;
+    if (bf16) J.out16 = (uint16_t *)(uintptr_t)out;
+    else J.out = (float *)(uintptr_t)out;
     Py_BEGIN_ALLOW_THREADS
     run_rows(G_DECODE, &J, N, nt);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
+
+static PyObject *py_decode(PyObject *self, PyObject *args) { (void)self; return decode_entry(args, 0); }
+static PyObject *py_decode_bf16(PyObject *self, PyObject *args) { (void)self; return decode_entry(args, 1); }
 
 static PyObject *py_gemm_info(PyObject *self, PyObject *noargs) {
     (void)self; (void)noargs;
@@ -788,6 +833,7 @@ static PyObject *py_gemm_info(PyObject *self, PyObject *noargs) {
 static PyMethodDef gemm_methods[] = {
     {"gemm_gemv", py_gemv, METH_VARARGS, "fused packed-weight GEMV: y[M, N] = x[M, Kp] . dequant(W)^T (+ bias)"},
     {"gemm_decode", py_decode, METH_VARARGS, "decode packed weight rows to fp32 (one GEMM tile)"},
+    {"gemm_decode_bf16", py_decode_bf16, METH_VARARGS, "decode packed weight rows to bf16 (one bf16 GEMM tile)"},
     {"gemm_info", py_gemm_info, METH_NOARGS, "build facts of the packed GEMM kernels: selected ISA"},
     {NULL, NULL, 0, NULL},
 };

@@ -9,14 +9,19 @@ before any C runs, then picks a path:
   codes decoded in registers; the weight bytes stream from memory once, so decode runs near memory
   bandwidth on 4.25 / 6.25 / 8.25 bits per weight instead of 32 (the batch-1 decode case of LLM
   inference, as in llama.cpp's MXFP4 CPU kernels).
-- tiled GEMM (more rows): the weight is decoded a tile of rows at a time into one reused fp32 buffer of
-  :data:`TILE_BYTES` and multiplied by torch's BLAS (``torch.mm``), so the cost
-  stays that of an FP32 GEMM plus one decode pass of the packed bytes (no register-blocked micro-kernel
-  of our own: torch's BLAS is reachable without a new dependency).
+- tiled GEMM (more rows): the weight is decoded a tile of rows at a time into one reused, cache-sized
+  buffer (:data:`TILE_BYTES`; larger with several threads) and multiplied by torch's BLAS (``torch.mm``),
+  so the cost stays that of an FP32 GEMM plus one decode pass of the packed bytes (no register-blocked
+  micro-kernel of our own: torch's BLAS is reachable without a new dependency). bf16 x: the tiles are decoded to
+  bf16 (exactly dequantize(W, bfloat16)) and torch's bf16 GEMM runs on them.
+
+Per-call cost: :class:`LinearPlan` holds what the kernels need of one weight, its storage checked once;
+a call checks only x and the bias. ``packed_linear`` keeps the plan of each MXTensor it saw (by identity,
+re-checked cheaply: :meth:`LinearPlan.fits`), and ``nn.packed.PackedWeight`` keeps its own.
 
 Covered: single-level OCP MX formats with E8M0 block scales and 4-, 6- or 8-bit elements (MXFP4,
 MXFP6 E3M2 / E2M3, MXFP8 E4M3 / E5M2, MXINT8; any ``is_mx`` format the quantization kernels cover with
-blocks of a multiple of 32 elements), x float32 / bfloat16 / float16 (computed in fp32, y in x's dtype),
+blocks of a multiple of 32 elements), x float32 / bfloat16 / float16 (computed in fp32 except the bf16 GEMM path, y in x's dtype),
 CPU tensors. Not covered (returns None; the verb then dequantizes and calls F.linear): two-level formats
 (MX9 / MX6 / MX4), formats with tensor scales (NVFP4), non-CPU tensors, a missing extension.
 """
@@ -24,20 +29,34 @@ CPU tensors. Not covered (returns None; the verb then dequantizes and calls F.li
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
 
 from . import checked_pointers  # the one place buffers are checked before C (kernels/__init__.py)
 
-__all__ = ["packed_linear", "dequantize_rows", "covers", "GEMV_MAX_ROWS", "TILE_BYTES"]
+__all__ = ["packed_linear", "plan_for", "LinearPlan", "tile_rows", "dequantize_rows", "covers", "GEMV_MAX_ROWS",
+           "TILE_BYTES", "TILE_BYTES_BF16",
+           "TILE_BYTES_THREADED"]
 
 #: Rows of x up to which the fused GEMV runs; more rows take the tiled GEMM path.
 GEMV_MAX_ROWS = 8
-#: Size of the fp32 weight tile decoded per torch.mm call on the GEMM path. Large on purpose: measured at
-#: 128 x 4096 x 16384, torch.mm on 1024-row tiles ran at 0.6x the speed of one F.linear, on 4096-row
-#: tiles (64 MiB) at 0.9x; the tile is written once and read once, so it need not fit a core's cache.
-TILE_BYTES = 1 << 26
+#: Bytes of decoded fp32 weight per tile on the GEMM path with one thread: about one core's L2 (2 MiB
+#: here), so the decode's writes stay in cache for the product that reads them right after. Measured at
+#: 128 x 4096 x 16384, 1 thread, CPU time: 2-4 MiB tiles ran at 0.94-0.97x the time of one F.linear,
+#: 0.5 MiB at 1.07x, 64 MiB (the tile spills to memory, written and read back) at 1.32x.
+TILE_BYTES = 1 << 21
+#: The same for the bf16 tiles of bf16 x. Larger: torch's bf16 GEMM (oneDNN, AMX where the CPU has it)
+#: runs ~4x faster than fp32 and pays a fixed cost per call (it re-lays xᵀ out each time). Measured as
+#: above against the BF16 F.linear: 2 MiB 1.57x, 4 MiB 1.27x, 8 MiB 1.17x, 16 MiB 1.37x.
+TILE_BYTES_BF16 = 1 << 23
+#: Tile bytes (either dtype) with more than one thread. Every tile costs an OpenMP fork / join in the
+#: GEMM, and on an oversubscribed machine each join waits for a descheduled thread: measured at 2 threads,
+#: load 7 on 2 cores, wall time vs F.linear: 256-row tiles 1.76x, 1024 1.73x, 4096 (64 MiB) 1.51x, and
+#: decoding each tile with 2 threads instead of 1 added 10-15% (one more join per tile). So: few tiles,
+#: decoded by one thread, as before the 1-thread tiles above.
+TILE_BYTES_THREADED = 1 << 26
 #: Below this many weight bytes one thread does the work.
 _PARALLEL_MIN_BYTES = 1 << 16
 
@@ -101,22 +120,38 @@ def _tables(fmt) -> _Tables | None:
     return t
 
 
-def _check(x: torch.Tensor, weight, bias: torch.Tensor | None) -> None:
-    """Everything the C entry points rely on, as ValueError / TypeError naming expected and got."""
+def _check_x(x, k_in: int) -> None:
+    """x as the kernels take it (ValueError / TypeError naming expected and got)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _X_DTYPES:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != k_in:
+        raise ValueError(f"x must have shape [..., {k_in}] (the weight's K), got {tuple(x.shape)}")
+    if x.layout != torch.strided:
+        raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}")
+
+
+def _check_bias(bias, n_out: int) -> None:
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (n_out,):
+        raise ValueError(f"bias must have shape ({n_out},), got {tuple(bias.shape)}")
+    if not bias.dtype.is_floating_point:
+        raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+    if bias.layout != torch.strided:
+        raise TypeError(f"bias must be a dense (strided) tensor, got layout {bias.layout}")
+
+
+def _check_weight(weight) -> None:
+    """The packed weight's storage against its format and shape (checked once per plan, see LinearPlan)."""
     if len(weight.shape) != 2 or weight.axis != 1:
         raise ValueError(f"weight must be a 2-D MXTensor [out, K] blocked along axis 1, got shape {weight.shape} "
                          f"along axis {weight.axis}")
     n_out, k_in = weight.shape
-    if x.dim() == 0 or x.shape[-1] != k_in:
-        raise ValueError(f"x must have shape [..., {k_in}] (the weight's K), got {tuple(x.shape)}")
     fmt = weight.format
-    k = fmt.block_size
-    nb = math.ceil(k_in / k)
-    want_codes = n_out * nb * k * fmt.element.bits // 8
+    nb = math.ceil(k_in / fmt.block_size)
+    want_codes = n_out * nb * fmt.block_size * fmt.element.bits // 8
     for name, t, want in (("codes", weight.codes, want_codes), ("scales", weight.scales, n_out * nb)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
             raise TypeError(f"weight.{name} must be a 1-D uint8 tensor, got "
@@ -129,13 +164,6 @@ def _check(x: torch.Tensor, weight, bias: torch.Tensor | None) -> None:
     if weight.micro is not None or weight.tensor_scale is not None:
         raise ValueError(f"{fmt.name} weight has microexponents or a tensor scale, which the fused kernel does "
                          "not read")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (n_out,):
-            raise ValueError(f"bias must have shape ({n_out},), got {tuple(bias.shape)}")
-        if not bias.dtype.is_floating_point:
-            raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
 
 
 def _table_buffers(tab) -> list:
@@ -144,81 +172,189 @@ def _table_buffers(tab) -> list:
             for name, t in (("lut32", tab.lut32), ("lut16", tab.lut16), ("scl", tab.scl))]
 
 
-def _threads(nbytes: int) -> int:
-    return torch.get_num_threads() if nbytes >= _PARALLEL_MIN_BYTES else 1
+class LinearPlan:
+    """What the fused kernels need of one packed weight, checked once: shape, format parameters, decode
+    tables and the addresses of its codes, scales and tables (checked by ``checked_pointers`` when the
+    plan is made).
+
+    A plan belongs to the exact ``codes`` / ``scales`` tensors it was made from; :meth:`fits` tells
+    whether they are still those tensors with the same address, size and contiguity (a component
+    replaced, resized or re-pointed in place invalidates it), in a few attribute reads instead of the
+    full storage check. Calls (:meth:`__call__`) then check only x and the bias before C runs.
+    Immutable weights (``nn.packed.PackedWeight``, MXTensor) keep their plan across calls.
+    """
+
+    __slots__ = ("codes", "scales", "n_out", "k_in", "k", "bits", "nb", "kp", "row_bytes", "tab", "mode",
+                 "lib", "parallel", "p_codes", "p_scales", "p_tables", "n_codes", "n_scales", "__weakref__")
+
+    def __init__(self, weight, tab: _Tables, lib):
+        _check_weight(weight)
+        fmt = weight.format
+        self.codes, self.scales = weight.codes, weight.scales
+        self.n_out, self.k_in = (int(s) for s in weight.shape)
+        self.k, self.bits = fmt.block_size, fmt.element.bits
+        self.nb = math.ceil(self.k_in / self.k)
+        self.kp = self.nb * self.k
+        self.row_bytes = self.nb * self.k * self.bits // 8
+        self.tab, self.mode, self.lib = tab, tab.mode, lib
+        self.n_codes, self.n_scales = self.n_out * self.row_bytes, self.n_out * self.nb
+        self.parallel = self.n_codes >= _PARALLEL_MIN_BYTES
+        self.p_codes, self.p_scales, *self.p_tables = checked_pointers("packed_linear", [
+            ("codes", self.codes, torch.uint8, self.n_codes), ("scales", self.scales, torch.uint8, self.n_scales),
+            *_table_buffers(tab)])
+
+    def fits(self, codes, scales) -> bool:
+        """Whether ``codes`` / ``scales`` are still the tensors (address, size, contiguity) this plan checked."""
+        c, s = self.codes, self.scales
+        return (codes is c and scales is s and c.data_ptr() == self.p_codes and s.data_ptr() == self.p_scales
+                and c.numel() == self.n_codes and s.numel() == self.n_scales and c.is_contiguous()
+                and s.is_contiguous())
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x · dequantize(W)ᵀ + bias``; x [..., K] float32 / bfloat16 / float16 on the CPU, y [..., out] in x's
+        dtype. Checks x and bias (ValueError / TypeError) before any C runs."""
+        n_out, k_in = self.n_out, self.k_in
+        _check_x(x, k_in)
+        if bias is not None:
+            _check_bias(bias, n_out)
+        x = x.detach()
+        xf = x if x.dim() == 2 else x.reshape(-1, k_in)
+        m = xf.shape[0]
+        if m == 0:
+            return torch.empty(*x.shape[:-1], n_out, dtype=x.dtype)
+        if xf.dtype != torch.float32:
+            xf = xf.float()
+        if self.kp != k_in:   # the padding codes decode to 0; zeros in x keep 0 * pad finite
+            xf = torch.nn.functional.pad(xf, (0, self.kp - k_in))
+        xf = xf.contiguous()
+        if m <= GEMV_MAX_ROWS:
+            y = self._gemv(xf, m, bias, torch.get_num_threads() if self.parallel else 1)
+        else:
+            y = self._tiled(xf, m, bias, x.dtype == torch.bfloat16)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
+
+    def _gemv(self, xf, m, bias, nt):
+        n_out = self.n_out
+        b32 = bias
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.requires_grad):
+            b32 = bias.detach().to(torch.float32).contiguous()
+        y = torch.empty(m, n_out, dtype=torch.float32)
+        px, pb, py = checked_pointers("gemm_gemv", [
+            ("x", xf, torch.float32, 4 * m * self.kp),
+            ("bias", b32, torch.float32, 0 if b32 is None else 4 * n_out), ("y", y, torch.float32, 4 * m * n_out)])
+        self.lib.gemm_gemv(px, m, self.p_codes, self.p_scales, n_out, self.nb, self.k, self.bits, self.mode,
+                           *self.p_tables, pb, py, nt)
+        return y
+
+    def _tiled(self, xf, m, bias, half: bool):
+        """Decode ``tile_rows`` weight rows at a time into one reused, cache-sized buffer and multiply it with
+        torch's BLAS: yᵀ[rows, M] = tile[rows, Kp] · xᵀ[Kp, M], y written once at the end with the bias added
+        in the same pass. A weight that fits one tile gives exactly F.linear(x, dequantize(W), b).
+
+        bf16 x: the tile is decoded straight to bf16 (``gemm_decode_bf16``: exact, every MX element times
+        2^X has at most 8 significant bits; it is dequantize(W, bfloat16), the weight F.linear in bf16 would
+        use) and torch's bf16 GEMM runs on it, with the bf16 x."""
+        n_out, kp = self.n_out, self.kp
+        nt = torch.get_num_threads() if self.parallel else 1
+        dtype = torch.bfloat16 if half else torch.float32
+        rows = tile_rows(n_out, kp, nt, dtype.itemsize)
+        tile = torch.empty(rows, kp, dtype=dtype)
+        yt = torch.empty(n_out, m, dtype=dtype)
+        xt = (xf.to(torch.bfloat16) if half else xf).t()
+        if rows < n_out:
+            # several tiles: xᵀ contiguous once (measured, 1 thread, 128 x 4096 x 16384 in 2 MiB tiles: 0.97x
+            # the time of F.linear, against 1.34x with the strided view: BLAS packs a strided xᵀ per call).
+            # One tile keeps the view: torch.mm(tile, xᵀ) is then the very BLAS call F.linear(x, W) makes
+            # (operands swapped for column-major), so small weights give F.linear's bits exactly.
+            xt = xt.contiguous()
+        for n0 in range(0, n_out, rows):
+            r = min(rows, n_out - n0)
+            # one thread: a parallel decode is one more OpenMP join per tile (see TILE_BYTES_THREADED)
+            self.decode_rows(n0, tile[:r], 1)
+            torch.mm(tile[:r], xt, out=yt[n0:n0 + r])
+        y = torch.empty(m, n_out, dtype=dtype)
+        if bias is None:
+            y.copy_(yt.t())
+        else:
+            torch.add(yt.t(), bias.detach().to(dtype), out=y)
+        return y
+
+
+    def decode_rows(self, n0: int, out: torch.Tensor, threads: int = 1) -> torch.Tensor:
+        """Weight rows [n0, n0 + len(out)) decoded into ``out`` (contiguous float32, or bfloat16 rounded to
+        nearest even as torch converts): equal bit for bit to those rows of dequantize(W, out.dtype)
+        padded with zeros to whole blocks (``out`` is [rows, nb * k])."""
+        r = out.shape[0] if out.dim() == 2 else -1
+        if out.dim() != 2 or out.shape[1] != self.kp or not 0 <= n0 or n0 + r > self.n_out or r < 1:
+            raise ValueError(f"out must be [rows, {self.kp}] for rows within [0, {self.n_out}) starting at n0 "
+                             f"= {n0}, got {tuple(out.shape)}")
+        if out.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"out must be float32 or bfloat16, got {out.dtype}")
+        entry = "gemm_decode_bf16" if out.dtype == torch.bfloat16 else "gemm_decode"
+        (p_out,) = checked_pointers(entry, [("tile", out, out.dtype, out.numel() * out.element_size())])
+        getattr(self.lib, entry)(self.p_codes + n0 * self.row_bytes, self.p_scales + n0 * self.nb, r, self.nb,
+                                 self.k, self.bits, self.mode, *self.p_tables, p_out, threads)
+        return out
+
+
+def tile_rows(n_out: int, kp: int, threads: int = 1, itemsize: int = 4) -> int:
+    """Weight rows decoded per tile on the GEMM path: :data:`TILE_BYTES` (fp32, ``itemsize`` 4) or
+    :data:`TILE_BYTES_BF16` (``itemsize`` 2) with one thread, :data:`TILE_BYTES_THREADED` with more; a
+    multiple of 16 rows (at least 16, at most ``n_out``)."""
+    budget = TILE_BYTES_THREADED if threads > 1 else TILE_BYTES if itemsize == 4 else TILE_BYTES_BF16
+    return max(16, min(n_out, (budget // (itemsize * kp)) // 16 * 16))
+
+
+#: plans of MXTensors passed to packed_linear, by identity (an MXTensor is frozen; see LinearPlan.fits)
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def plan_for(weight, lib) -> LinearPlan | None:
+    """The checked :class:`LinearPlan` of a packed weight (an MXTensor or anything with its fields), or
+    None when the fused kernels do not cover it (format, non-CPU components, no extension). Raises
+    ValueError / TypeError when its storage does not match its format and shape."""
+    if not all(hasattr(weight, a) for a in ("codes", "scales", "format", "shape", "axis", "micro")):
+        raise TypeError(f"weight must be an MXTensor, got {type(weight).__name__}")
+    try:
+        hit = _PLANS.get(weight)
+    except TypeError:   # not weak-referenceable
+        hit = None
+    if hit is not None and hit.lib is lib and hit.fits(weight.codes, weight.scales):
+        return hit
+    if lib is None or not hasattr(lib, "gemm_gemv"):
+        return None
+    if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in (weight.codes, weight.scales)):
+        return None
+    tab = _tables(weight.format)
+    if tab is None:
+        return None
+    plan = LinearPlan(weight, tab, lib)
+    try:
+        _PLANS[weight] = plan
+    except TypeError:
+        pass
+    return plan
 
 
 def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lib) -> torch.Tensor | None:
     """``x · dequantize(weight)ᵀ + bias`` with the fused kernels of ``lib`` (the loaded extension), or
-    None when they do not cover the request (format, non-CPU tensors). Raises before any C runs when an
-    argument is malformed."""
+    None when they do not cover the request (format, non-CPU tensors, autograd). Raises before any C runs
+    when an argument is malformed."""
     # duck-typed: kernels/ sits above tensor.py (docs/architecture.md) and does not import MXTensor
     if not all(hasattr(weight, a) for a in ("codes", "scales", "format", "shape", "axis", "micro")):
         raise TypeError(f"weight must be an MXTensor, got {type(weight).__name__}")
-    tensors = [x, weight.codes, weight.scales] + ([] if bias is None else [bias])
-    if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tensors):
+    if isinstance(x, torch.Tensor) and x.device.type != "cpu" or isinstance(bias, torch.Tensor) and \
+            bias.device.type != "cpu":
         return None
     # the kernels have no backward: a call that autograd must see falls back to F.linear (differentiable)
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, bias)):
         return None
-    fmt = weight.format
-    tab = _tables(fmt)
-    if lib is None or tab is None or not hasattr(lib, "gemm_gemv"):
+    plan = plan_for(weight, lib)
+    if plan is None:
         return None
-    _check(x, weight, bias)
-    n_out, k_in = weight.shape
-    k, bits = fmt.block_size, fmt.element.bits
-    nb = math.ceil(k_in / k)
-    kp = nb * k
-    lead = tuple(x.shape[:-1])
-    x2 = x.detach().reshape(-1, k_in)
-    m = x2.shape[0]
-    if m == 0:
-        return torch.empty(*lead, n_out, dtype=x.dtype)
-    xf = x2.to(torch.float32)
-    if kp != k_in:   # the padding codes decode to 0; zeros in x keep 0 * pad finite
-        xf = torch.nn.functional.pad(xf, (0, kp - k_in))
-    xf = xf.contiguous()
-    codes, scales = weight.codes, weight.scales
-    nt = _threads(codes.numel())
-    row_bytes = nb * k * bits // 8
-    if m <= GEMV_MAX_ROWS:
-        b32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
-        y = torch.empty(m, n_out, dtype=torch.float32)
-        px, pc, ps, pb, py, *pt = checked_pointers("gemm_gemv", [
-            ("x", xf, torch.float32, 4 * m * kp), ("codes", codes, torch.uint8, n_out * row_bytes),
-            ("scales", scales, torch.uint8, n_out * nb),
-            ("bias", b32, torch.float32, 0 if b32 is None else 4 * n_out), ("y", y, torch.float32, 4 * m * n_out),
-            *_table_buffers(tab)])
-        lib.gemm_gemv(px, m, pc, ps, n_out, nb, k, bits, tab.mode, *pt, pb, py, nt)
-    else:
-        rows = max(16, min(n_out, (TILE_BYTES // (4 * kp)) // 16 * 16))
-        tile = torch.empty(rows, kp, dtype=torch.float32)
-        # bf16 x: the tile goes to bf16 (exact: every MX element times 2^X has at most 8 significant bits,
-        # the weights F.linear(x, dequantize(W, bf16)) would use) and torch's bf16 GEMM runs on it
-        half = x.dtype == torch.bfloat16
-        tile_h = torch.empty(rows, kp, dtype=torch.bfloat16) if half else None
-        yt = torch.empty(n_out, m, dtype=x.dtype if half else torch.float32)   # yᵀ: each tile writes whole rows
-        xt = (xf.to(torch.bfloat16) if half else xf).t()
-        for n0 in range(0, n_out, rows):
-            r = min(rows, n_out - n0)
-            # one thread: the decode is ~5% of the tile's GEMM, and on a loaded machine handing it to a
-            # second OpenMP team between BLAS calls cost 40x more than the decode itself (measured)
-            pc, ps, pt_, *pl = checked_pointers("gemm_decode", [
-                ("codes", codes[n0 * row_bytes:(n0 + r) * row_bytes], torch.uint8, r * row_bytes),
-                ("scales", scales[n0 * nb:(n0 + r) * nb], torch.uint8, r * nb),
-                ("tile", tile[:r], torch.float32, 4 * r * kp), *_table_buffers(tab)])
-            lib.gemm_decode(pc, ps, r, nb, k, bits, tab.mode, *pl, pt_, 1)
-            if half:
-                tile_h[:r].copy_(tile[:r])
-                torch.mm(tile_h[:r], xt, out=yt[n0:n0 + r])
-            else:
-                torch.mm(tile[:r], xt, out=yt[n0:n0 + r])
-        y = yt.t()
-        if bias is not None:
-            y = y + bias.detach().to(y.dtype)
-        y = y.contiguous()
-    return y.to(x.dtype).reshape(*lead, n_out)
+    return plan(x, bias)
 
 
 def dequantize_rows(q, out: torch.Tensor | None, lib, threads: int) -> torch.Tensor | None:

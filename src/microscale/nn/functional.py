@@ -479,7 +479,22 @@ def packed_mx_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor |
     state = _as_state(recipe)
     r = state.recipe
     xq = quantize_operand(x, r.fwd_input, -1, state.seed(r.fwd_input))
-    return _round_elementwise(_linear(xq, weight, bias), r)
+    if _folds_into_rows(xq):
+        return _round_elementwise(_linear(xq, weight, bias), r)
+    # An x of 3+ dims whose leading dims do not fold into rows without a copy (a sliced activation, e.g. the
+    # last position fed to an LM head) would take matmul's batched route, which expands the weight, i.e.
+    # dequantizes all of it on every call: copy it into rows instead (aten.linear then runs addmm / mm).
+    y = _linear(xq.reshape(-1, xq.shape[-1]), weight, bias)
+    return _round_elementwise(y.reshape(*xq.shape[:-1], y.shape[-1]), r)
+
+
+def _folds_into_rows(x: torch.Tensor) -> bool:
+    """Whether x [..., K] views as rows [-1, K] without a copy (the test aten.matmul makes before it folds
+    the leading dims into one GEMM instead of a batched one)."""
+    if x.dim() <= 2 or x.numel() == 0:
+        return True
+    shape, stride = x.shape, x.stride()
+    return all(stride[i] == stride[i + 1] * shape[i + 1] for i in range(x.dim() - 2))
 
 
 # ---- activation x activation matmuls (attention) --------------------------------------------------

@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
+from .. import backends, kernels
 from ..formats import BlockFormat, format_key, get_format
 from ..quantize import packed_linear, quantize
 from ..tensor import COMPONENTS, MXTensor
@@ -118,12 +119,32 @@ packed_linear_op.register_autograd(_packed_linear_backward, setup_context=_packe
 
 
 # ---- the subclass ---------------------------------------------------------------------------------------
+_NO_PLAN_YET = object()   # PackedWeight._plan_cell[0] before the first packed GEMM (None: not covered)
+
 def _contiguous_strides(shape) -> tuple[int, ...]:
     strides, acc = [], 1
     for s in reversed(shape):
         strides.append(acc)
         acc *= max(int(s), 1)
     return tuple(reversed(strides))
+
+
+def _wrapper(cls, gemm_shape, shape, transposed: bool, dtype: torch.dtype, device):
+    """The bare wrapper tensor of a packed weight of GEMM shape [out, K] seen as ``shape`` (or as [K, out]
+    when ``transposed``), after checking that view and the compute dtype."""
+    out_features, k = gemm_shape
+    if transposed:
+        shape, strides = (k, out_features), (1, k)
+    else:
+        shape = tuple(int(s) for s in shape)
+        if not shape or shape[0] != out_features or math.prod(shape[1:]) != k:
+            raise ValueError(f"a packed weight of GEMM shape [{out_features}, {k}] cannot be viewed as "
+                             f"{list(shape)} (needs shape[0] == {out_features} and prod(shape[1:]) == {k})")
+        strides = _contiguous_strides(shape)
+    if not dtype.is_floating_point:
+        raise TypeError(f"a packed weight's compute dtype must be floating point, got {dtype}")
+    return torch.Tensor._make_wrapper_subclass(cls, shape, strides=strides, dtype=dtype, device=device,
+                                               requires_grad=False)
 
 
 class PackedWeight(torch.Tensor):
@@ -139,18 +160,7 @@ class PackedWeight(torch.Tensor):
     def __new__(cls, q: MXTensor, dtype: torch.dtype = torch.float32, shape=None, transposed: bool = False,
                 rounding: str = "even", scale_mode: str | None = None):
         out_features, k = cls._check_q(q)
-        if transposed:
-            shape, strides = (k, out_features), (1, k)
-        else:
-            shape = tuple(int(s) for s in (shape or q.shape))
-            if not shape or shape[0] != out_features or math.prod(shape[1:]) != k:
-                raise ValueError(f"a packed weight of GEMM shape [{out_features}, {k}] cannot be viewed as "
-                                 f"{list(shape)} (needs shape[0] == {out_features} and prod(shape[1:]) == {k})")
-            strides = _contiguous_strides(shape)
-        if not dtype.is_floating_point:
-            raise TypeError(f"a packed weight's compute dtype must be floating point, got {dtype}")
-        return torch.Tensor._make_wrapper_subclass(cls, shape, strides=strides, dtype=dtype,
-                                                   device=q.codes.device, requires_grad=False)
+        return _wrapper(cls, (out_features, k), shape or q.shape, transposed, dtype, q.codes.device)
 
     def __init__(self, q: MXTensor, dtype: torch.dtype = torch.float32, shape=None, transposed: bool = False,
                  rounding: str = "even", scale_mode: str | None = None):
@@ -161,6 +171,29 @@ class PackedWeight(torch.Tensor):
         # plain strings: static facts of __tensor_flatten__ (enum members are accepted and stored as values)
         self.rounding = str(rounding)
         self.scale_mode = None if scale_mode is None else str(scale_mode)
+        self._plan_cell = [_NO_PLAN_YET]   # one list shared by every view over these components
+
+    def _rewrap(self, dtype: torch.dtype, shape, transposed: bool) -> "PackedWeight":
+        """A new wrapper over the same (already validated) components with other view facts: no MXTensor is
+        rebuilt and the kernel plan is shared, so views such as ``W.t()`` inside ``F.linear`` stay cheap."""
+        w = _wrapper(PackedWeight, self.gemm_shape, shape, transposed, dtype, self.codes.device)
+        for name in ("codes", "scales", "micro", "tensor_scale", "format_name", "gemm_shape", "rounding",
+                     "scale_mode", "_plan_cell"):
+            setattr(w, name, getattr(self, name))
+        w.transposed = bool(transposed)
+        return w
+
+    def _linear_plan(self):
+        """The fused kernels' checked plan of this weight (made on first use, shared by its views), or None
+        when they do not cover it; remade when a component was replaced or resized in place."""
+        cell = self._plan_cell
+        plan = cell[0]
+        if plan is _NO_PLAN_YET or (plan is not None and not plan.fits(self.codes, self.scales)):
+            plan = None
+            if self.micro is None and self.tensor_scale is None and self.codes.device.type == "cpu":
+                plan = kernels.linear_plan(self.mx)
+            cell[0] = plan
+        return plan
 
     @staticmethod
     def _check_q(q) -> tuple[int, int]:
@@ -206,9 +239,11 @@ class PackedWeight(torch.Tensor):
         facts = dict(dtype=self.dtype, shape=tuple(self.shape), transposed=self.transposed,
                      rounding=self.rounding, scale_mode=self.scale_mode)
         facts.update(changes)
+        if q is None:
+            return self._rewrap(facts["dtype"], facts["shape"], facts["transposed"])
         if facts["transposed"]:
             facts["shape"] = None
-        return PackedWeight(q if q is not None else self.mx, **facts)
+        return PackedWeight(q, **facts)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense value, in this weight's layout and ``dtype`` (default: the compute dtype)."""
@@ -249,6 +284,8 @@ class PackedWeight(torch.Tensor):
             else:
                 out = rule(func, *args, **kwargs)
             if out is not NotImplemented:
+                if func in _GEMM_OPS:
+                    return out   # a fresh result that aliases nothing: nothing to correct (saves µs per call)
                 # View ops (t, view, detach, slices...) return new wrappers: give them the aliasing and
                 # version-counter facts torch expects of a view (also under torch.inference_mode).
                 return return_and_correct_aliasing(func, args, kwargs, out)
@@ -472,7 +509,28 @@ def _split(func, w, sizes, dim=0):
     return NotImplemented if any(p is None for p in parts) else parts
 
 
+def _eager_fused(x, w: PackedWeight, bias):
+    """The fused kernel run directly from the weight's checked plan, or None when this call must take the
+    custom op (torch.compile / tracing modes / fake or functional tensors, autograd through x or the bias,
+    a backend other than ``c`` selected, a weight or x the kernels do not cover). Same result as the
+    custom op, without rebuilding and re-checking the weight on every call."""
+    if (type(x) is not torch.Tensor and type(x) is not nn.Parameter) or \
+            (bias is not None and type(bias) is not torch.Tensor and type(bias) is not nn.Parameter):
+        return None
+    if torch._C._len_torch_dispatch_stack() or not backends.c_selected():
+        return None
+    if x.device.type != "cpu" or (bias is not None and bias.device.type != "cpu"):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    plan = w._linear_plan()
+    return None if plan is None else plan(x, bias)
+
+
 def _mx_gemm(x, w: PackedWeight, bias):
+    y = _eager_fused(x, w, bias)
+    if y is not None:
+        return y
     return packed_linear_op(x, w.codes, w.scales, w.micro, w.tensor_scale, bias, w.format_name, *w.gemm_shape)
 
 
