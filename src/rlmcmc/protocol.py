@@ -614,7 +614,7 @@ def default_phases(quick: bool = False) -> list[tuple[Protocol, tuple]]:
         return [(tiny, (2, 1))]
     kl8 = Protocol(benchmark="kl8", n_chains=4, n_samples=3500, n_burn=500, n_replicates=5,
                    targets=(0.05, 0.1, 0.2, 0.35), sweep_chains=2, sweep_samples=1500, train_iters=400,
-                   aem_methods=("rw-cov+aem", "gpcn+aem", "marl-gpcn+aem"))
+                   aem_methods=("gpcn+aem", "marl-gpcn+aem"))
     kl32 = Protocol(benchmark="kl32-channels", levels=(2,), n_chains=4, n_samples=600, n_burn=200, n_replicates=3,
                     targets=(0.1, 0.25), inflations=(1.0, 1.3), sweep_chains=2, sweep_samples=400, train_iters=200)
     return [(kl8, (2,)), (kl32, (2,)), (kl8, (1,))]
