@@ -328,7 +328,7 @@ class Runner:
         white = Whitening(np.array(a["pilot_mean"]), np.array(a["pilot_chol"]), np.array(a["jacobian"]))
         beta0 = float(self.best_setting("gpcn+aem-2")["step"])
         cfg = MARLConfig(dim=self.problem.fine.dim, n_agents=min(self.p.n_agents, self.problem.fine.dim),
-                         base_step=min(beta0, 0.95), safe_weight=self.p.safe_weight, base="gpcn")
+                         base_step=min(beta0, 0.995), safe_weight=self.p.safe_weight, base="gpcn")
         train = MARLTrainConfig(n_envs=self.p.train_envs, n_iters=self.p.train_iters, cost_coarse=s["cost_coarse"],
                                 seed=2000 + rep)
         inits = np.array(s["inits"])
@@ -380,24 +380,32 @@ class Runner:
         units = [("setup",)]
         for level in sorted(levels, reverse=True):
             names = [m for m in self.p.method_names() if m.endswith(f"-{level}")]
+            aem_names = [m for m in names if m.rsplit("-", 1)[0].endswith(AEM_SUFFIX)]
             for m in names:
-                if not m.startswith(("marl", "indep")):
+                if not m.startswith(("marl", "indep")) and m not in aem_names:
                     units += [("sweep", m, t) for t in self.settings(m)]
             if any(m.startswith(("marl", "indep")) for m in self.p.method_names()):
                 units += [("train", r) for r in range(self.p.n_replicates) if ("train", r) not in units]
             for m in names:
                 if m.startswith("indep"):
                     units += [("sweep", m, t) for t in self.settings(m)]
-            aem_names = [m for m in names if m.rsplit("-", 1)[0].endswith(AEM_SUFFIX)]
             plain = [m for m in names if m not in aem_names]
+            if level == 1 and plain:
+                # The row with the best tuning sweep decides the best baseline: its replicates run first.
+                lead = max((m for m in plain if not m.startswith(("marl", "indep"))),
+                           key=lambda m: max(self.sweep_unit(m, t)["ess_per_cost"] for t in self.settings(m)),
+                           default=None) if all(self._is_cached(u) for u in units if u[0] == "sweep") else None
+                if lead is not None:
+                    units += [("run", lead, r) for r in range(self.p.n_replicates)]
+                    plain = [m for m in plain if m != lead]
             for r in range(self.p.n_replicates):
                 units += [("run", m, r) for m in plain]
             if aem_names:  # the enhanced-error rows after every other row of this level is complete
                 units += [("aem",)]
                 units += [("sweep", m, t) for m in aem_names if not m.startswith("marl") for t in self.settings(m)]
-                if any(m.startswith("marl") for m in aem_names):
-                    units += [("train-aem", r) for r in range(self.p.n_replicates)]
-                for r in range(self.p.n_replicates):
+                for r in range(self.p.n_replicates):  # replicate by replicate, training just before its runs
+                    if any(m.startswith("marl") for m in aem_names):
+                        units += [("train-aem", r)]
                     units += [("run", m, r) for m in aem_names]
         return units
 

@@ -140,7 +140,7 @@ def test_enhanced_error_rows_use_the_corrected_coarse_level_and_count_its_offlin
     # The RL proposal is built on the tuned gpCN geometry: base kernel gpcn, β₀ = the tuned gpcn+aem-2 step.
     prop = runner.proposal("marl-gpcn+aem", float("nan"), 0)[0]
     assert prop.config.base == "gpcn"
-    assert prop.config.base_step == pytest.approx(min(0.95, runner.best_setting("gpcn+aem-2")["step"]))
+    assert prop.config.base_step == pytest.approx(min(0.995, runner.best_setting("gpcn+aem-2")["step"]))
     np.testing.assert_allclose(prop.white.mean, aem["pilot_mean"])
     assert summary["rl_vs_best_baseline"]["method"] == "marl-gpcn+aem-2"
     # Amortized offline cost of a +aem row includes the error model's solves.
