@@ -24,9 +24,17 @@ log step factor log c_k (|log c_k| ≤ ``log_scale_max``) for its block. The lea
 with s₀ a base step (the tuned random-walk step). Agent k produces only its block of the whitened move.
 An untrained policy (zero last layer) is exactly the pilot-covariance random walk with step s₀.
 
+With ``base="gpcn"`` the learned part sits on the generalized pCN of the best baseline instead (Rudolf &
+Sprungk, Found. Comput. Math. 18 (2018)), in whitened coordinates x = L⁻¹(θ - m):
+
+    x' = sqrt(1 - β²) ⊙ x + β ⊙ (δ + ξ),   β = tanh(atanh(β₀) c) ∈ (0, 1) per block,
+
+so an untrained policy is exactly the gpCN with step β₀ (reversible w.r.t. the pilot Gaussian N(m, C)), and
+the actors learn per-block state-dependent step factors and drifts on top of it (see :func:`learned_kernel`).
+
 **Safe component (robustness).** The proposal used in the chains and in training is the fixed-weight
-mixture q = w · N(θ, s₀² C) + (1 - w) · q_RL (w = ``safe_weight``), so the kernel dominates w times a
-random-walk kernel whatever the actors learned.
+mixture q = w · q_base + (1 - w) · q_RL (w = ``safe_weight``), q_base = N(θ, s₀² C) (``rw``) or the gpCN
+with β₀ (``gpcn``), so the kernel dominates w times the base kernel whatever the actors learned.
 
 **Reward** (aligned with the reported metric, ESS per fine-solve equivalent under delayed acceptance):
 

@@ -628,6 +628,19 @@ def default_phases(quick: bool = False) -> list[tuple[Protocol, tuple]]:
     return [(kl8, (2,)), (kl32, (2,)), (kl8, (1,))]
 
 
+def tinyda_table(check: dict) -> str:
+    """Markdown for the tinyDA cross-check of pcn-2 (same algorithm, same β, same starts)."""
+    lines = [f"**tinyDA cross-check of pcn-2** (tinyDA {check['tinyDA_version']}, subchain length 1, pCN β = "
+             f"{check['beta']:.4f}, {check['chains']} chains x {check['steps']} steps each, same starts):", "",
+             "| implementation | acc. stage 1 | acc. stage 2 | min bulk ESS | max R-hat |", "|---|---|---|---|---|"]
+    for name, r in check["results"].items():
+        lines.append(f"| {name} | {r['accept_stage1']:.3f} | {r['accept_stage2']:.3f} | {r['ess_min']:.0f} | "
+                     f"{r['max_rhat']:.3f} |")
+    lines += ["", f"stage-1 acceptance difference / its standard error: {check['stage1_diff_over_se']:.2f}; largest "
+              f"|posterior-mean difference| / MCSE: {check['max_abs_mean_z']:.2f}"]
+    return "\n".join(lines)
+
+
 def write_outputs(out: str, summaries: dict) -> str:
     """<out>/summary.json (the kl8 summary at top level, every benchmark under "benchmarks"),
     summary.md and summary.png; returns the markdown."""
@@ -637,6 +650,12 @@ def write_outputs(out: str, summaries: dict) -> str:
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(top, fh, indent=1, default=float)
     md = "\n\n".join(markdown_table(s) for s in summaries.values())
+    check_path = os.path.join(out, "tinyda_check.json")
+    if os.path.exists(check_path):  # written by benchmarks/mcmc_tinyda_check.py (its own venv)
+        top["tinyda_check"] = _load(check_path)
+        with open(os.path.join(out, "summary.json"), "w") as fh:
+            json.dump(top, fh, indent=1, default=float)
+        md += "\n\n" + tinyda_table(top["tinyda_check"])
     with open(os.path.join(out, "summary.md"), "w") as fh:
         fh.write(md + "\n")
     plot_summary(list(summaries.values()), os.path.join(out, "summary.png"))
