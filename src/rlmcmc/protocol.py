@@ -43,7 +43,7 @@ from .problem import InverseProblem, ProblemConfig, make_problem
 from .proposals import AdaptiveMetropolisProposal, LinearGaussianProposal, PCNProposal, cholesky_of_draws
 from .sampling import run_chains
 
-BASELINES = ("pcn", "rw-cov", "gpcn", "am", "indep", "rw-cov+aem", "gpcn+aem")
+BASELINES = ("pcn", "rw-cov", "gpcn", "am", "indep", "rw-cov+aem", "gpcn+aem", "gpcn-over+aem")
 RL_METHODS = ("marl", "marl-gpcn+aem")
 AEM_SUFFIX = "+aem"
 
@@ -83,6 +83,7 @@ class Protocol:
     # two-level rows with the enhanced-error (pilot-pair) coarse model; their sizes
     aem_methods: tuple = ()
     aem_pairs: int = 60
+    overrelax_betas: tuple = (0.7, 0.85, 0.95)  # swept β of the over-relaxed gpCN (ρ = -sqrt(1 - β²))
     extra: dict = field(default_factory=dict)
 
     def method_names(self) -> list[str]:
@@ -228,6 +229,10 @@ class Runner:
                                           kind="independence"), False
         if method == "marl":
             return self.marl(0 if rep is None else rep), False
+        if method == "gpcn-over+aem":
+            a = self.aem()
+            return LinearGaussianProposal(np.array(a["pilot_chol"]), setting, mean=np.array(a["pilot_mean"]),
+                                          kind="gpcn-over"), False
         if method in ("rw-cov+aem", "gpcn+aem"):
             a = self.aem()
             achol, amean = np.array(a["pilot_chol"]), np.array(a["pilot_mean"])
@@ -252,6 +257,8 @@ class Runner:
         name = method.rsplit("-", 1)[0]
         if name.startswith("marl"):
             return (float("nan"),)
+        if name == "gpcn-over+aem":  # acceptance is not monotone in β here: sweep β itself, no tuning
+            return self.p.overrelax_betas
         return self.p.inflations if name == "indep" else self.p.targets
 
     def sweep_unit(self, method: str, setting: float) -> dict:
@@ -505,7 +512,8 @@ class Runner:
                 "tuned_for": ("ESS per fine-solve equivalent: stage-1 acceptance target swept over "
                               f"{list(self.p.targets)}" if name not in ("indep",) + RL_METHODS else
                               f"ESS per fine-solve equivalent: covariance inflation swept over {list(self.p.inflations)}"
-                              if name == "indep" else "trained reward α₁α₂·jump/(c_coarse + α₁ c_fine)"),
+                              if name == "indep" else "trained reward α₁α₂·jump/(c_coarse + α₁ c_fine)")
+                if name != "gpcn-over+aem" else f"ESS per fine-solve equivalent: β swept over {list(self.p.overrelax_betas)}",
                 "enhanced_error_model": name.endswith(AEM_SUFFIX),
                 "setting": units[0]["setting"], "sweep": units[0]["sweep"],
                 "ess_per_cost": [u["ess_per_cost"] for u in units],
@@ -622,7 +630,7 @@ def default_phases(quick: bool = False) -> list[tuple[Protocol, tuple]]:
         return [(tiny, (2, 1))]
     kl8 = Protocol(benchmark="kl8", n_chains=4, n_samples=3500, n_burn=500, n_replicates=5,
                    targets=(0.05, 0.1, 0.2, 0.35), sweep_chains=2, sweep_samples=1500, train_iters=400,
-                   aem_methods=("gpcn+aem", "marl-gpcn+aem"))
+                   aem_methods=("gpcn+aem", "marl-gpcn+aem", "gpcn-over+aem"))
     kl32 = Protocol(benchmark="kl32-channels", levels=(2,), n_chains=4, n_samples=600, n_burn=200, n_replicates=3,
                     targets=(0.1, 0.25), inflations=(1.0, 1.3), sweep_chains=2, sweep_samples=400, train_iters=200)
     return [(kl8, (2,)), (kl32, (2,)), (kl8, (1,))]
