@@ -68,6 +68,8 @@ def _proposals():
     return {
         "rw-cov": LinearGaussianProposal(1.2 * CHOL, 1.0, kind="rw"),
         "gpcn": LinearGaussianProposal(1.5 * CHOL, 0.6, mean=MEAN - 0.2, kind="gpcn"),
+        # nearly centred: reflected around a far-off centre it stays exact but sticks in a tail for long
+        "gpcn-over": LinearGaussianProposal(1.1 * CHOL, 0.9, mean=MEAN - 0.05, kind="gpcn-over"),
         "independence": LinearGaussianProposal(1.4 * CHOL, 1.0, mean=MEAN + 0.1, kind="independence"),
         "am": AdaptiveMetropolisProposal(3, 1.4, chol=0.1 * np.eye(3)),
         "mixture": MixtureProposal([RandomWalkProposal(3, 0.4), LinearGaussianProposal(1.3 * CHOL, 1.0, mean=MEAN,
@@ -83,7 +85,8 @@ def _posteriors(levels):
     return fine, coarse
 
 
-@pytest.mark.parametrize("name", ["rw-cov", "gpcn", "independence", "am", "mixture", "marl", "marl-gpcn"])
+@pytest.mark.parametrize("name", ["rw-cov", "gpcn", "gpcn-over", "independence", "am", "mixture", "marl",
+                                  "marl-gpcn"])
 @pytest.mark.parametrize("levels", [1, 2])
 def test_moments_match_closed_form(name, levels):
     fine, coarse = _posteriors(levels)
@@ -257,6 +260,23 @@ def test_marl_numpy_density_matches_torch_actors_and_is_normalized():
     xs = wide.rvs(40000, random_state=2)
     vals = np.exp([prop.log_density(x, theta, res) for x in xs] - wide.logpdf(xs))
     assert vals.mean() == pytest.approx(1.0, abs=4 * vals.std() / np.sqrt(xs.shape[0]))
+
+
+class _OverNoHastings(LinearGaussianProposal):
+    def log_ratio(self, theta, theta_new, misfit, misfit_new):
+        return 0.0
+
+
+def test_over_relaxed_gpcn_is_exact_and_its_no_hastings_control_fails():
+    """Over-relaxed gpCN around a deliberately wrong Gaussian (m - 0.2, 1.2² C): the full Hastings ratio
+    keeps the exact posterior invariant; dropping it leaves N(m - 0.2, 1.44 C) invariant instead (fails)."""
+    args = (1.2 * CHOL, 0.8)
+    kw = dict(mean=MEAN - 0.2, kind="gpcn-over")
+    assert _stationarity_z(LinearGaussianProposal(*args, **kw), n=1500, steps=10) < 4.0
+    assert _stationarity_z(_OverNoHastings(*args, **kw), n=1500, steps=10) > 8.0
+    # Its mean map reflects through the centre: ρ = -sqrt(1 - β²).
+    prop = LinearGaussianProposal(*args, **kw)
+    np.testing.assert_allclose(prop._mean(MEAN + 1.0), MEAN - 0.2 - 0.6 * (1.2 * np.ones(3)), atol=1e-12)
 
 
 def test_am_adapts_in_burn_in_then_freezes():
