@@ -2,8 +2,10 @@
 
 Rows (each single-level "-1" and two-level "-2"): pcn, rw-cov (pilot covariance), gpcn (generalized pCN
 with the pilot Gaussian), am (adaptive Metropolis, frozen after burn-in), indep (Gaussian independence
-proposal fitted on the RL training's coarse budget), marl (the multi-agent actor-critic); plus a tinyDA
-cross-check of pcn-2 when tinyDA imports. Every unit (setup, sweep, training, method x replicate) is cached
+proposal fitted on the RL training's coarse budget), marl (the multi-agent actor-critic); on kl8 also the
+two-level rows with the enhanced-error coarse model (pilot pairs, full covariance; rlmcmc.aem): gpcn+aem and
+marl-gpcn+aem (the actor-critic on gpcn+aem's geometry). The tinyDA cross-check of pcn-2 is a separate
+script (benchmarks/mcmc_tinyda_check.py, own venv); its JSON is added to the summary when present. Every unit (setup, sweep, training, method x replicate) is cached
 as JSON under <out>/<benchmark>/units/, so rerunning the same command resumes. One process, one thread.
 
 Schedule (default): kl8 two-level rows -> kl32-channels (reduced: two-level rows only) -> kl8 single-level

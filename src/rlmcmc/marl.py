@@ -24,9 +24,17 @@ log step factor log c_k (|log c_k| ≤ ``log_scale_max``) for its block. The lea
 with s₀ a base step (the tuned random-walk step). Agent k produces only its block of the whitened move.
 An untrained policy (zero last layer) is exactly the pilot-covariance random walk with step s₀.
 
+With ``base="gpcn"`` the learned part sits on the generalized pCN of the best baseline instead (Rudolf &
+Sprungk, Found. Comput. Math. 18 (2018)), in whitened coordinates x = L⁻¹(θ - m):
+
+    x' = sqrt(1 - β²) ⊙ x + β ⊙ (δ + ξ),   β = tanh(atanh(β₀) c) ∈ (0, 1) per block,
+
+so an untrained policy is exactly the gpCN with step β₀ (reversible w.r.t. the pilot Gaussian N(m, C)), and
+the actors learn per-block state-dependent step factors and drifts on top of it (see :func:`learned_kernel`).
+
 **Safe component (robustness).** The proposal used in the chains and in training is the fixed-weight
-mixture q = w · N(θ, s₀² C) + (1 - w) · q_RL (w = ``safe_weight``), so the kernel dominates w times a
-random-walk kernel whatever the actors learned.
+mixture q = w · q_base + (1 - w) · q_RL (w = ``safe_weight``), q_base = N(θ, s₀² C) (``rw``) or the gpCN
+with β₀ (``gpcn``), so the kernel dominates w times the base kernel whatever the actors learned.
 
 **Reward** (aligned with the reported metric, ESS per fine-solve equivalent under delayed acceptance):
 
@@ -83,6 +91,10 @@ class Whitening:
     def whiten_move(self, theta_to: np.ndarray, theta_from: np.ndarray) -> np.ndarray:
         return solve_triangular(self.chol, (np.atleast_2d(theta_to) - np.atleast_2d(theta_from)).T, lower=True).T
 
+    def whiten(self, theta: np.ndarray) -> np.ndarray:
+        """x = L⁻¹(θ - m) as rows."""
+        return solve_triangular(self.chol, (np.atleast_2d(theta) - self.mean).T, lower=True).T
+
 
 def jacobian_fd(posterior, theta0: np.ndarray, eps: float = 1e-3) -> np.ndarray:
     """Scaled Jacobian ∂r/∂θ of the posterior's data residual at θ₀ by forward differences
@@ -107,8 +119,13 @@ class MARLConfig:
     delta_max: float = 1.0
     log_scale_max: float = 1.0
     safe_weight: float = 0.2
+    base: str = "rw"  # "rw": pilot-covariance random walk; "gpcn": generalized pCN around the pilot mean
 
     def __post_init__(self):
+        if self.base not in ("rw", "gpcn"):
+            raise ValueError(f"base must be 'rw' or 'gpcn', got {self.base!r}")
+        if self.base == "gpcn" and not 0 < self.base_step < 1:
+            raise ValueError(f"a gpcn base needs base_step (β₀) in (0, 1), got {self.base_step}")
         if not 1 <= self.n_agents <= self.dim:
             raise ValueError(f"n_agents must be in 1..dim={self.dim}, got {self.n_agents}")
         if not 0 < self.safe_weight < 1:
@@ -120,6 +137,27 @@ class MARLConfig:
 def blocks_of(dim: int, n_agents: int) -> list[tuple[int, int]]:
     """Contiguous (lo, hi) index blocks, one per agent."""
     return [(int(b[0]), int(b[-1]) + 1) for b in np.array_split(np.arange(dim), n_agents)]
+
+
+def learned_kernel(x, delta, logc, base: str, s0: float, xp=np):
+    """Mean and per-coordinate std of the learned component in whitened coordinates x = L⁻¹(θ - m),
+    for actor outputs (δ, log c); ``xp`` is ``numpy`` or ``torch``.
+
+    * ``rw``:   x' = x + s₀ c ⊙ (δ + ξ);
+    * ``gpcn``: x' = sqrt(1 - β²) ⊙ x + β ⊙ (δ + ξ) with β = tanh(atanh(s₀) c) in (0, 1), so c = 1, δ = 0
+      is exactly the generalized pCN with step β₀ = s₀ (reversible w.r.t. N(m, C))."""
+    c = xp.exp(logc)
+    if base == "rw":
+        std = s0 * c
+        return x + std * delta, std
+    beta = xp.tanh(float(np.arctanh(s0)) * c)
+    return xp.sqrt(1 - beta * beta) * x + beta * delta, beta
+
+
+def safe_kernel(x, base: str, s0: float):
+    """Mean and std (scalar) of the safe component in whitened coordinates: N(x, s₀²) (random walk with
+    the pilot covariance) or N(sqrt(1 - s₀²) x, s₀²) (generalized pCN)."""
+    return (x if base == "rw" else np.sqrt(1 - s0 * s0) * x), s0
 
 
 class BlockActor(nn.Module):
@@ -161,6 +199,15 @@ class MultiAgentActors(nn.Module):
         return -0.5 * (z * z).sum(1) - logc.sum(1)
 
 
+    def log_density_x(self, x_to: torch.Tensor, x_from: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """log q_RL(x_to | x_from) in whitened coordinates, up to -½ d log 2π, for either base kernel
+        (``feats`` are x_from's features)."""
+        delta, logc = self(feats)
+        mean, std = learned_kernel(x_from, delta, logc, self.config.base, self.config.base_step, xp=torch)
+        z = (x_to - mean) / std
+        return -0.5 * (z * z).sum(1) - torch.log(std).sum(1)
+
+
 class CentralValue(nn.Module):
     """Centralized critic V(s) on the global state (x, g, φ) of all agents."""
 
@@ -174,7 +221,9 @@ class CentralValue(nn.Module):
 
 
 class MARLProposal(GaussianProposal):
-    """Frozen multi-agent proposal q = w N(θ, s₀² C) + (1 - w) q_RL (float64 NumPy copy of the actors).
+    """Frozen multi-agent proposal q = w q_safe + (1 - w) q_RL (float64 NumPy copy of the actors), with
+    q_safe the base kernel (pilot-covariance random walk or generalized pCN, see :func:`safe_kernel`) and
+    q_RL the learned one (:func:`learned_kernel`).
 
     Its state argument (``misfit`` in the base interface) is the first-level *scaled data residual*
     (``needs_residual``), from which the features are built.
@@ -187,9 +236,11 @@ class MARLProposal(GaussianProposal):
         cfg = actors.config
         super().__init__(cfg.dim, cfg.base_step)
         self.config = cfg
+        self.name = "marl" if cfg.base == "rw" else "marl-gpcn"
         self.white = whitening
         self.weight_safe = cfg.safe_weight
-        self.safe = LinearGaussianProposal(whitening.chol, cfg.base_step, kind="rw")
+        self.safe = (LinearGaussianProposal(whitening.chol, cfg.base_step, kind="rw") if cfg.base == "rw" else
+                     LinearGaussianProposal(whitening.chol, cfg.base_step, mean=whitening.mean, kind="gpcn"))
         with torch.no_grad():
             self.layers = [(a.lo, a.hi, [(m.weight.double().numpy().copy(), m.bias.double().numpy().copy())
                                          for m in a.net if isinstance(m, nn.Linear)]) for a in actors.actors]
@@ -227,18 +278,21 @@ class MARLProposal(GaussianProposal):
             logc[lo:hi] = self.config.log_scale_max * np.tanh(h[0])
         return delta, logc
 
+    def _learned_x(self, theta, delta, logc):
+        """(mean, std) of the learned component in whitened coordinates, from θ's actions."""
+        return learned_kernel(self.white.whiten(theta)[0], delta, logc, self.config.base, self.config.base_step)
+
     def mean_std(self, theta, misfit):
-        delta, logc = self.actions(theta, misfit)
-        c = np.exp(logc)
-        s0, chol = self.config.base_step, self.white.chol
-        return theta + s0 * chol @ (c * delta), s0 * np.sqrt(((chol * c) ** 2).sum(1))
+        mean_x, std_x = self._learned_x(self._check_theta(theta), *self.actions(theta, misfit))
+        chol = self.white.chol
+        return self.white.mean + chol @ mean_x, np.sqrt(((chol * std_x) ** 2).sum(1))
 
     def sample(self, theta, misfit, rng):
         theta = self._check_theta(theta)
         if rng.random() < self.weight_safe:
             return self.safe.sample(theta, misfit, rng)
-        delta, logc = self.actions(theta, misfit)
-        return theta + self.config.base_step * self.white.chol @ (np.exp(logc) * (delta + rng.standard_normal(self.dim)))
+        mean_x, std_x = self._learned_x(theta, *self.actions(theta, misfit))
+        return self.white.mean + self.white.chol @ (mean_x + std_x * rng.standard_normal(self.dim))
 
     def log_density_learned(self, theta_to, theta_from, misfit_from) -> float:
         """log q_RL(θ_to | θ_from), the actors evaluated at θ_from's features."""
@@ -246,10 +300,9 @@ class MARLProposal(GaussianProposal):
 
     def log_density_given_actions(self, theta_to, theta_from, delta, logc) -> float:
         """log q_RL(θ_to | θ_from) for given actor outputs (δ, log c)."""
-        w = self.white.whiten_move(self._check_theta(theta_to), self._check_theta(theta_from))[0] / self.config.base_step
-        z = w * np.exp(-logc) - delta
-        return float(-0.5 * z @ z - logc.sum() - self._logdet - self.dim * np.log(self.config.base_step)
-                     - 0.5 * self.dim * LOG_2PI)
+        mean_x, std_x = self._learned_x(self._check_theta(theta_from), delta, logc)
+        z = (self.white.whiten(self._check_theta(theta_to))[0] - mean_x) / std_x
+        return float(-0.5 * z @ z - np.log(std_x).sum() - self._logdet - 0.5 * self.dim * LOG_2PI)
 
     def log_density(self, theta_to, theta_from, misfit_from):
         a = np.log(self.weight_safe) + self.safe.log_density(theta_to, theta_from, misfit_from)
@@ -315,8 +368,11 @@ def _train(fine, coarse, config, white, train, init, progress):
         delta, logc = delta.double().numpy(), logc.double().numpy()
         use_safe = rng.random(n) < w_safe
         xi = rng.standard_normal((n, d))
-        w = np.where(use_safe[:, None], xi, np.exp(logc) * (delta + xi))  # whitened move / s₀
-        prop = theta + s0 * w @ white.chol.T
+        x = white.whiten(theta)
+        mean_l, std_l = learned_kernel(x, delta, logc, config.base, s0)
+        mean_s, std_s = safe_kernel(x, config.base, s0)
+        x_prop = np.where(use_safe[:, None], mean_s + std_s * xi, mean_l + std_l * xi)
+        prop = white.mean + x_prop @ white.chol.T
         lpc_new, res_new = np.zeros(n), np.zeros_like(res)
         for i in range(n):
             lpc_new[i], _ = coarse.evaluate(prop[i])
@@ -326,12 +382,15 @@ def _train(fine, coarse, config, white, train, init, progress):
             d_new, lc_new = actors(torch.as_tensor(feats_new, dtype=torch.float32))
         d_new, lc_new = d_new.double().numpy(), lc_new.double().numpy()
 
-        def mix(wm, dl, lc):  # log mixture density up to its θ-independent constant (same in both components)
-            z = wm * np.exp(-lc) - dl
-            learned = -0.5 * (z * z).sum(1) - lc.sum(1)
-            return np.logaddexp(np.log(w_safe) - 0.5 * (wm * wm).sum(1), np.log1p(-w_safe) + learned)
+        def mix(x_to, x_from, dl, lc):  # log mixture density up to its θ-independent constant
+            ms, ss = safe_kernel(x_from, config.base, s0)
+            ml, sl = learned_kernel(x_from, dl, lc, config.base, s0)
+            zs, zl = (x_to - ms) / ss, (x_to - ml) / sl
+            return np.logaddexp(np.log(w_safe) - 0.5 * (zs * zs).sum(1) - d * np.log(ss),
+                                np.log1p(-w_safe) - 0.5 * (zl * zl).sum(1) - np.log(sl).sum(1))
 
-        log_fwd, log_rev = mix(w, delta, logc), mix(-w, d_new, lc_new)
+        x_new = white.whiten(prop)
+        log_fwd, log_rev = mix(x_new, x, delta, logc), mix(x, x_new, d_new, lc_new)
         pass1, alpha1 = mh_accept(lpc_new - lpc + log_rev - log_fwd, rng)
         log_a2 = np.full(n, -np.inf)  # stage 2 runs where stage 1 passed; elsewhere α₂ = 0
         lpf_new = lpf.copy()
@@ -339,7 +398,7 @@ def _train(fine, coarse, config, white, train, init, progress):
             lpf_new[i], _ = fine.evaluate(prop[i])
             log_a2[i] = lpf_new[i] - lpf[i] + lpc[i] - lpc_new[i]
         move, alpha2 = mh_accept(log_a2, rng)
-        jump = (w * w).sum(1) * s0**2 / d
+        jump = ((x_new - x) ** 2).sum(1) / d  # whitened squared jump |L⁻¹(θ' - θ)|² / d
         reward = pass1 * alpha2 * jump / (train.cost_coarse + alpha1)
         theta = np.where(move[:, None], prop, theta)
         lpc = np.where(move, lpc_new, lpc)
@@ -361,7 +420,8 @@ def _train(fine, coarse, config, white, train, init, progress):
         # --- actors: policy gradient with the shared TD advantage (learned-component draws only) ---------
         learned = torch.as_tensor(~use_safe)
         if learned.any():
-            logq = actors.log_density_white(torch.as_tensor(w, dtype=torch.float32), ft)
+            logq = actors.log_density_x(torch.as_tensor(x_new, dtype=torch.float32),
+                                        torch.as_tensor(x, dtype=torch.float32), ft)
             loss_a = -(adv * logq)[learned].mean()
             opt_a.zero_grad()
             loss_a.backward()
@@ -394,5 +454,5 @@ def load_marl(path: str) -> MARLProposal:
     return MARLProposal(actors.eval(), white)
 
 
-__all__ = ["MARLConfig", "MARLProposal", "MARLTrainConfig", "MultiAgentActors", "CentralValue", "Whitening",
+__all__ = ["learned_kernel", "safe_kernel", "MARLConfig", "MARLProposal", "MARLTrainConfig", "MultiAgentActors", "CentralValue", "Whitening",
            "jacobian_fd", "train_marl", "save_marl", "load_marl", "blocks_of"]

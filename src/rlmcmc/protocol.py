@@ -11,7 +11,15 @@ resumes where it stopped and a later session can finish it:
   equivalent is used for every replicate, so each row is tuned for the reported metric;
 * ``train/<rep>``: per replicate, the MARL training run and the Gaussian independence fit on a coarse chain
   with the same number of coarse solves;
-* ``run/<method>/<rep>``: ``n_chains`` x (``n_burn`` + ``n_samples``) steps of one method, one replicate.
+* ``run/<method>/<rep>``: ``n_chains`` x (``n_burn`` + ``n_samples``) steps of one method, one replicate;
+* ``aem``: the enhanced-error model (:mod:`rlmcmc.aem`): ``aem_pairs`` fine + coarse solve pairs at draws
+  from the pilot Gaussian, then a pilot chain on the corrected coarse posterior (its mean, covariance and
+  Jacobian are the geometry of every ``+aem`` row); all of it an offline cost of those rows;
+* ``train-aem/<rep>``: per replicate, the MARL training of ``marl-gpcn+aem`` (generalized-pCN base with the
+  tuned β of ``gpcn+aem-2``, trained on the corrected two-level chain).
+
+Rows whose method ends in ``+aem`` are two-level only and use the corrected coarse posterior at stage 1
+(the second stage is always the exact fine posterior).
 
 Costs: ESS per fine-solve equivalent = min bulk ESS / (fine solves + coarse solves x c_coarse), with
 c_coarse the measured CPU time of a coarse solve over that of a fine solve. Offline costs (error model,
@@ -29,13 +37,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .diagnostics import summarize
+from .aem import CorrelatedErrorPosterior, error_model_from_pairs
 from .marl import MARLConfig, MARLProposal, MARLTrainConfig, Whitening, jacobian_fd, save_marl, train_marl
 from .problem import InverseProblem, ProblemConfig, make_problem
 from .proposals import AdaptiveMetropolisProposal, LinearGaussianProposal, PCNProposal, cholesky_of_draws
 from .sampling import run_chains
 
-BASELINES = ("pcn", "rw-cov", "gpcn", "am", "indep")
-RL_METHODS = ("marl",)
+BASELINES = ("pcn", "rw-cov", "gpcn", "am", "indep", "rw-cov+aem", "gpcn+aem", "gpcn-over+aem")
+RL_METHODS = ("marl", "marl-gpcn+aem")
+AEM_SUFFIX = "+aem"
 
 BENCHMARKS = {
     # today's posterior: 8 KL modes, fine 40², GMsFEM 8² x 4
@@ -70,10 +80,15 @@ class Protocol:
     n_agents: int = 4
     safe_weight: float = 0.2
     amortize_draws: int = 100_000
+    # two-level rows with the enhanced-error (pilot-pair) coarse model; their sizes
+    aem_methods: tuple = ()
+    aem_pairs: int = 60
+    overrelax_betas: tuple = (0.7, 0.85, 0.95)  # swept β of the over-relaxed gpCN (ρ = -sqrt(1 - β²))
     extra: dict = field(default_factory=dict)
 
     def method_names(self) -> list[str]:
-        return [f"{m}-{lv}" for m in self.methods for lv in self.levels]
+        return [f"{m}-{lv}" for m in self.methods for lv in self.levels] + \
+            ([f"{m}-2" for m in self.aem_methods] if 2 in self.levels else [])
 
 
 def _dump(obj, path):
@@ -158,6 +173,42 @@ class Runner:
     def cost(self, fine_solves, coarse_solves) -> float:
         return fine_solves + coarse_solves * self.setup()["cost_coarse"]
 
+    # ---- enhanced-error model ------------------------------------------------------------------------------
+    def aem(self) -> dict:
+        """The ``aem`` unit: error model from pilot pairs and a pilot chain on the corrected coarse posterior."""
+        path = self.unit_path("aem")
+        if os.path.exists(path):
+            return _load(path)
+        s = self.setup()
+        problem = self.problem
+        d = problem.fine.dim
+        chol, mean = np.array(s["pilot_chol"]), np.array(s["pilot_mean"])
+        t0 = time.process_time()
+        thetas = mean + np.random.default_rng(7).standard_normal((self.p.aem_pairs, d)) @ chol.T
+        bias, cov = error_model_from_pairs(problem.fine, problem.coarse, thetas)
+        coarse = CorrelatedErrorPosterior(problem.coarse, problem.data, problem.noise_std, bias, cov)
+        run = run_chains(coarse, LinearGaussianProposal(chol, 2.38 / np.sqrt(d)), 1, self.p.pilot_steps, seed=10_001,
+                         n_burn=self.p.pilot_steps // 2, tune=True, init=np.array(s["inits"])[:1], progress=False)[0]
+        pmean, pchol = cholesky_of_draws(run.samples[::2])
+        jac = jacobian_fd(coarse, pmean)
+        a = {"bias": bias.tolist(), "cov": cov.tolist(), "fine_solves": self.p.aem_pairs,
+             "coarse_solves": self.p.aem_pairs + coarse.n_evals, "cpu_s": time.process_time() - t0,
+             "pilot_mean": pmean.tolist(), "pilot_chol": pchol.tolist(), "jacobian": jac.tolist(),
+             "pilot_accept": run.accept_stage1}
+        _dump(a, path)
+        self.log(f"[aem] {self.p.aem_pairs} pilot pairs; corrected-coarse pilot accept {run.accept_stage1:.2f}")
+        return a
+
+    def posteriors(self, method: str):
+        """(fine, first level) for a method name without level: the ``+aem`` methods get the corrected coarse
+        posterior, the others the problem's coarse posterior."""
+        fine, coarse = self.problem.posteriors()
+        if method.endswith(AEM_SUFFIX):
+            a = self.aem()
+            coarse = CorrelatedErrorPosterior(self.problem.coarse, self.problem.data, self.problem.noise_std,
+                                              np.array(a["bias"]), np.array(a["cov"]))
+        return fine, coarse
+
     # ---- proposals -------------------------------------------------------------------------------------------
     def proposal(self, method: str, setting: float, rep: int | None):
         """(proposal, tune?) for a method name without level, at a target/inflation ``setting``."""
@@ -178,6 +229,22 @@ class Runner:
                                           kind="independence"), False
         if method == "marl":
             return self.marl(0 if rep is None else rep), False
+        if method == "gpcn-over+aem":
+            a = self.aem()
+            return LinearGaussianProposal(np.array(a["pilot_chol"]), setting, mean=np.array(a["pilot_mean"]),
+                                          kind="gpcn-over"), False
+        if method in ("rw-cov+aem", "gpcn+aem"):
+            a = self.aem()
+            achol, amean = np.array(a["pilot_chol"]), np.array(a["pilot_mean"])
+            if method == "rw-cov+aem":
+                return LinearGaussianProposal(achol, 2.38 / np.sqrt(d), kind="rw"), True
+            return LinearGaussianProposal(achol, 0.5, mean=amean, kind="gpcn"), True
+        if method == "marl-gpcn+aem":
+            from .marl import load_marl
+
+            rep = 0 if rep is None else rep
+            self.train_aem_unit(rep)
+            return load_marl(os.path.join(self.out, "units", "train-aem", f"marl_rep{rep}.pt")), False
         raise ValueError(f"unknown method {method!r}; choose from {BASELINES + RL_METHODS}")
 
     def base_step(self) -> float:
@@ -188,8 +255,10 @@ class Runner:
     # ---- sweep ---------------------------------------------------------------------------------------------
     def settings(self, method: str) -> tuple:
         name = method.rsplit("-", 1)[0]
-        if name == "marl":
+        if name.startswith("marl"):
             return (float("nan"),)
+        if name == "gpcn-over+aem":  # acceptance is not monotone in β here: sweep β itself, no tuning
+            return self.p.overrelax_betas
         return self.p.inflations if name == "indep" else self.p.targets
 
     def sweep_unit(self, method: str, setting: float) -> dict:
@@ -254,9 +323,36 @@ class Runner:
     def independence_fit(self, rep: int) -> dict:
         return self.train_unit(rep)["indep_fit"]
 
+    def train_aem_unit(self, rep: int) -> dict:
+        """MARL with the generalized-pCN base (β₀ = the tuned step of ``gpcn+aem-2``, same pilot geometry),
+        trained on the corrected two-level chain."""
+        path = self.unit_path("train-aem", f"rep{rep}")
+        ckpt = os.path.join(self.out, "units", "train-aem", f"marl_rep{rep}.pt")
+        if os.path.exists(path) and os.path.exists(ckpt):
+            return _load(path)
+        s, a = self.setup(), self.aem()
+        fine, coarse = self.posteriors("marl-gpcn+aem")
+        white = Whitening(np.array(a["pilot_mean"]), np.array(a["pilot_chol"]), np.array(a["jacobian"]))
+        beta0 = float(self.best_setting("gpcn+aem-2")["step"])
+        cfg = MARLConfig(dim=self.problem.fine.dim, n_agents=min(self.p.n_agents, self.problem.fine.dim),
+                         base_step=min(beta0, 0.995), safe_weight=self.p.safe_weight, base="gpcn")
+        train = MARLTrainConfig(n_envs=self.p.train_envs, n_iters=self.p.train_iters, cost_coarse=s["cost_coarse"],
+                                seed=2000 + rep)
+        inits = np.array(s["inits"])
+        inits = np.repeat(inits, int(np.ceil(train.n_envs / len(inits))), axis=0)[: train.n_envs]
+        actors, hist = train_marl(fine, coarse, cfg, white, train, inits)
+        os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+        save_marl(actors, white, ckpt)
+        unit = {"config": asdict(cfg), "train": asdict(train), "history": dict(hist)}
+        _dump(unit, path)
+        self.log(f"[train-aem rep{rep}] MARL-gpCN: {hist['coarse_solves']} coarse + {hist['fine_solves']} fine "
+                 f"solves, {hist['cpu_seconds']:.0f} CPU s; reward {np.mean(hist['reward'][:20]):.4f} -> "
+                 f"{np.mean(hist['reward'][-20:]):.4f}")
+        return unit
+
     # ---- chains ----------------------------------------------------------------------------------------------
     def _run(self, name, level, setting, rep, n_chains, n_samples, seed) -> dict:
-        fine, coarse = self.problem.posteriors()
+        fine, coarse = self.posteriors(name)
         prop, tune = self.proposal(name, setting, rep)
         inits = np.array(self.setup()["inits"])
         t0 = time.process_time()
@@ -275,7 +371,7 @@ class Runner:
         if os.path.exists(path):
             return _load(path)
         name, level = method.rsplit("-", 1)
-        best = self.best_setting(method) if name != "marl" else {"setting": float("nan"), "sweep": {}}
+        best = self.best_setting(method) if not name.startswith("marl") else {"setting": float("nan"), "sweep": {}}
         res = self._run(name, int(level), best["setting"], rep, self.p.n_chains, self.p.n_samples, seed=100 * rep)
         res["setting"] = best["setting"]
         res["sweep"] = best["sweep"]
@@ -291,16 +387,33 @@ class Runner:
         units = [("setup",)]
         for level in sorted(levels, reverse=True):
             names = [m for m in self.p.method_names() if m.endswith(f"-{level}")]
+            aem_names = [m for m in names if m.rsplit("-", 1)[0].endswith(AEM_SUFFIX)]
             for m in names:
-                if not m.startswith(("marl", "indep")):
+                if not m.startswith(("marl", "indep")) and m not in aem_names:
                     units += [("sweep", m, t) for t in self.settings(m)]
             if any(m.startswith(("marl", "indep")) for m in self.p.method_names()):
                 units += [("train", r) for r in range(self.p.n_replicates) if ("train", r) not in units]
             for m in names:
                 if m.startswith("indep"):
                     units += [("sweep", m, t) for t in self.settings(m)]
+            plain = [m for m in names if m not in aem_names]
+            if level == 1 and plain:
+                # The row with the best tuning sweep decides the best baseline: its replicates run first.
+                lead = max((m for m in plain if not m.startswith(("marl", "indep"))),
+                           key=lambda m: max(self.sweep_unit(m, t)["ess_per_cost"] for t in self.settings(m)),
+                           default=None) if all(self._is_cached(u) for u in units if u[0] == "sweep") else None
+                if lead is not None:
+                    units += [("run", lead, r) for r in range(self.p.n_replicates)]
+                    plain = [m for m in plain if m != lead]
             for r in range(self.p.n_replicates):
-                units += [("run", m, r) for m in names]
+                units += [("run", m, r) for m in plain]
+            if aem_names:  # the enhanced-error rows after every other row of this level is complete
+                units += [("aem",)]
+                units += [("sweep", m, t) for m in aem_names if not m.startswith("marl") for t in self.settings(m)]
+                for r in range(self.p.n_replicates):  # replicate by replicate, training just before its runs
+                    if any(m.startswith("marl") for m in aem_names):
+                        units += [("train-aem", r)]
+                    units += [("run", m, r) for m in aem_names]
         return units
 
     def execute(self, levels=None) -> dict:
@@ -318,6 +431,10 @@ class Runner:
                 self.sweep_unit(u[1], u[2])
             elif u[0] == "train":
                 self.train_unit(u[1])
+            elif u[0] == "aem":
+                self.aem()
+            elif u[0] == "train-aem":
+                self.train_aem_unit(u[1])
             else:
                 r = self.run_unit(u[1], u[2])
                 if not cached:
@@ -337,8 +454,10 @@ class Runner:
             return os.path.exists(self.unit_path("setup"))
         if u[0] == "sweep":
             return os.path.exists(self.unit_path("sweep", u[1], f"{u[2]:g}"))
-        if u[0] == "train":
-            return os.path.exists(self.unit_path("train", f"rep{u[1]}"))
+        if u[0] in ("train", "train-aem"):
+            return os.path.exists(self.unit_path(u[0], f"rep{u[1]}"))
+        if u[0] == "aem":
+            return os.path.exists(self.unit_path("aem"))
         return os.path.exists(self.unit_path("run", u[1], f"rep{u[2]}"))
 
     # ---- summary ---------------------------------------------------------------------------------------------
@@ -349,9 +468,20 @@ class Runner:
         common = self.cost(s["error_model_fine_solves"], s["pilot_coarse_solves"])  # pilot + Jacobian
         marl = float(np.mean([self.cost(t["history"]["fine_solves"], t["history"]["coarse_solves"]) for t in train]))
         indep = float(np.mean([self.cost(0, t["indep_fit"]["coarse_solves"]) for t in train]))
-        return {"common_fine_equiv": common, "marl_training_fine_equiv": marl, "indep_fit_fine_equiv": indep,
-                "marl_training_cpu_s": float(np.mean([t["history"]["cpu_seconds"] for t in train])),
-                "amortize_draws": self.p.amortize_draws}
+        out = {"common_fine_equiv": common, "marl_training_fine_equiv": marl, "indep_fit_fine_equiv": indep,
+               "marl_training_cpu_s": float(np.mean([t["history"]["cpu_seconds"] for t in train])),
+               "amortize_draws": self.p.amortize_draws}
+        if os.path.exists(self.unit_path("aem")):
+            a = self.aem()
+            out["aem_fine_equiv"] = self.cost(a["fine_solves"], a["coarse_solves"])
+            out["aem_cpu_s"] = a["cpu_s"]
+        train_aem = [_load(self.unit_path("train-aem", f"rep{r}")) for r in range(self.p.n_replicates)
+                     if os.path.exists(self.unit_path("train-aem", f"rep{r}"))]
+        if train_aem:
+            out["marl_aem_training_fine_equiv"] = float(np.mean(
+                [self.cost(t["history"]["fine_solves"], t["history"]["coarse_solves"]) for t in train_aem]))
+            out["marl_aem_training_cpu_s"] = float(np.mean([t["history"]["cpu_seconds"] for t in train_aem]))
+        return out
 
     def summary(self) -> dict:
         s = self.setup()
@@ -370,16 +500,21 @@ class Runner:
                     u["ess_min"] = u["tail_ess_min"] = u["ess_per_cost"] = u["tail_ess_per_cost"] = 0.0
                     u["stuck_chains"] = self.p.n_chains
             name = m.rsplit("-", 1)[0]
-            extra = {"marl": off["marl_training_fine_equiv"], "indep": off["indep_fit_fine_equiv"]}.get(name, 0.0)
+            extra = {"marl": off["marl_training_fine_equiv"], "indep": off["indep_fit_fine_equiv"],
+                     "marl-gpcn+aem": off.get("marl_aem_training_fine_equiv", 0.0)}.get(name, 0.0)
+            if name.endswith(AEM_SUFFIX):
+                extra += off.get("aem_fine_equiv", 0.0)
             # Offline cost per kept draw, amortized over `amortize_draws` draws.
             amort = (off["common_fine_equiv"] + extra) / self.p.amortize_draws
             costs = [self.cost(u["fine_solves"], u["coarse_solves"]) for u in units]
             rows.append({
                 "method": m, "rl": name in RL_METHODS, "n_replicates": len(units),
                 "tuned_for": ("ESS per fine-solve equivalent: stage-1 acceptance target swept over "
-                              f"{list(self.p.targets)}" if name not in ("indep", "marl") else
+                              f"{list(self.p.targets)}" if name not in ("indep",) + RL_METHODS else
                               f"ESS per fine-solve equivalent: covariance inflation swept over {list(self.p.inflations)}"
-                              if name == "indep" else "trained reward α₁α₂·jump/(c_coarse + α₁ c_fine)"),
+                              if name == "indep" else "trained reward α₁α₂·jump/(c_coarse + α₁ c_fine)")
+                if name != "gpcn-over+aem" else f"ESS per fine-solve equivalent: β swept over {list(self.p.overrelax_betas)}",
+                "enhanced_error_model": name.endswith(AEM_SUFFIX),
                 "setting": units[0]["setting"], "sweep": units[0]["sweep"],
                 "ess_per_cost": [u["ess_per_cost"] for u in units],
                 "tail_ess_per_cost": [u["tail_ess_per_cost"] for u in units],
@@ -402,7 +537,9 @@ class Runner:
             if r["rl"] and best is not None:
                 ratio, ci = bootstrap_ratio(r["ess_per_cost"], best["ess_per_cost"])
                 comparisons[r["method"]] = {"best_baseline": best["method"], "ratio": ratio, "ci95": ci}
-        rl2 = comparisons.get("marl-2") or next(iter(comparisons.values()), None)
+        # Headline: the RL method built on the enhanced-error model and the gpCN geometry when it ran.
+        head = next((m for m in ("marl-gpcn+aem-2", "marl-2") if m in comparisons), next(iter(comparisons), None))
+        rl2 = dict(comparisons[head], method=head) if head else None
         complete = all(r["n_replicates"] == self.p.n_replicates for r in rows) and \
             len(rows) == len(self.p.method_names())
         return {"benchmark": self.p.benchmark, "protocol": asdict(self.p), "replicates": self.p.n_replicates,
@@ -489,13 +626,27 @@ def default_phases(quick: bool = False) -> list[tuple[Protocol, tuple]]:
     if quick:
         tiny = Protocol(benchmark="tiny", n_chains=2, n_samples=300, n_burn=100, n_replicates=2, targets=(0.1, 0.3),
                         inflations=(1.0, 1.5), sweep_chains=2, sweep_samples=200, pilot_steps=500, train_iters=30,
-                        train_envs=8, n_agents=2)
+                        train_envs=8, n_agents=2, aem_methods=("gpcn+aem", "marl-gpcn+aem"), aem_pairs=20)
         return [(tiny, (2, 1))]
     kl8 = Protocol(benchmark="kl8", n_chains=4, n_samples=3500, n_burn=500, n_replicates=5,
-                   targets=(0.05, 0.1, 0.2, 0.35), sweep_chains=2, sweep_samples=1500, train_iters=400)
+                   targets=(0.05, 0.1, 0.2, 0.35), sweep_chains=2, sweep_samples=1500, train_iters=400,
+                   aem_methods=("gpcn+aem", "marl-gpcn+aem", "gpcn-over+aem"))
     kl32 = Protocol(benchmark="kl32-channels", levels=(2,), n_chains=4, n_samples=600, n_burn=200, n_replicates=3,
                     targets=(0.1, 0.25), inflations=(1.0, 1.3), sweep_chains=2, sweep_samples=400, train_iters=200)
     return [(kl8, (2,)), (kl32, (2,)), (kl8, (1,))]
+
+
+def tinyda_table(check: dict) -> str:
+    """Markdown for the tinyDA cross-check of pcn-2 (same algorithm, same β, same starts)."""
+    lines = [f"**tinyDA cross-check of pcn-2** (tinyDA {check['tinyDA_version']}, subchain length 1, pCN β = "
+             f"{check['beta']:.4f}, {check['chains']} chains x {check['steps']} steps each, same starts):", "",
+             "| implementation | acc. stage 1 | acc. stage 2 | min bulk ESS | max R-hat |", "|---|---|---|---|---|"]
+    for name, r in check["results"].items():
+        lines.append(f"| {name} | {r['accept_stage1']:.3f} | {r['accept_stage2']:.3f} | {r['ess_min']:.0f} | "
+                     f"{r['max_rhat']:.3f} |")
+    lines += ["", f"stage-1 acceptance difference / its standard error: {check['stage1_diff_over_se']:.2f}; largest "
+              f"|posterior-mean difference| / MCSE: {check['max_abs_mean_z']:.2f}"]
+    return "\n".join(lines)
 
 
 def write_outputs(out: str, summaries: dict) -> str:
@@ -507,6 +658,12 @@ def write_outputs(out: str, summaries: dict) -> str:
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(top, fh, indent=1, default=float)
     md = "\n\n".join(markdown_table(s) for s in summaries.values())
+    check_path = os.path.join(out, "tinyda_check.json")
+    if os.path.exists(check_path):  # written by benchmarks/mcmc_tinyda_check.py (its own venv)
+        top["tinyda_check"] = _load(check_path)
+        with open(os.path.join(out, "summary.json"), "w") as fh:
+            json.dump(top, fh, indent=1, default=float)
+        md += "\n\n" + tinyda_table(top["tinyda_check"])
     with open(os.path.join(out, "summary.md"), "w") as fh:
         fh.write(md + "\n")
     plot_summary(list(summaries.values()), os.path.join(out, "summary.png"))

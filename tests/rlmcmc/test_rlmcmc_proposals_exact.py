@@ -30,13 +30,13 @@ def _check_moments(draws, n_ess):
     np.testing.assert_array_less(np.abs(np.cov(draws.T) - COV), 5 * se)
 
 
-def _random_marl(seed=0, scale=1.0, safe_weight=0.2, bound=1.0):
+def _random_marl(seed=0, scale=1.0, safe_weight=0.2, bound=1.0, base="rw"):
     """Untrained but strongly state-dependent actors (random last layers; drift and log step bounded by
     ``bound``), whitening by a deliberately imperfect Gaussian fit, Jacobian G / σ (the linear model's
     exact scaled Jacobian)."""
     torch.manual_seed(seed)
     actors = MultiAgentActors(MARLConfig(dim=3, n_agents=2, base_step=0.8, safe_weight=safe_weight,
-                                         delta_max=bound, log_scale_max=bound))
+                                         delta_max=bound, log_scale_max=bound, base=base))
     with torch.no_grad():
         for a in actors.actors:
             a.net[-1].weight.normal_(0, scale)
@@ -45,13 +45,13 @@ def _random_marl(seed=0, scale=1.0, safe_weight=0.2, bound=1.0):
     return MARLProposal(actors.eval(), white)
 
 
-def _switching_marl():
+def _switching_marl(base="rw"):
     """Hand-set actors whose block step factor switches with the sign of the block's first whitened
     coordinate: log c ≈ +1 for x > 0 and -1 for x < 0 (a drift of the same form on every coordinate).
     Crossing moves then have very different forward and reverse densities, so a wrong reverse density
     shows up clearly."""
     actors = MultiAgentActors(MARLConfig(dim=3, n_agents=2, base_step=BASE, safe_weight=SAFE, log_scale_max=1.0,
-                                         delta_max=1.0))
+                                         delta_max=1.0, base=base))
     with torch.no_grad():
         for a in actors.actors:
             for m in a.net:
@@ -68,11 +68,14 @@ def _proposals():
     return {
         "rw-cov": LinearGaussianProposal(1.2 * CHOL, 1.0, kind="rw"),
         "gpcn": LinearGaussianProposal(1.5 * CHOL, 0.6, mean=MEAN - 0.2, kind="gpcn"),
+        # nearly centred: reflected around a far-off centre it stays exact but sticks in a tail for long
+        "gpcn-over": LinearGaussianProposal(1.1 * CHOL, 0.9, mean=MEAN - 0.05, kind="gpcn-over"),
         "independence": LinearGaussianProposal(1.4 * CHOL, 1.0, mean=MEAN + 0.1, kind="independence"),
         "am": AdaptiveMetropolisProposal(3, 1.4, chol=0.1 * np.eye(3)),
         "mixture": MixtureProposal([RandomWalkProposal(3, 0.4), LinearGaussianProposal(1.3 * CHOL, 1.0, mean=MEAN,
                                                                                       kind="independence")], [0.3, 0.7]),
         "marl": _random_marl(),
+        "marl-gpcn": _random_marl(base="gpcn"),
     }
 
 
@@ -82,7 +85,8 @@ def _posteriors(levels):
     return fine, coarse
 
 
-@pytest.mark.parametrize("name", ["rw-cov", "gpcn", "independence", "am", "mixture", "marl"])
+@pytest.mark.parametrize("name", ["rw-cov", "gpcn", "gpcn-over", "independence", "am", "mixture", "marl",
+                                  "marl-gpcn"])
 @pytest.mark.parametrize("levels", [1, 2])
 def test_moments_match_closed_form(name, levels):
     fine, coarse = _posteriors(levels)
@@ -110,10 +114,11 @@ def _stationarity_z(proposal, n=2000, steps=15, levels=1, seed=0):
     return float(np.abs(scores).max())
 
 
+@pytest.mark.parametrize("base", ["rw", "gpcn"])
 @pytest.mark.parametrize("levels", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_marl_leaves_exact_posterior_invariant(levels):
-    assert _stationarity_z(_switching_marl(), n=1500, steps=10, levels=levels) < 4.0
-    assert _stationarity_z(_random_marl(seed=2, scale=2.0), n=1000, steps=5, levels=levels) < 4.0
+def test_marl_leaves_exact_posterior_invariant(levels, base):
+    assert _stationarity_z(_switching_marl(base), n=1500, steps=10, levels=levels) < 4.0
+    assert _stationarity_z(_random_marl(seed=2, scale=2.0, base=base), n=1000, steps=5, levels=levels) < 4.0
 
 
 class _NoHastings(MARLProposal):
@@ -133,33 +138,36 @@ class _ReverseWithCurrentFeatures(MARLProposal):
         return rev - self.log_density(theta_new, theta, misfit)
 
 
-def _mutant(cls):
-    good = _switching_marl()
+def _mutant(cls, base="rw"):
+    good = _switching_marl(base)
     bad = cls.__new__(cls)
     bad.__dict__.update(good.__dict__)
     return bad
 
 
-def test_stationarity_control_without_hastings_term_fails():
-    assert _stationarity_z(_mutant(_NoHastings), n=1000, steps=10) > 8.0
+@pytest.mark.parametrize("base", ["rw", "gpcn"])
+def test_stationarity_control_without_hastings_term_fails(base):
+    assert _stationarity_z(_mutant(_NoHastings, base), n=1000, steps=10) > 8.0
 
 
-def test_stationarity_mutant_with_current_state_features_fails():
-    assert _stationarity_z(_mutant(_ReverseWithCurrentFeatures)) > 5.5
+@pytest.mark.parametrize("base", ["rw", "gpcn"])
+def test_stationarity_mutant_with_current_state_features_fails(base):
+    assert _stationarity_z(_mutant(_ReverseWithCurrentFeatures, base)) > 5.5
 
 
 @pytest.mark.slow
-def test_moment_test_detects_both_mutants():
+@pytest.mark.parametrize("base", ["rw", "gpcn"])
+def test_moment_test_detects_both_mutants(base):
     for cls in (_NoHastings, _ReverseWithCurrentFeatures):
         fine, _ = _posteriors(1)
-        chains = run_chains(fine, _mutant(cls), 2, 8000, seed=3, n_burn=500, progress=False)
+        chains = run_chains(fine, _mutant(cls, base), 2, 8000, seed=3, n_burn=500, progress=False)
         draws = np.stack([c.samples for c in chains])
         ess, _ = ess_rhat(draws)
         with pytest.raises(AssertionError):
             _check_moments(draws.reshape(-1, 3), ess.min())
 
 
-@pytest.mark.parametrize("name", ["marl", "mixture"])
+@pytest.mark.parametrize("name", ["marl", "marl-gpcn", "mixture"])
 def test_burn_in_from_prior_start_two_level(name):
     """Started from a prior draw in the tail (3 prior sd out), the two-level chain reaches the posterior
     bulk within burn-in: the safe random-walk component keeps it moving."""
@@ -179,6 +187,55 @@ def test_marl_untrained_is_pilot_covariance_random_walk():
     rng = np.random.default_rng(0)
     theta, to, res = rng.standard_normal(3), rng.standard_normal(3), rng.standard_normal(4)
     assert prop.log_density(to, theta, res) == pytest.approx(rw.log_density(to, theta, 0.0), rel=1e-10)
+
+
+def test_marl_gpcn_untrained_is_generalized_pcn():
+    """Zero last layers with the gpcn base: both components are the generalized pCN around the pilot mean
+    with β = s₀, so the mixture density equals the gpCN density (reversible w.r.t. N(m, C))."""
+    actors = MultiAgentActors(MARLConfig(dim=3, n_agents=3, base_step=0.7, base="gpcn"))
+    prop = MARLProposal(actors, Whitening(MEAN + 0.2, CHOL, G / SIGMA))
+    gpcn = LinearGaussianProposal(CHOL, 0.7, mean=MEAN + 0.2, kind="gpcn")
+    rng = np.random.default_rng(0)
+    theta, to, res = rng.standard_normal(3), rng.standard_normal(3), rng.standard_normal(4)
+    assert prop.log_density(to, theta, res) == pytest.approx(gpcn.log_density(to, theta, 0.0), rel=1e-10)
+    with pytest.raises(ValueError, match="base_step"):
+        MARLConfig(dim=3, base_step=1.2, base="gpcn")
+    with pytest.raises(ValueError, match="base"):
+        MARLConfig(dim=3, base="hmc")
+
+
+@pytest.mark.parametrize("base", ["rw", "gpcn"])
+def test_marl_sampler_draws_from_its_own_density(base):
+    """The draws of :meth:`MARLProposal.sample` have the mean and covariance of the density the Hastings
+    ratio uses (:meth:`log_density`), computed by importance sampling from a wide Gaussian."""
+    prop = _random_marl(seed=5, scale=2.0, base=base)
+    rng = np.random.default_rng(3)
+    theta, res = MEAN + 0.3, rng.standard_normal(4)
+    draws = np.array([prop.sample(theta, res, rng) for _ in range(8000)])
+    wide = stats.multivariate_normal(theta, 16 * COV)
+    xs = wide.rvs(30000, random_state=4)
+    wts = np.exp([prop.log_density(x, theta, res) for x in xs] - wide.logpdf(xs))
+    wts /= wts.sum()
+    is_mean = wts @ xs
+    se = np.sqrt(draws.var(0) / draws.shape[0] + (wts[:, None] ** 2 * (xs - is_mean) ** 2).sum(0))
+    np.testing.assert_array_less(np.abs(draws.mean(0) - is_mean), 5 * se)
+
+
+def test_marl_gpcn_numpy_density_matches_torch_actors():
+    prop = _random_marl(seed=4, base="gpcn")
+    rng = np.random.default_rng(1)
+    theta, res, to = rng.standard_normal(3), rng.standard_normal(4), rng.standard_normal(3)
+    feats = torch.as_tensor(prop.white.features(theta, res))
+    actors = MultiAgentActors(prop.config)
+    with torch.no_grad():
+        for a, (_, _, layers) in zip(actors.actors, prop.layers):
+            for m, (wt, b) in zip([m for m in a.net if isinstance(m, torch.nn.Linear)], layers):
+                m.weight.copy_(torch.as_tensor(wt))
+                m.bias.copy_(torch.as_tensor(b))
+        x_to, x_from = (torch.as_tensor(prop.white.whiten(t)) for t in (to, theta))
+        logq_t = float(actors.double().log_density_x(x_to, x_from, feats.double())[0])
+    const = -np.log(np.diag(prop.white.chol)).sum() - 1.5 * np.log(2 * np.pi)
+    assert prop.log_density_learned(to, theta, res) == pytest.approx(logq_t + const, rel=1e-9)
 
 
 def test_marl_numpy_density_matches_torch_actors_and_is_normalized():
@@ -203,6 +260,23 @@ def test_marl_numpy_density_matches_torch_actors_and_is_normalized():
     xs = wide.rvs(40000, random_state=2)
     vals = np.exp([prop.log_density(x, theta, res) for x in xs] - wide.logpdf(xs))
     assert vals.mean() == pytest.approx(1.0, abs=4 * vals.std() / np.sqrt(xs.shape[0]))
+
+
+class _OverNoHastings(LinearGaussianProposal):
+    def log_ratio(self, theta, theta_new, misfit, misfit_new):
+        return 0.0
+
+
+def test_over_relaxed_gpcn_is_exact_and_its_no_hastings_control_fails():
+    """Over-relaxed gpCN around a deliberately wrong Gaussian (m - 0.2, 1.2² C): the full Hastings ratio
+    keeps the exact posterior invariant; dropping it leaves N(m - 0.2, 1.44 C) invariant instead (fails)."""
+    args = (1.2 * CHOL, 0.8)
+    kw = dict(mean=MEAN - 0.2, kind="gpcn-over")
+    assert _stationarity_z(LinearGaussianProposal(*args, **kw), n=1500, steps=10) < 4.0
+    assert _stationarity_z(_OverNoHastings(*args, **kw), n=1500, steps=10) > 8.0
+    # Its mean map reflects through the centre: ρ = -sqrt(1 - β²).
+    prop = LinearGaussianProposal(*args, **kw)
+    np.testing.assert_allclose(prop._mean(MEAN + 1.0), MEAN - 0.2 - 0.6 * (1.2 * np.ones(3)), atol=1e-12)
 
 
 def test_am_adapts_in_burn_in_then_freezes():

@@ -119,13 +119,42 @@ def test_runner_caches_units_resumes_and_writes_summary(tmp_path):
     assert (tmp_path / "summary.png").stat().st_size > 5000
 
 
+def test_enhanced_error_rows_use_the_corrected_coarse_level_and_count_its_offline_cost(tmp_path):
+    from rlmcmc.aem import CorrelatedErrorPosterior
+
+    proto = _tiny_protocol(methods=("gpcn",), aem_methods=("gpcn+aem", "marl-gpcn+aem"), aem_pairs=10)
+    runner = Runner(proto, str(tmp_path / "tiny"), log=lambda line: None)
+    summary = runner.execute()
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert set(rows) == {"gpcn-2", "gpcn+aem-2", "marl-gpcn+aem-2"}
+    assert rows["gpcn+aem-2"]["enhanced_error_model"] and not rows["gpcn-2"]["enhanced_error_model"]
+    assert rows["marl-gpcn+aem-2"]["rl"] and not rows["gpcn+aem-2"]["rl"]
+    _, first = runner.posteriors("gpcn+aem")
+    assert isinstance(first, CorrelatedErrorPosterior) and not isinstance(runner.posteriors("gpcn")[1],
+                                                                          CorrelatedErrorPosterior)
+    aem = json.loads((tmp_path / "tiny" / "units" / "aem.json").read_text())
+    assert aem["fine_solves"] == 10
+    off = summary["offline"]
+    assert off["aem_fine_equiv"] == pytest.approx(runner.cost(10, aem["coarse_solves"]))
+    assert off["marl_aem_training_fine_equiv"] > 0
+    # The RL proposal is built on the tuned gpCN geometry: base kernel gpcn, β₀ = the tuned gpcn+aem-2 step.
+    prop = runner.proposal("marl-gpcn+aem", float("nan"), 0)[0]
+    assert prop.config.base == "gpcn"
+    assert prop.config.base_step == pytest.approx(min(0.995, runner.best_setting("gpcn+aem-2")["step"]))
+    np.testing.assert_allclose(prop.white.mean, aem["pilot_mean"])
+    assert summary["rl_vs_best_baseline"]["method"] == "marl-gpcn+aem-2"
+    # Amortized offline cost of a +aem row includes the error model's solves.
+    r = rows["gpcn+aem-2"]
+    assert all(a < b for a, b in zip(r["ess_per_cost_amortized"], r["ess_per_cost"]))
+
+
 @pytest.mark.slow
 def test_cli_compare_quick(tmp_path):
     from rlmcmc.cli import main
 
     main(["compare", "--quick", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert len(saved["rows"]) == 12 and saved["replicates"] == 2
+    assert len(saved["rows"]) == 14 and saved["replicates"] == 2  # 6 methods x 2 levels + 2 enhanced-error rows
 
 
 def test_summary_gives_zero_ess_to_a_chain_that_never_moved():
