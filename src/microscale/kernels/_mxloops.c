@@ -154,6 +154,19 @@ AINLINE void quant_chunk(const job_t *J, const fmt_t *f, int64_t b, int64_t base
         load_run(in, base, nv, dt, buf);
         for (int i = nv; i < ne; i++) buf[i] = 0;
     }
+    /* software prefetch of the chunk after next (input) and of the next one (output, for writing): the
+     * chunk's work is a burst of loads (amax), then a burst of arithmetic and stores, longer than the
+     * out-of-order window; without this the loads of a chunk wait for memory (fp32 fake-quantize went
+     * from 1.0x to 1.4x a copy when the row loops became chunked) */
+    {
+        const int es = dt == DT_F32 ? 4 : 2;
+        const char *pin = (const char *)in + (base + 2 * (int64_t)ne) * es;
+        const char *pout = (const char *)J->out + (base + (int64_t)ne) * es;
+        for (int off = 0; off < ne * es; off += 64) {
+            __builtin_prefetch(pin + off, 0, 3);
+            if (MODE == 0) __builtin_prefetch(pout + off, 1, 3);
+        }
+    }
     if (pow2) {     /* sub-block and block amax by pairwise halving (vectorizes for runtime sizes) */
         uint32_t *src = tmp, *dst = me;                     /* (me, tmp: scratch until the element loop) */
 #pragma omp simd
@@ -673,6 +686,7 @@ AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, con
     int32_t s[MAXK2 * TILE];     /* [sub-block][column] */
     int32_t X[TILE], xr[TILE];
     uint32_t nanm[TILE], cw[TILE], vb[TILE];
+    const int es = odt == DT_F32 ? 4 : (odt == DT_F64 ? 8 : 2);
     for (int64_t t = t0; t < t1; t++) {
         int64_t it = t % ntile, ol = t / ntile, lb = ol % nb, o = ol / nb;
         int64_t i0 = it * TILE;
@@ -680,6 +694,15 @@ AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, con
         int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
         int64_t base = (o * L + lb * k) * inner + i0;
         int safe = 1;
+        if (t + 1 < t1) {   /* the next tile's output rows (for writing) and code blocks: as prefetch_tile */
+            int64_t it1 = (t + 1) % ntile, ol1 = (t + 1) / ntile, lb1 = ol1 % nb, o1 = ol1 / nb, c0 = it1 * TILE;
+            int w1 = (int)((inner - c0) < TILE ? (inner - c0) : TILE);
+            int n1 = (int)((L - lb1 * k) < k ? (L - lb1 * k) : k);
+            const char *ob = (const char *)J->out + ((o1 * L + lb1 * k) * inner + c0) * es;
+            for (int j = 0; j < n1; j++)
+                for (int c = 0; c < w1 * es; c += 64) __builtin_prefetch(ob + (j * inner) * es + c, 1, 3);
+            for (int c = 0; c < w1; c++) __builtin_prefetch(J->codes + ((o1 * inner + c0 + c) * nb + lb1) * bytes, 0, 3);
+        }
         for (int c = 0; c < w; c++) {
             int64_t blk = (o * inner + i0 + c) * nb + lb;
             X[c] = (int32_t)J->scales[blk] - f->s_bias;

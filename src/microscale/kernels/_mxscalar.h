@@ -1,7 +1,7 @@
 /* Shared scalar pieces of the MX C kernels: format and job descriptors, fp32/bf16/fp16 bit helpers,
  * the shared-exponent rule, element rounding (quant_elem / quant_fast) and element decode; code packing
  * is in _mxpack.h (included at the end).
- * Included by _mxkernels.c (the quantize / dequantize loops) and by any other kernel file of the same
+ * Included by _mxloops.c (the quantize / dequantize loops) and by any other kernel file of the same
  * extension that must round exactly as they do; everything here is static inline (no symbols exported).
  * The arithmetic is described at the top of _mxloops.c. */
 #ifndef MICROSCALE_MXSCALAR_H
