@@ -113,12 +113,12 @@ def test_every_rounding_and_scale_mode(fmt):
 @pytest.mark.parametrize("fmt", ALL, ids=fmt_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dtypes_axes_and_ragged_lengths(fmt, dtype):
-    # each geometry with two roundings (deterministic and stochastic) and a scale mode, rotated by dtype
+    # each geometry with one rounding and scale mode, rotated by geometry and dtype so that every geometry
+    # meets deterministic and stochastic rounding over the three dtypes
     d = DTYPES.index(dtype)
     for i, (shape, axis) in enumerate(GEOMETRIES):
-        for rounding in (["even", "away", "zero"][(i + d) % 3], "stochastic"):
-            check_all(sample(shape, dtype, seed=12 + i), fmt, axis, rounding, SCALE_MODES[(i + d) % 4],
-                      out_dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
+        check_all(sample(shape, dtype, seed=12 + i), fmt, axis, ROUNDINGS[(i + d) % 4], SCALE_MODES[(i + 2 * d) % 4],
+                  out_dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
 
 
 @pytest.mark.parametrize("fmt", ALL, ids=fmt_id)
@@ -332,7 +332,7 @@ x[3, :4] = torch.tensor([1e-40, -3e-39, 2.0 ** -149, -0.0])
 x[4, ::2] = 0.0
 fmts = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8", "msfp12",
         "mx9", "mx6", "mx4", bdr_format(3, 8, 6, 1, 2), bdr_format(5, 32, 8, 4, 1)]
-for fmt, rnd, sm, ax, dt in itertools.product(fmts, ["even", "zero", "stochastic"], ["floor", "rceil"], [-1, 0],
+for fmt, rnd, sm, ax, dt in itertools.product(fmts, ["even", "stochastic"], ["floor", "rceil"], [-1, 0],
                                               [torch.float32, torch.bfloat16]):
     xi = x.to(dt)
     ref = fake_quantize_reference(xi, fmt, ax, rnd, sm, seed=9)
