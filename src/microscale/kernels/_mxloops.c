@@ -671,7 +671,11 @@ AINLINE void deq_rows(const job_t *J, int64_t t0, int64_t t1, const int DT, cons
     }
 }
 
-/* Tiles (inner > 1), as quant_tiles. */
+/* Tiles (inner > 1), as quant_tiles but in another order: item t = ((o * ntile) + it) * nb + lb, the blocks
+ * of one column tile consecutive. A tile reads one block of codes per column, nb * bytes apart (a page or
+ * more for 4096 rows); in quant_tiles' order the next tile moved on to the next columns, so every tile
+ * touched TILE new pages and the codes' TLB misses dominated (axis-0 dequantize at 4-8x a copy); in this
+ * order the next tile reads the next bytes of the same pages. */
 AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, const int MICRO) {
     const fmt_t F = J->f, *f = &F;
     const int k = f->k, k2 = MICRO ? f->k2 : k, d2 = f->d2, nsub = MICRO ? k / k2 : 1;
@@ -688,14 +692,14 @@ AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, con
     uint32_t nanm[TILE], cw[TILE], vb[TILE];
     const int es = odt == DT_F32 ? 4 : (odt == DT_F64 ? 8 : 2);
     for (int64_t t = t0; t < t1; t++) {
-        int64_t it = t % ntile, ol = t / ntile, lb = ol % nb, o = ol / nb;
+        int64_t lb = t % nb, ol = t / nb, it = ol % ntile, o = ol / ntile;   /* (deq_tiles order, above) */
         int64_t i0 = it * TILE;
         int w = (int)((inner - i0) < TILE ? (inner - i0) : TILE);
         int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
         int64_t base = (o * L + lb * k) * inner + i0;
         int safe = 1;
         if (t + 1 < t1) {   /* the next tile's output rows (for writing) and code blocks: as prefetch_tile */
-            int64_t it1 = (t + 1) % ntile, ol1 = (t + 1) / ntile, lb1 = ol1 % nb, o1 = ol1 / nb, c0 = it1 * TILE;
+            int64_t lb1 = (t + 1) % nb, ol1 = (t + 1) / nb, it1 = ol1 % ntile, o1 = ol1 / ntile, c0 = it1 * TILE;
             int w1 = (int)((inner - c0) < TILE ? (inner - c0) : TILE);
             int n1 = (int)((L - lb1 * k) < k ? (L - lb1 * k) : k);
             const char *ob = (const char *)J->out + ((o1 * L + lb1 * k) * inner + c0) * es;
