@@ -43,9 +43,11 @@ if _X86 and sys.platform != "win32":
 
 setup(
     ext_modules=[Extension("microscale.kernels._mxkernels", ["src/microscale/kernels/_mxkernels.c",
+                                                               "src/microscale/kernels/_mxloops.c",
                                                                "src/microscale/kernels/_mxgemm.c",
                                                                "src/microscale/kernels/_mxconv.c"],
-                           depends=["src/microscale/kernels/_mxscalar.h"],
+                           depends=["src/microscale/kernels/_mxscalar.h", "src/microscale/kernels/_mxpack.h",
+                                    "src/microscale/kernels/_mxloops.h"],
                            extra_compile_args=_cflags, optional=True)],
     cmdclass={"build_ext": BuildExt},
 )

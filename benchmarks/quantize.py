@@ -10,11 +10,20 @@ without the page faults that any freshly allocated output pays.
 
     python benchmarks/quantize.py                    # 4096 x 4096 fp32, all formats
     python benchmarks/quantize.py --microxcaling /tmp/microxcaling --memory
+
+``--table`` times only microscale's own kernel table (every quantize / fake-quantize / dequantize op of
+each format, axis -1 and axis 0, allocating and ``out=``) against its memory-bound reference
+(``x.clone()`` for allocating forms, ``y.copy_(x)`` for ``out=``); ``--build PATH`` (repeatable) adds
+another compiled ``_mxkernels`` shared object, loaded by path, and every build is timed interleaved with
+the installed one in the same run (repetition r times build A, then B, ...; best of N each):
+
+    python benchmarks/quantize.py --table --build .before/_mxkernels_before.so
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -94,6 +103,92 @@ print(json.dumps(dict(input=x.numel() * 4, output=q.nbytes, base_rss=base, peak_
     return r
 
 
+def load_build(path: str):
+    """A compiled ``_mxkernels`` loaded from ``path`` (a copy of the shared object under any file name)."""
+    spec = importlib.util.spec_from_file_location("microscale.kernels._mxkernels", os.path.abspath(path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def kernel_table(a) -> dict:
+    """Best-of-N times of every kernel op per build, interleaved, with ratios to clone / copy."""
+    kernels.available()
+    builds = [("current", kernels._lib)] + [(os.path.basename(b), load_build(b)) for b in a.build]
+    torch.manual_seed(0)
+    x = torch.randn(a.size, a.size)
+    xb = x.bfloat16()
+    y = torch.empty_like(x)
+    yb = torch.empty_like(xb)
+    with open("/proc/loadavg") as fh:
+        load = fh.read().split()[:3]
+    print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, tensor {a.size}x{a.size} fp32, "
+          f"best of {a.repeat} interleaved, loadavg {' '.join(load)}; builds: "
+          + ", ".join(f"{n} ({m.info()['isa']})" for n, m in builds))
+
+    def timed(fns):
+        """best time of each fn, repetitions interleaved (fns[0] once, fns[1] once, ...)."""
+        for fn in fns:
+            fn()
+        best = [float("inf")] * len(fns)
+        for _ in range(a.repeat):
+            for i, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - t0)
+        return best
+
+    def with_lib(lib, fn):
+        def run():
+            kernels._lib = lib
+            return fn()
+        return run
+
+    copy, clone, copyb, cloneb = timed([lambda: y.copy_(x), lambda: x.clone(), lambda: yb.copy_(xb), lambda: xb.clone()])
+    print(f"# fp32 copy_ {copy * 1e3:.2f} ms, clone {clone * 1e3:.2f} ms; bf16 copy_ {copyb * 1e3:.2f} ms, "
+          f"clone {cloneb * 1e3:.2f} ms")
+    names = [n for n, _ in builds]
+    hdr = f"| {'format':11s} | {'op':24s} | {'ref':6s} | " + " | ".join(f"{n[:14]:>14s} ms | x ref" for n in names)
+    if len(builds) > 1:
+        hdr += " | " + " | ".join(f"{n[:10]}/{names[0][:7]}" for n in names[1:])
+    print(hdr + " |")
+    print("|" + "|".join("-" * len(c) for c in (hdr + " |").split("|")[1:-1]) + "|")
+    rows = []
+    for fmt in a.formats:
+        kernels._lib = builds[0][1]
+        q = ms.quantize(x, fmt)
+        q0 = ms.quantize(x, fmt, axis=0)
+        qb = ms.quantize(xb, fmt)
+        ops = [
+            ("fake-quant axis -1", "clone", clone, lambda: ms.fake_quantize(x, fmt, axis=-1)),
+            ("fake-quant axis -1 out=", "copy", copy, lambda: ms.fake_quantize(x, fmt, axis=-1, out=y)),
+            ("fake-quant axis 0", "clone", clone, lambda: ms.fake_quantize(x, fmt, axis=0)),
+            ("fake-quant axis 0 out=", "copy", copy, lambda: ms.fake_quantize(x, fmt, axis=0, out=y)),
+            ("bf16 fake-quant out=", "copy", copyb, lambda: ms.fake_quantize(xb, fmt, out=yb)),
+            ("quantize axis -1", "clone", clone, lambda: ms.quantize(x, fmt)),
+            ("quantize axis 0", "clone", clone, lambda: ms.quantize(x, fmt, axis=0)),
+            ("bf16 quantize", "clone", cloneb, lambda: ms.quantize(xb, fmt)),
+            ("dequantize axis -1", "clone", clone, lambda: q.dequantize()),
+            ("dequantize axis -1 out=", "copy", copy, lambda: q.dequantize(out=y)),
+            ("dequantize axis 0 out=", "copy", copy, lambda: q0.dequantize(out=y)),
+            ("dequantize bf16 out=", "copy", copyb, lambda: qb.dequantize(dtype=torch.bfloat16, out=yb)),
+        ]
+        for op, refname, ref, fn in ops:
+            if a.ops and not any(o in op for o in a.ops):
+                continue
+            ts = timed([with_lib(lib, fn) for _, lib in builds])
+            refn = refname if "bf16" not in op else refname + "16"
+            line = f"| {fmt:11s} | {op:24s} | {refn:6s} | " + " | ".join(
+                f"{t * 1e3:17.2f} | {t / ref:5.2f}" for t in ts)
+            if len(ts) > 1:
+                line += " | " + " | ".join(f"{t / ts[0]:{len(n[:10]) + 8}.3f}" for t, n in zip(ts[1:], names[1:]))
+            print(line + " |", flush=True)
+            rows.append(dict(format=fmt, op=op, ref=refn, ref_ms=ref * 1e3,
+                             ms={n: t * 1e3 for n, t in zip(names, ts)}))
+    kernels._lib = builds[0][1]
+    return dict(copy_ms=copy * 1e3, clone_ms=clone * 1e3, threads=torch.get_num_threads(), loadavg=load, rows=rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=4096, help="the tensor is SIZE x SIZE fp32 (default 4096)")
@@ -103,7 +198,18 @@ def main(argv=None):
     p.add_argument("--memory", action="store_true", help="also measure peak memory of a 1 GiB MXFP4 quantize")
     p.add_argument("--memory-gib", type=float, default=1.0)
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--table", action="store_true",
+                   help="only microscale's kernel table, ratios to clone (allocating) / copy (out=)")
+    p.add_argument("--build", action="append", default=[], metavar="SO",
+                   help="(--table) another compiled _mxkernels .so to time interleaved with the installed one")
+    p.add_argument("--ops", nargs="+", help="(--table) only ops whose name contains one of these strings")
     a = p.parse_args(argv)
+    if a.table:
+        result = kernel_table(a)
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump(result, fh, indent=1)
+        return
 
     torch.manual_seed(0)
     x = torch.randn(a.size, a.size)

@@ -26,8 +26,27 @@ FORMATS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1",
 ROUNDINGS = ["even", "away", "zero", "stochastic"]
 SCALE_MODES = ["floor", "ceil", "even", "rceil"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (shape, axis): last axis with a ragged length, first axis, a middle axis, a 1-D vector
-GEOMETRIES = [((5, 70), -1), ((70, 5), 0), ((3, 40, 7), 1), ((33,), 0)]
+# Two-level (BDR microexponent) formats (docs/bdr.md "Two-level rules"; reference._quantize_two_level): the
+# kernels cover any sign + m (or small fp) element with k1 <= 256, a d1-bit power-of-two scale and k2-element
+# sub-blocks with d2-bit microexponents. Single-level BFP/MSFP: sign-magnitude elements, d1-bit scales.
+TWO_LEVEL = ["mx9", "mx6", "mx4",
+             bdr_format(3, 8, 6, 1, 1), bdr_format(5, 32, 8, 4, 2), bdr_format(2, 16, 6, 8, 2),
+             bdr_format(7, 32, 6, 2, 1), bdr_format(4, 8, 8, 8, 1), bdr_format(6, 16, 8, 1, 2),
+             bdr_format(1, 16, 8, 2, 3), bdr_format(E2M1, 16, 8, 2, 1)]
+BFP = ["msfp12", "msfp16", bfp_format(3, 16, 6), bfp_format(2, 8, 4), bfp_format(6, 32, 5)]
+# every covered kind of format goes through the same parametrised tests: single-level and two-level loops
+# are one family in C (_mxloops.c), specialized at compile time
+ALL = FORMATS + BFP + TWO_LEVEL
+
+
+def fmt_id(f):
+    return f if isinstance(f, str) else f.name
+
+
+# (shape, axis): last axis with a ragged length, first axis, a middle axis, a 1-D vector; rows of whole
+# blocks (chunks that run across rows), long rows (several chunks, a ragged block), tiles wider than TILE
+GEOMETRIES = [((5, 70), -1), ((70, 5), 0), ((3, 40, 7), 1), ((33,), 0),
+              ((8, 64), -1), ((3, 1040), -1), ((2, 5, 96), 2), ((37, 130), 0)]
 
 
 
@@ -61,56 +80,72 @@ def sample(shape, dtype, seed=0, specials=True):
 
 
 def check_all(x, fmt, axis, rounding, scale_mode, seed=None, out_dtypes=(torch.float32,)):
+    """fake_quantize, quantize (codes, scales, and microexponents of two-level formats) and dequantize
+    against the reference, bit for bit."""
     f = ms.get_format(fmt)
     seed = 1234 if rounding == "stochastic" and seed is None else seed
-    what = f"{fmt} {rounding} {scale_mode} {x.dtype} {tuple(x.shape)} axis={axis}"
+    what = f"{f.name} {rounding} {scale_mode} {x.dtype} {tuple(x.shape)} axis={axis}"
     ref = fake_quantize_reference(x, f, axis, rounding, scale_mode, seed=seed)
     assert_same(ref, kernels.fake_quantize(x, f, axis, rounding, scale_mode, seed, None), "fake " + what)
     q, layout = quantize_reference(x, f, axis, rounding, scale_mode, seed=seed)
     mref = MXTensor.from_blocks(q, layout, f)
     fast = kernels.quantize(x, f, axis, rounding, scale_mode, seed, None)
     assert fast is not None, what
-    codes, scales, klayout = fast
+    codes, scales, klayout, *micro = fast
     assert torch.equal(mref.codes, codes), "codes " + what
     assert torch.equal(mref.scales, scales), "scales " + what
     assert klayout == layout
+    assert len(micro) == f.is_two_level
+    if micro:
+        assert torch.equal(mref.micro, micro[0]), "microexponents " + what
     for odt in out_dtypes:
         dref = cast_values(from_blocks(dequantize_blocks(mref.to_blocks(), f), mref.layout), odt)
         assert_same(dref, kernels.dequantize(mref, odt), f"dequantize->{odt} " + what)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", ALL, ids=fmt_id)
 def test_every_rounding_and_scale_mode(fmt):
+    x = sample((6, 96), torch.float32, seed=1)
     for rounding, scale_mode in itertools.product(ROUNDINGS, SCALE_MODES):
-        check_all(sample((6, 96), torch.float32, seed=1), fmt, -1, rounding, scale_mode)
+        check_all(x, fmt, -1, rounding, scale_mode)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", ALL, ids=fmt_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dtypes_axes_and_ragged_lengths(fmt, dtype):
-    for (shape, axis), rounding in itertools.product(GEOMETRIES, ["even", "stochastic"]):
-        check_all(sample(shape, dtype, seed=2), fmt, axis, rounding, "floor",
+    # each geometry with one rounding and scale mode, rotated by geometry and dtype so that every geometry
+    # meets deterministic and stochastic rounding over the three dtypes
+    d = DTYPES.index(dtype)
+    for i, (shape, axis) in enumerate(GEOMETRIES):
+        check_all(sample(shape, dtype, seed=12 + i), fmt, axis, ROUNDINGS[(i + d) % 4], SCALE_MODES[(i + 2 * d) % 4],
                   out_dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", ALL, ids=fmt_id)
 def test_wide_tiles_and_odd_inner(fmt):
     # inner > TILE (64) with a ragged tile, and a ragged block axis
     check_all(sample((37, 130), torch.float32, seed=3), fmt, 0, "away", "even")
     check_all(sample((2, 45, 67), torch.bfloat16, seed=4), fmt, 1, "zero", "rceil")
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_special_blocks(fmt):
-    x = torch.randn(8, 32)
+def _special_rows(k1):
+    x = torch.randn(9, 2 * k1)
     x[0, 3] = float("nan")
     x[1, 4] = float("inf")
-    x[2, 5] = float("-inf")
+    x[2, k1 + 5] = float("-inf")                     # second block of the row only
     x[3] = 0.0
     x[4] = -0.0
-    x[5] = torch.randn(32) * 1e-41                 # all fp32 subnormals: smallest scale
-    x[6] = torch.randn(32) * 2.0**126               # near the top of fp32
-    x[7, 0] = torch.finfo(torch.float32).max        # ceil/even/rceil scales can round this up to 2^128
+    x[5] = torch.randn(2 * k1) * 1e-41               # fp32 subnormals: smallest scale
+    x[6] = torch.randn(2 * k1) * 2.0**126             # near the top of fp32
+    x[7, 0] = torch.finfo(torch.float32).max         # ceil/even/rceil scales can round this up to 2^128
+    x[8, ::2] = 0.0                                  # zero sub-blocks next to non-zero ones (k2 = 1, 2)
+    x[8, :k1 // 2] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("fmt", ALL, ids=fmt_id)
+def test_special_blocks(fmt):
+    x = _special_rows(ms.get_format(fmt).block_size)
     for rounding, scale_mode in itertools.product(ROUNDINGS, SCALE_MODES):
         check_all(x, fmt, -1, rounding, scale_mode, out_dtypes=DTYPES + [torch.float64])
         check_all(x.t().contiguous(), fmt, 0, rounding, scale_mode)
@@ -182,10 +217,10 @@ def random_bits(shape, dtype, data_seed):
     return torch.from_numpy(raw.view(np.int16).copy()).view(dtype).reshape(shape)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 3).flatmap(lambda nd: st.tuples(st.lists(st.integers(1, 70), min_size=nd, max_size=nd),
                                                      st.integers(0, nd - 1))),
-       st.sampled_from(FORMATS), st.sampled_from(ROUNDINGS), st.sampled_from(SCALE_MODES),
+       st.sampled_from(ALL), st.sampled_from(ROUNDINGS), st.sampled_from(SCALE_MODES),
        st.sampled_from(DTYPES), st.integers(0, 2**32 - 1), st.integers(0, 2**31))
 def test_random_bit_patterns(geom, fmt, rounding, scale_mode, dtype, seed, data_seed):
     shape, axis = geom
@@ -286,21 +321,28 @@ def test_extension_is_built():
 _VARIANT_CHECK = r"""
 import itertools, torch, microscale as ms
 from microscale import kernels
-from microscale.reference import fake_quantize_reference
+from microscale.reference import fake_quantize_reference, quantize_reference
+from microscale.tensor import MXTensor
+from microscale.formats import bdr_format
 assert kernels.available()
-g = torch.Generator().manual_seed(5)
-x = torch.randn(40, 96, generator=g) * torch.exp2(torch.randint(-30, 30, (40, 1), generator=g).float())
+g = torch.Generator().manual_seed(6)
+x = torch.randn(24, 160, generator=g) * torch.exp2(torch.randint(-30, 30, (24, 1), generator=g).float())
 x[0, 3], x[1, 5], x[2] = float("nan"), float("inf"), 0.0
 x[3, :4] = torch.tensor([1e-40, -3e-39, 2.0 ** -149, -0.0])
-for fmt, rnd, sm, ax, dt in itertools.product(
-        ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8"],
-        ["even", "away", "zero", "stochastic"], ["floor", "rceil"], [-1, 0], [torch.float32, torch.bfloat16]):
+x[4, ::2] = 0.0
+fmts = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8", "msfp12",
+        "mx9", "mx6", "mx4", bdr_format(3, 8, 6, 1, 2), bdr_format(5, 32, 8, 4, 1)]
+for fmt, rnd, sm, ax, dt in itertools.product(fmts, ["even", "stochastic"], ["floor", "rceil"], [-1, 0],
+                                              [torch.float32, torch.bfloat16]):
     xi = x.to(dt)
     ref = fake_quantize_reference(xi, fmt, ax, rnd, sm, seed=9)
     got = kernels.fake_quantize(xi, ms.get_format(fmt), ax, rnd, sm, 9, None)
     ints = torch.int32 if dt == torch.float32 else torch.int16
     assert torch.equal(ref.view(ints), got.view(ints)), (fmt, rnd, sm, ax, dt)
     q = ms.quantize(xi, fmt, axis=ax, rounding=rnd, scale_mode=sm, seed=9)
+    qr, lay = quantize_reference(xi, fmt, ax, rnd, sm, seed=9)
+    for name, t in MXTensor.from_blocks(qr, lay, fmt).components().items():
+        assert torch.equal(q.components()[name], t), (name, fmt, rnd, sm, ax, dt)
     assert torch.equal(q.dequantize(dt).view(ints), ref.view(ints)), ("packed", fmt, rnd, sm, ax, dt)
 print(kernels.info()["isa"])
 """
@@ -323,81 +365,7 @@ def test_every_compiled_isa_variant_matches_the_reference(isa):
     run_variant_check(_VARIANT_CHECK, isa)
 
 
-# ---- two-level (BDR microexponent) formats and single-level BFP/MSFP --------------------------------------
-# docs/bdr.md "Two-level rules"; reference._quantize_two_level. The kernels cover any sign + m (or small fp)
-# element with k1 <= 256, a d1-bit power-of-two scale and k2-element sub-blocks with d2-bit microexponents.
-TWO_LEVEL = ["mx9", "mx6", "mx4",
-             bdr_format(3, 8, 6, 1, 1), bdr_format(5, 32, 8, 4, 2), bdr_format(2, 16, 6, 8, 2),
-             bdr_format(7, 32, 6, 2, 1), bdr_format(4, 8, 8, 8, 1), bdr_format(6, 16, 8, 1, 2),
-             bdr_format(1, 16, 8, 2, 3), bdr_format(E2M1, 16, 8, 2, 1)]
-TWO_LEVEL_IDS = [f if isinstance(f, str) else f.name for f in TWO_LEVEL]
-BFP = ["msfp12", "msfp16", bfp_format(3, 16, 6), bfp_format(2, 8, 4), bfp_format(6, 32, 5)]
-
-
-def check_two_level(x, fmt, axis, rounding, scale_mode, seed=None, out_dtypes=(torch.float32,)):
-    """fake_quantize, quantize (codes, scales, microexponents) and dequantize against the reference."""
-    f = ms.get_format(fmt)
-    seed = 4321 if rounding == "stochastic" and seed is None else seed
-    what = f"{f.name} {rounding} {scale_mode} {x.dtype} {tuple(x.shape)} axis={axis}"
-    ref = fake_quantize_reference(x, f, axis, rounding, scale_mode, seed=seed)
-    assert_same(ref, kernels.fake_quantize(x, f, axis, rounding, scale_mode, seed, None), "fake " + what)
-    q, layout = quantize_reference(x, f, axis, rounding, scale_mode, seed=seed)
-    mref = MXTensor.from_blocks(q, layout, f)
-    fast = kernels.quantize(x, f, axis, rounding, scale_mode, seed, None)
-    assert fast is not None, what
-    codes, scales, klayout, micro = fast
-    assert klayout == layout
-    assert torch.equal(mref.codes, codes), "codes " + what
-    assert torch.equal(mref.scales, scales), "scales " + what
-    assert torch.equal(mref.micro, micro), "microexponents " + what
-    for odt in out_dtypes:
-        dref = cast_values(from_blocks(dequantize_blocks(mref.to_blocks(), f), mref.layout), odt)
-        assert_same(dref, kernels.dequantize(mref, odt), f"dequantize->{odt} " + what)
-
-
-@pytest.mark.parametrize("fmt", TWO_LEVEL, ids=TWO_LEVEL_IDS)
-def test_two_level_every_rounding_and_scale_mode(fmt):
-    x = sample((6, 96), torch.float32, seed=11)
-    for rounding, scale_mode in itertools.product(ROUNDINGS, SCALE_MODES):
-        check_two_level(x, fmt, -1, rounding, scale_mode)
-
-
-# rows of whole blocks (chunks that run across rows), long rows (several chunks), ragged rows, tiles
-TWO_LEVEL_GEOMETRIES = GEOMETRIES + [((8, 64), -1), ((3, 1040), -1), ((2, 5, 96), 2), ((37, 130), 0)]
-
-
-@pytest.mark.parametrize("fmt", TWO_LEVEL, ids=TWO_LEVEL_IDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_two_level_dtypes_axes_and_ragged_lengths(fmt, dtype):
-    for i, (shape, axis) in enumerate(TWO_LEVEL_GEOMETRIES):
-        rounding = ["even", "stochastic", "away", "zero"][i % 4]
-        check_two_level(sample(shape, dtype, seed=12 + i), fmt, axis, rounding, SCALE_MODES[i % 4],
-                        out_dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
-
-
-def _special_rows(k1):
-    x = torch.randn(9, 2 * k1)
-    x[0, 3] = float("nan")
-    x[1, 4] = float("inf")
-    x[2, k1 + 5] = float("-inf")                     # second block of the row only
-    x[3] = 0.0
-    x[4] = -0.0
-    x[5] = torch.randn(2 * k1) * 1e-41               # fp32 subnormals: smallest scale
-    x[6] = torch.randn(2 * k1) * 2.0**126             # near the top of fp32
-    x[7, 0] = torch.finfo(torch.float32).max         # ceil/even/rceil scales can round this up
-    x[8, ::2] = 0.0                                  # zero sub-blocks next to non-zero ones (k2 = 1, 2)
-    x[8, :k1 // 2] = 0.0
-    return x
-
-
-@pytest.mark.parametrize("fmt", TWO_LEVEL, ids=TWO_LEVEL_IDS)
-def test_two_level_special_blocks(fmt):
-    x = _special_rows(ms.get_format(fmt).block_size)
-    for rounding, scale_mode in itertools.product(ROUNDINGS, SCALE_MODES):
-        check_two_level(x, fmt, -1, rounding, scale_mode, out_dtypes=(torch.float32, torch.bfloat16))
-        check_two_level(x.t().contiguous(), fmt, 0, rounding, scale_mode)
-
-
+# ---- two-level (BDR microexponent) specifics -------------------------------------------------------------
 def test_two_level_every_microexponent_and_exponent():
     """Sub-block maxima 0..5 binades below the block maximum (every microexponent and its clamp), next to
     block maxima of every fp32 exponent, subnormals included, for d2 = 1, 2, 3."""
@@ -414,7 +382,7 @@ def test_two_level_every_microexponent_and_exponent():
     x[::7, 4:6] = 0.0
     for fmt in ["mx9", "mx4", bdr_format(3, 16, 8, 2, 2), bdr_format(5, 16, 8, 4, 3)]:
         for rounding, scale_mode in itertools.product(ROUNDINGS, ["floor", "even"]):
-            check_two_level(x, fmt, -1, rounding, scale_mode)
+            check_all(x, fmt, -1, rounding, scale_mode)
 
 
 def test_two_level_element_ties():
@@ -434,18 +402,7 @@ def test_two_level_element_ties():
             cols.append(np.concatenate([lead, w], 1))
         x = torch.tensor(np.concatenate(cols), dtype=torch.float32)
         for rounding in ROUNDINGS:
-            check_two_level(x, fmt, -1, rounding, "floor")
-
-
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(1, 3).flatmap(lambda nd: st.tuples(st.lists(st.integers(1, 70), min_size=nd, max_size=nd),
-                                                     st.integers(0, nd - 1))),
-       st.sampled_from(TWO_LEVEL), st.sampled_from(ROUNDINGS), st.sampled_from(SCALE_MODES),
-       st.sampled_from(DTYPES), st.integers(0, 2**32 - 1), st.integers(0, 2**31))
-def test_two_level_random_bit_patterns(geom, fmt, rounding, scale_mode, dtype, seed, data_seed):
-    shape, axis = geom
-    x = random_bits(shape, dtype, data_seed)
-    check_two_level(x, fmt, axis, rounding, scale_mode, seed=seed, out_dtypes=(torch.float32, torch.bfloat16))
+            check_all(x, fmt, -1, rounding, "floor")
 
 
 def test_two_level_public_verbs_out_and_idempotence(monkeypatch):
@@ -510,60 +467,13 @@ def test_two_level_not_covered_falls_back_to_the_reference():
     q = ms.quantize(x, wide)
     assert q.micro is not None and kernels.dequantize(q, torch.float32) is None
     assert_same(fake_quantize_reference(x, wide), q.dequantize())
-    for fmt in TWO_LEVEL + BFP:
+    for fmt in ALL:
         assert kernels._params(ms.get_format(fmt)) is not None, fmt
 
 
-@pytest.mark.parametrize("fmt", BFP, ids=lambda f: f if isinstance(f, str) else f.name)
-def test_single_level_bfp_formats(fmt):
-    """MSFP / BFP (sign-magnitude elements, d1-bit shared exponents, odd element widths) through the
-    single-level kernels."""
-    for rounding, scale_mode in itertools.product(ROUNDINGS, SCALE_MODES):
-        check_all(sample((6, 96), torch.float32, seed=16), fmt, -1, rounding, scale_mode)
-    for (shape, axis), dtype in zip(GEOMETRIES, DTYPES + [torch.float32]):
-        check_all(sample(shape, dtype, seed=17), fmt, axis, "stochastic", "floor",
-                  out_dtypes=(torch.float32, torch.bfloat16, torch.float64))
-    k = ms.get_format(fmt).block_size
-    check_all(_special_rows(k), fmt, -1, "even", "ceil")
-
-
-_TWO_LEVEL_VARIANT_CHECK = r"""
-import itertools, torch, microscale as ms
-from microscale import kernels
-from microscale.reference import fake_quantize_reference, quantize_reference
-from microscale.tensor import MXTensor
-from microscale.formats import bdr_format
-assert kernels.available()
-g = torch.Generator().manual_seed(6)
-x = torch.randn(24, 160, generator=g) * torch.exp2(torch.randint(-30, 30, (24, 1), generator=g).float())
-x[0, 3], x[1, 5], x[2] = float("nan"), float("inf"), 0.0
-x[3, :4] = torch.tensor([1e-40, -3e-39, 2.0 ** -149, -0.0])
-x[4, ::2] = 0.0
-fmts = ["mx9", "mx6", "mx4", bdr_format(3, 8, 6, 1, 2), bdr_format(5, 32, 8, 4, 1), "msfp12"]
-for fmt, rnd, sm, ax, dt in itertools.product(fmts, ["even", "zero", "stochastic"], ["floor", "rceil"], [-1, 0],
-                                              [torch.float32, torch.bfloat16]):
-    xi = x.to(dt)
-    ref = fake_quantize_reference(xi, fmt, ax, rnd, sm, seed=9)
-    got = kernels.fake_quantize(xi, ms.get_format(fmt), ax, rnd, sm, 9, None)
-    ints = torch.int32 if dt == torch.float32 else torch.int16
-    assert torch.equal(ref.view(ints), got.view(ints)), (fmt, rnd, sm, ax, dt)
-    q = ms.quantize(xi, fmt, axis=ax, rounding=rnd, scale_mode=sm, seed=9)
-    qr, lay = quantize_reference(xi, fmt, ax, rnd, sm, seed=9)
-    for name, t in MXTensor.from_blocks(qr, lay, fmt).components().items():
-        assert torch.equal(q.components()[name], t), (name, fmt, rnd, sm, ax, dt)
-    assert torch.equal(q.dequantize(dt).view(ints), ref.view(ints)), ("packed", fmt, rnd, sm, ax, dt)
-print(kernels.info()["isa"])
-"""
-
-
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
-def test_two_level_every_compiled_isa_variant_matches_the_reference(isa):
-    run_variant_check(_TWO_LEVEL_VARIANT_CHECK, isa)
-
-
-@pytest.mark.parametrize("fmt", ["mx9", "mx4", bdr_format(3, 8, 6, 4, 2), bdr_format(E2M1, 16, 8, 1, 3)],
-                         ids=["mx9", "mx4", "sm4_d6", "e2m1_k21"])
-def test_two_level_dequantize_any_stored_codes(fmt):
+@pytest.mark.parametrize("fmt", ["mxfp4_e2m1", "mxfp6_e3m2", "mxfp8_e5m2", "mxint8", "msfp12", "mx9", "mx4",
+                                 bdr_format(3, 8, 6, 4, 2), bdr_format(E2M1, 16, 8, 1, 3)], ids=fmt_id)
+def test_dequantize_any_stored_codes(fmt):
     """Arbitrary packed codes, scale codes (NaN and both ends of the range included) and microexponents, as a
     file or another producer could hold them: the kernels decode them exactly like the reference."""
     f = ms.get_format(fmt)
@@ -578,9 +488,11 @@ def test_two_level_dequantize_any_stored_codes(fmt):
         # stored values beyond the last code / sub-block are padding: keep them zero as the packers write them
         lay = q0.layout
         codes = unpack_codes(comps["codes"], f.element.bits, lay.n_elements_padded)
-        micro = unpack_codes(comps["micro"], f.micro_bits, lay.n_blocks * (lay.block_size // f.subblock_size))
-        q = MXTensor(pack_codes(codes, f.element.bits), comps["scales"], q0.shape, q0.axis, f,
-                     pack_codes(micro, f.micro_bits))
+        micro = None
+        if f.is_two_level:
+            micro = unpack_codes(comps["micro"], f.micro_bits, lay.n_blocks * (lay.block_size // f.subblock_size))
+            micro = pack_codes(micro, f.micro_bits)
+        q = MXTensor(pack_codes(codes, f.element.bits), comps["scales"], q0.shape, q0.axis, f, micro)
         for odt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             dref = cast_values(from_blocks(dequantize_blocks(q.to_blocks(), f), q.layout), odt)
             assert_same(dref, kernels.dequantize(q, odt), f"{f.name} {shape} {odt}")

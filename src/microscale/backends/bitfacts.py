@@ -1,6 +1,6 @@
 """Integer facts of a power-of-two block format for the bit-pattern backends (torch, triton).
 
-The torch and Triton backends quantize the way the C kernels do (kernels/_mxkernels.c, header comment):
+The torch and Triton backends quantize the way the C kernels do (kernels/_mxloops.c, header comment):
 integer arithmetic on the fp32 bit pattern, where the exponent field is an exact floor(log2) and rounding
 is a shift of the 24-bit significand. :func:`bit_facts` derives the integers that method needs from a
 :class:`~microscale.formats.BlockFormat` (formats.py stays the one source of the parameters), or says

@@ -1,6 +1,6 @@
 """The ``torch`` backend: quantization in pure tensor ops on the fp32 bit pattern, on any device.
 
-Same method as the C kernels (kernels/_mxkernels.c) and bit for bit equal to the reference quantizer
+Same method as the C kernels (kernels/_mxloops.c) and bit for bit equal to the reference quantizer
 (reference.py, OCP MX v1.0 §6.3; BDR two-level rules of docs/bdr.md): a value's fp32 bits are split into
 an exact exponent (= floor(log2 |v|), subnormals normalized through an exact int -> float conversion)
 and a 24-bit significand; the block's shared exponent comes from the integer max of the magnitude bits;

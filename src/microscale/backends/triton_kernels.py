@@ -4,7 +4,7 @@ An optional extra (``pip install triton``): it runs on a GPU that Triton support
 Triton's interpreter (``TRITON_INTERPRET=1``, slow: for testing). The automatic choice never picks it;
 select it with ``use_backend("triton")`` or ``MICROSCALE_BACKEND=triton``.
 
-The kernels do what the torch backend does (torch_native.py, the method of kernels/_mxkernels.c) on one
+The kernels do what the torch backend does (torch_native.py, the method of kernels/_mxloops.c) on one
 tile of ``ROWS`` blocks x ``K`` elements per program: integer arithmetic on fp32 bit patterns, block amax
 as an integer max, sub-block amax through a [ROWS, K/K2, K2] view, rounding by significand shifts,
 values assembled from bit fields; every format fact is a compile-time constant (BitFacts). Data move

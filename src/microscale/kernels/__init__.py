@@ -3,8 +3,9 @@
 Each entry point returns ``None`` when it does not cover a request (format, rounding, scale mode,
 dtype, compat mode); the public verbs in :mod:`microscale.quantize` then fall back to the reference.
 
-Technology: a plain C extension (``_mxkernels.c``, built by setuptools ``ext_modules`` in setup.py at
-install time, ``-O3 -fopenmp``). Why C rather than torch ops or a torch C++ extension:
+Technology: a plain C extension (``_mxkernels``: module glue in ``_mxkernels.c``, the loops in
+``_mxloops.c``, scalar pieces in ``_mxscalar.h``, packing in ``_mxpack.h``; built by setuptools
+``ext_modules`` in setup.py at install time, ``-O3 -fopenmp``). Why C rather than torch ops or a torch C++ extension:
 - torch ops cannot reach memory bandwidth here: quantization is ~40 integer operations per element
   that torch would run as ~20 separate passes over memory; one fused pass is what makes 2x-the-copy
   possible.

@@ -1,8 +1,9 @@
 /* Shared scalar pieces of the MX C kernels: format and job descriptors, fp32/bf16/fp16 bit helpers,
- * the shared-exponent rule, element rounding (quant_elem / quant_fast), code packing and element decode.
- * Included by _mxkernels.c (the quantize / dequantize loops) and by any other kernel file of the same
+ * the shared-exponent rule, element rounding (quant_elem / quant_fast) and element decode; code packing
+ * is in _mxpack.h (included at the end).
+ * Included by _mxloops.c (the quantize / dequantize loops) and by any other kernel file of the same
  * extension that must round exactly as they do; everything here is static inline (no symbols exported).
- * The arithmetic is described at the top of _mxkernels.c. */
+ * The arithmetic is described at the top of _mxloops.c. */
 #ifndef MICROSCALE_MXSCALAR_H
 #define MICROSCALE_MXSCALAR_H
 #include <stdint.h>
@@ -130,7 +131,7 @@ AINLINE int32_t shared_exp(uint32_t amax, int smode, const fmt_t *f) {
  * an exact int->float conversion instead of clz (which does not vectorize). */
 typedef struct { int32_t off; uint32_t addc; } smode_t;
 
-static smode_t smode_consts(int smode, const fmt_t *f) {
+static inline smode_t smode_consts(int smode, const fmt_t *f) {
     smode_t c;
     c.off = smode == S_RCEIL ? f->flm : f->emax;
     c.addc = smode == S_FLOOR ? 0u : smode == S_CEIL ? 0x7FFFFFu : smode == S_EVEN ? (1u << (22 - f->even_m))
@@ -286,113 +287,6 @@ AINLINE uint32_t max_bits(int32_t X, const fmt_t *f) {
     return N == 0 ? 0u : v;
 }
 
-/* ---- packing of one block's codes (k codes, k * bits a multiple of 8) ------------------------- */
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-#define MX_LE 1
-#else
-#define MX_LE 0
-#endif
-
-/* SWAR packing of 8 codes held in the bytes of a little-endian word: 8 x 6 bits -> 48 bits, 8 x 4 -> 32. */
-AINLINE uint64_t pack8x6(uint64_t x) {
-    x = (x & 0x003F003F003F003Full) | ((x >> 2) & 0x0FC00FC00FC00FC0ull);
-    x = (x & 0x00000FFF00000FFFull) | ((x >> 4) & 0x00FFF00000FFF000ull);
-    return (x & 0x0000000000FFFFFFull) | ((x >> 8) & 0x0000FFFFFF000000ull);
-}
-AINLINE uint64_t pack8x4(uint64_t x) {
-    x = (x & 0x000F000F000F000Full) | ((x >> 4) & 0x00F000F000F000F0ull);
-    x = (x & 0x000000FF000000FFull) | ((x >> 8) & 0x0000FF000000FF00ull);
-    return (x & 0x000000000000FFFFull) | ((x >> 16) & 0x00000000FFFF0000ull);
-}
-AINLINE uint64_t unpack8x6(uint64_t x) {
-    x = (x & 0x0000000000FFFFFFull) | ((x << 8) & 0x00FFFFFF00000000ull);
-    x = (x & 0x00000FFF00000FFFull) | ((x << 4) & 0x0FFF00000FFF0000ull);
-    return (x & 0x003F003F003F003Full) | ((x << 2) & 0x3F003F003F003F00ull);
-}
-AINLINE uint64_t unpack8x4(uint64_t x) {
-    x = (x & 0x000000000000FFFFull) | ((x << 16) & 0x0000FFFF00000000ull);
-    x = (x & 0x000000FF000000FFull) | ((x << 8) & 0x00FF000000FF0000ull);
-    return (x & 0x000F000F000F000Full) | ((x << 4) & 0x0F000F000F000F00ull);
-}
-
-/* The same for any width b < 8 (runtime): 8 codes of b bits -> 8b bits, in three pairwise merges. */
-AINLINE uint64_t pack8xb(uint64_t x, int b) {
-    const uint64_t m1 = 0x0001000100010001ull * ((1u << b) - 1u), m2 = 0x0000000100000001ull * ((1ull << 2 * b) - 1u);
-    const uint64_t m3 = (1ull << 4 * b) - 1u;
-    x = (x & m1) | ((x >> (8 - b)) & (m1 << b));
-    x = (x & m2) | ((x >> (16 - 2 * b)) & (m2 << 2 * b));
-    return (x & m3) | ((x >> (32 - 4 * b)) & (m3 << 4 * b));
-}
-AINLINE uint64_t unpack8xb(uint64_t x, int b) {
-    const uint64_t m1 = 0x0001000100010001ull * ((1u << b) - 1u), m2 = 0x0000000100000001ull * ((1ull << 2 * b) - 1u);
-    const uint64_t m3 = (1ull << 4 * b) - 1u;
-    x = (x & m3) | ((x << (32 - 4 * b)) & (m3 << 32));
-    x = (x & m2) | ((x << (16 - 2 * b)) & (m2 << 16));
-    return (x & m1) | ((x << (8 - b)) & (m1 << 8));
-}
-
-AINLINE void pack_block(const uint8_t *c, int64_t stride, int k, int bits, uint8_t *dst) {
-    if (MX_LE && stride == 1 && bits < 8 && k % 8 == 0) {
-        /* groups of 8 codes; a group is stored as a full 8-byte word (whose excess the next group
-         * overwrites) while that stays inside this block's bytes, else as its own bytes only */
-        const int nbytes = bits, total = k / 8 * bits;   /* bytes per group of 8 codes, per block */
-        for (int g = 0; g < k / 8; g++) {
-            uint64_t x, y;
-            memcpy(&x, c + 8 * g, 8);
-            y = bits == 6 ? pack8x6(x) : (bits == 4 ? pack8x4(x) : pack8xb(x, bits));
-            if (nbytes * g + 8 <= total) memcpy(dst + nbytes * g, &y, 8);
-            else memcpy(dst + nbytes * g, &y, (size_t)nbytes);
-        }
-        return;
-    }
-    if (bits == 8) { for (int j = 0; j < k; j++) dst[j] = c[j * stride]; }
-    else if (bits == 4) {
-        for (int j = 0; j < k / 2; j++) dst[j] = (uint8_t)(c[2 * j * stride] | (c[(2 * j + 1) * stride] << 4));
-    } else if (bits == 6) {
-        for (int j = 0; j < k / 4; j++) {
-            uint32_t w = c[4 * j * stride] | ((uint32_t)c[(4 * j + 1) * stride] << 6)
-                       | ((uint32_t)c[(4 * j + 2) * stride] << 12) | ((uint32_t)c[(4 * j + 3) * stride] << 18);
-            dst[3 * j] = (uint8_t)w; dst[3 * j + 1] = (uint8_t)(w >> 8); dst[3 * j + 2] = (uint8_t)(w >> 16);
-        }
-    } else {  /* generic little-endian bit stream */
-        uint64_t acc = 0; int nbits = 0, o = 0;
-        for (int j = 0; j < k; j++) {
-            acc |= (uint64_t)c[j * stride] << nbits; nbits += bits;
-            while (nbits >= 8) { dst[o++] = (uint8_t)acc; acc >>= 8; nbits -= 8; }
-        }
-    }
-}
-
-AINLINE void unpack_block(const uint8_t *src, int k, int bits, uint8_t *c) {
-    if (MX_LE && bits < 8 && k % 8 == 0) {
-        const int nbytes = bits, total = k / 8 * bits;
-        for (int g = 0; g < k / 8; g++) {
-            uint64_t x = 0, y;
-            if (nbytes * g + 8 <= total) memcpy(&x, src + nbytes * g, 8);   /* inside this block's bytes */
-            else memcpy(&x, src + nbytes * g, (size_t)nbytes);
-            x &= (1ull << (8 * bits)) - 1u;
-            y = bits == 6 ? unpack8x6(x) : (bits == 4 ? unpack8x4(x) : unpack8xb(x, bits));
-            memcpy(c + 8 * g, &y, 8);
-        }
-        return;
-    }
-    if (bits == 8) { for (int j = 0; j < k; j++) c[j] = src[j]; }
-    else if (bits == 4) {
-        for (int j = 0; j < k / 2; j++) { c[2 * j] = src[j] & 15; c[2 * j + 1] = src[j] >> 4; }
-    } else if (bits == 6) {
-        for (int j = 0; j < k / 4; j++) {
-            uint32_t w = src[3 * j] | ((uint32_t)src[3 * j + 1] << 8) | ((uint32_t)src[3 * j + 2] << 16);
-            c[4 * j] = w & 63; c[4 * j + 1] = (w >> 6) & 63; c[4 * j + 2] = (w >> 12) & 63; c[4 * j + 3] = w >> 18;
-        }
-    } else {
-        uint64_t acc = 0; int nbits = 0, i = 0;
-        for (int j = 0; j < k; j++) {
-            while (nbits < bits) { acc |= (uint64_t)src[i++] << nbits; nbits += 8; }
-            c[j] = (uint8_t)(acc & ((1u << bits) - 1)); acc >>= bits; nbits -= bits;
-        }
-    }
-}
-
 /* Decode a code with shared exponent X (scale not NaN) to fp32 bits (*v32) and/or fp64 bits (*v64).
  * The value is N * 2^P (N < 2^9); fp32 results overflow to Inf like float64 -> float32 rounding does. */
 AINLINE void decode_elem(uint32_t code, int32_t X, const int WANT64, const fmt_t *f,
@@ -428,5 +322,9 @@ AINLINE void decode_elem(uint32_t code, int32_t X, const int WANT64, const fmt_t
         *v32 = v | (((special && !isinf) ? 0u : sgn) << 31);
     }
 }
+
+/* Packing of codes (pack_block / unpack_block and the SWAR helpers) lives in _mxpack.h; it is included
+ * here so that a kernel file including only this header keeps them. */
+#include "_mxpack.h"
 
 #endif /* MICROSCALE_MXSCALAR_H */
