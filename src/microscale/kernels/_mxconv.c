@@ -266,26 +266,14 @@ static void mxconv_select_isa(void) {
 #endif
 }
 
-/* The 19 format ints of kernels._params (the order of parse_fmt in _mxkernels.c); single level only. */
+/* The format ints of kernels._params, parsed by mx_parse_fmt (_mxkernels.c); single level only. */
+int mx_parse_fmt(PyObject *tup, fmt_t *f);
 static int conv_parse_fmt(PyObject *tup, fmt_t *f) {
-    int32_t *dst[] = {&f->emin, &f->mbits, &f->maxmag, &f->inf_mag, &f->nmax, &f->pmaxbase, &f->enc, &f->bits, &f->emax,
-                      &f->even_m, &f->flm, &f->sigm, &f->s_emin, &f->s_emax, &f->s_bias, &f->s_nan, &f->k,
-                      &f->k2, &f->d2};
-    const Py_ssize_t n = (Py_ssize_t)(sizeof(dst) / sizeof(dst[0]));
-    if (!PyTuple_Check(tup) || PyTuple_GET_SIZE(tup) != n) {
-        PyErr_Format(PyExc_ValueError, "format parameters must be a tuple of %zd ints", n);
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        long v = PyLong_AsLong(PyTuple_GET_ITEM(tup, i));
-        if (v == -1 && PyErr_Occurred()) return -1;
-        *dst[i] = (int32_t)v;
-    }
-    if (f->k < 1 || f->k > MAXK || f->bits < 2 || f->bits > 8 || f->k2 != 0) {
+    if (mx_parse_fmt(tup, f)) return -1;
+    if (f->k2 != 0) {
         PyErr_SetString(PyExc_ValueError, "conv kernel: unsupported format (single-level, k <= 1024, 2..8 bits)");
         return -1;
     }
-    f->beta = 0;
     return 0;
 }
 

@@ -36,7 +36,9 @@ static void advise_hugepages(void *p, int64_t nbytes) {
 }
 
 /* ---- Python interface -------------------------------------------------------------------------- */
-static int parse_fmt(PyObject *tup, fmt_t *f) {
+/* The 19 format ints of kernels._params into *f (also used by _mxconv.c, which then refuses two-level
+ * formats); ValueError on a malformed tuple or an unsupported block size / width / sub-block. */
+int mx_parse_fmt(PyObject *tup, fmt_t *f) {
     int32_t *dst[] = {&f->emin, &f->mbits, &f->maxmag, &f->inf_mag, &f->nmax, &f->pmaxbase, &f->enc, &f->bits, &f->emax,
                       &f->even_m, &f->flm, &f->sigm, &f->s_emin, &f->s_emax, &f->s_bias, &f->s_nan, &f->k,
                       &f->k2, &f->d2};
@@ -78,7 +80,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
                           &ft, &rnd, &smode, &seed, &nt, &micro_tmp, &micro))
         return NULL;
     memset(&J, 0, sizeof J);
-    if (parse_fmt(ft, &J.f)) return NULL;
+    if (mx_parse_fmt(ft, &J.f)) return NULL;
     if (dt < DT_F32 || dt > DT_F16 || rnd < 0 || rnd > 3 || smode < 0 || smode > 3 || L < 1
         || (mode == 1 && J.f.k2 && (!micro_tmp || !micro))) {
         PyErr_SetString(PyExc_ValueError, "bad kernel arguments");
@@ -112,7 +114,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKKiLLLOi|K", &codes, &scales, &out, &dt, &outer, &L, &inner, &ft, &nt, &micro))
         return NULL;
     memset(&J, 0, sizeof J);
-    if (parse_fmt(ft, &J.f)) return NULL;
+    if (mx_parse_fmt(ft, &J.f)) return NULL;
     if (dt < DT_F32 || dt > DT_F64 || L < 1 || (J.f.k2 && !micro)) {
         PyErr_SetString(PyExc_ValueError, "bad kernel arguments");
         return NULL;
