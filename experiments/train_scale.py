@@ -66,14 +66,14 @@ class Plan:
     """Everything the run's units depend on (the cache keys are built from it)."""
 
     sizes: tuple = ("32x1", "64x1", "64x2", "96x2")
-    tokens_per_param: float = 10.0
+    tokens_per_param: float = 20.0
     batch: int = 16
     ctx: int = 64
     seeds: int = 2
     seeds_smallest: int = 3
     full_recipe_sizes: int = 2
     lr_grid: tuple = (1e-3, 2e-3, 4e-3, 8e-3)
-    sweep_fraction: float = 0.25
+    sweep_fraction: float = 0.125
     max_grid_extensions: int = 2
     warmup_fraction: float = 0.05
     lr_floor: float = 0.1
@@ -177,10 +177,14 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, floor: float) -> float:
 # ---- one unit ------------------------------------------------------------------------------------
 #: suffix of a diagnostic recipe that leaves the attention matmuls (QKᵀ, AV) in FP32, Linear layers quantized
 LINEAR_ONLY = "-linear-only"
-#: diagnostic units (recipe, seed) at the largest size, run with --diagnostics, reported apart from the fit
 #: suffix of a diagnostic recipe trained at half the size's tuned peak learning rate
 HALF_LR = "-halflr"
-DIAGNOSTICS = (("mxfp6" + LINEAR_ONLY, 0), ("fp32" + HALF_LR, 0), ("mxfp6" + HALF_LR, 0))
+#: diagnostic units (size, recipe, seed), size None meaning the largest, run with --diagnostics (in this
+#: order, after the planned units) and reported apart from the fit. 64x2 at half its tuned rate trains at
+#: 64x1's rate (2e-3): depth 1 -> 2 at equal width and learning rate; 64x2 -> 96x2 (both 4e-3, 2 layers) is
+#: width at equal depth and rate in the planned units.
+DIAGNOSTICS = (("64x2", "fp32" + HALF_LR, 0), ("64x2", "mxfp6" + HALF_LR, 0), ("64x2", "mxfp4-w+mxfp6" + HALF_LR, 0),
+               (None, "mxfp6" + LINEAR_ONLY, 0), (None, "fp32" + HALF_LR, 0), (None, "mxfp6" + HALF_LR, 0))
 
 
 def split_recipe(label: str) -> tuple[str, str | None]:
@@ -193,16 +197,21 @@ def split_recipe(label: str) -> tuple[str, str | None]:
     return label, "auto"
 
 
-def unit_key(plan: Plan, size: str, recipe: str, seed: int, lr: float, steps: int) -> dict:
-    """Everything one unit's result depends on; a cached unit is reused only when its key matches."""
-    return {"size": size, "recipe": recipe, "seed": seed, "lr": lr, "steps": steps, "batch": plan.batch,
-            "ctx": plan.ctx, "warmup_fraction": plan.warmup_fraction, "lr_floor": plan.lr_floor,
-            "weight_decay": plan.weight_decay, "n_evals": plan.n_evals, "val_windows": plan.val_windows,
-            "final_val_windows": plan.final_val_windows, "model": "microscale.nn.models.TinyGPT+gpt2_init"}
+def unit_key(plan: Plan, size: str, recipe: str, seed: int, lr: float, steps: int, kind: str = "main") -> dict:
+    """Everything one unit's result depends on; a cached unit is reused only when its key matches. Main
+    units also evaluate the final windows at 90% of training (the flattening check); sweep units do not."""
+    key = {"size": size, "recipe": recipe, "seed": seed, "lr": lr, "steps": steps, "batch": plan.batch,
+           "ctx": plan.ctx, "warmup_fraction": plan.warmup_fraction, "lr_floor": plan.lr_floor,
+           "weight_decay": plan.weight_decay, "n_evals": plan.n_evals, "val_windows": plan.val_windows,
+           "final_val_windows": plan.final_val_windows, "model": "microscale.nn.models.TinyGPT+gpt2_init"}
+    if kind != "sweep":
+        key["final_windows_at_90pct"] = True
+    return key
 
 
-def unit_name(kind: str, size: str, recipe: str, seed: int, lr: float) -> str:
-    return (f"scale-sweep_{size}_lr{lr:g}" if kind == "sweep" else f"scale_{size}_{recipe}_s{seed}")
+def unit_name(kind: str, size: str, recipe: str, seed: int, lr: float, steps: int) -> str:
+    """Cache file stem; a main unit's name carries its step count, so runs at other budgets keep their files."""
+    return (f"scale-sweep_{size}_lr{lr:g}" if kind == "sweep" else f"scale_{size}_{recipe}_s{seed}_{steps}steps")
 
 
 @torch.no_grad()
@@ -216,6 +225,44 @@ def _val_loss(model, stream: torch.Tensor, starts: torch.Tensor, ctx: int, chunk
         total += float(model(x, y)[1]) * len(x)
     model.train(was)
     return total / len(starts)
+
+
+@torch.no_grad()
+def _val_losses_per_window(model, stream: torch.Tensor, starts: torch.Tensor, ctx: int, chunk: int = 64) -> torch.Tensor:
+    """Mean next-byte cross-entropy of each window (float64, [len(starts)]); their mean is the loss over
+    the windows (every window has ``ctx`` targets)."""
+    from .data import batch_windows
+    was = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(starts), chunk):
+        x, y = batch_windows(stream, starts[i:i + chunk], ctx)
+        logits = model(x, y)[0]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        out.append(ce.view(len(x), ctx).mean(1).double())
+    model.train(was)
+    return torch.cat(out)
+
+
+#: contiguous blocks of validation windows for the batch-means standard error of the flattening (adjacent
+#: windows come from the same file and are correlated; block means are close to independent)
+SE_BLOCKS = 32
+
+
+def paired_improvement(before: torch.Tensor, after: torch.Tensor, blocks: int = SE_BLOCKS) -> dict:
+    """Relative improvement (L_before − L_after) / L_before of two per-window loss vectors on the same
+    windows, and its standard error by batch means: the windows cut into ``blocks`` contiguous blocks, the
+    SE of the mean per-window difference = sd(block means) / sqrt(blocks), divided by L_before (fewer
+    blocks, at least two windows each, when there are fewer than 2 x ``blocks`` windows)."""
+    if before.dim() != 1 or before.shape != after.shape or before.numel() < 4:
+        raise ValueError(f"need two equal 1-d per-window loss vectors of >= 4 windows, got "
+                         f"{tuple(before.shape)} and {tuple(after.shape)}")
+    blocks = min(blocks, before.numel() // 2)
+    d = (before - after).double()
+    means = torch.stack([c.mean() for c in torch.tensor_split(d, blocks)])
+    l0 = float(before.double().mean())
+    return {"before": l0, "after": float(after.double().mean()), "rel": float(d.mean()) / l0,
+            "se_rel": float(means.std(unbiased=True)) / math.sqrt(blocks) / l0, "windows": d.numel(), "blocks": blocks}
 
 
 def final_val_starts(stream: torch.Tensor, ctx: int, n: int | None) -> torch.Tensor:
@@ -246,8 +293,8 @@ def train_unit(job: dict) -> dict:
     plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["plan"].items()})
     out = pathlib.Path(job["out"])
     size, recipe, seed, lr, steps = job["size"], job["recipe"], job["seed"], job["lr"], job["steps"]
-    key = unit_key(plan, size, recipe, seed, lr, steps)
-    name = unit_name(job["kind"], size, recipe, seed, lr)
+    key = unit_key(plan, size, recipe, seed, lr, steps, job["kind"])
+    name = unit_name(job["kind"], size, recipe, seed, lr, steps)
     cache = out / "runs" / f"{name}.json"
     if cache.exists():
         rec = read_json(cache)
@@ -268,13 +315,16 @@ def train_unit(job: dict) -> dict:
     rec = {"kind": job["kind"], "size": size, "recipe": recipe, "seed": seed, "lr": lr, "steps": steps,
            "warmup_steps": warmup, "train_loss": [], "val_steps": [], "val_tokens": [], "val_loss": [],
            "wall_s": 0.0, "cpu_s": 0.0, "resumed_from_step": None}
-    step0, chunk_losses = 0, []
+    fstarts = final_val_starts(corpus.val, plan.ctx, plan.final_val_windows)
+    step90 = int(round(0.9 * steps))  # a multiple of steps // n_evals (n_evals is a multiple of 10)
+    step0, chunk_losses, windows90 = 0, [], None
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         if state["key"] == key:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             rec, step0, chunk_losses = state["rec"], state["step"], state["chunk_losses"]
+            windows90 = state.get("windows90")
             rec["resumed_from_step"] = step0
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     wall0, cpu0 = rec["wall_s"], rec["cpu_s"]
@@ -287,7 +337,7 @@ def train_unit(job: dict) -> dict:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"key": key, "model": model.state_dict(), "opt": opt.state_dict(), "rec": rec, "step": step,
-                    "chunk_losses": chunk_losses}, tmp)
+                    "chunk_losses": chunk_losses, "windows90": windows90}, tmp)
         os.replace(tmp, ckpt)
 
     loss_every = max(1, steps // 100)
@@ -308,6 +358,8 @@ def train_unit(job: dict) -> dict:
             rec["val_steps"].append(step + 1)
             rec["val_tokens"].append((step + 1) * plan.batch * plan.ctx)
             rec["val_loss"].append(_val_loss(model, corpus.val, vstarts, plan.ctx))
+        if step + 1 == step90 and job["kind"] != "sweep":  # the flattening check's 90% point, final windows
+            windows90 = _val_losses_per_window(model, corpus.val, fstarts, plan.ctx)
         now = time.perf_counter()
         if job.get("stop_after") is not None and step + 1 == job["stop_after"]:
             save(step + 1)
@@ -322,8 +374,10 @@ def train_unit(job: dict) -> dict:
                   f"val {rec['val_loss'][-1] if rec['val_loss'] else float('nan'):.4f}, unit time left "
                   f"{left / 60:.1f} min", flush=True)
             last_print = now
-    rec["final_val_loss"] = _val_loss(model, corpus.val, final_val_starts(corpus.val, plan.ctx,
-                                                                         plan.final_val_windows), plan.ctx)
+    windows_end = _val_losses_per_window(model, corpus.val, fstarts, plan.ctx)
+    rec["final_val_loss"] = float(windows_end.mean())
+    if windows90 is not None:
+        rec["last10pct"] = paired_improvement(windows90, windows_end)
     rec["wall_s"] = wall0 + time.perf_counter() - t_wall
     rec["cpu_s"] = cpu0 + time.process_time() - t_cpu
     rec["tokens_seen"] = steps * plan.batch * plan.ctx
@@ -345,7 +399,7 @@ def _work(job: dict) -> float:
 
 
 def _job_name(job: dict) -> str:
-    return unit_name(job["kind"], job["size"], job["recipe"], job["seed"], job["lr"])
+    return unit_name(job["kind"], job["size"], job["recipe"], job["seed"], job["lr"], job["steps"])
 
 
 class Progress:
@@ -397,11 +451,11 @@ def run_units(jobs: list[dict], workers: int, progress: Progress) -> list[dict]:
 def _cached_only(job: dict) -> dict | None:
     """The cached record of a job, or None (``--report-only``)."""
     plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["plan"].items()})
-    path = pathlib.Path(job["out"]) / "runs" / f"{unit_name(job['kind'], job['size'], job['recipe'], job['seed'], job['lr'])}.json"
+    path = pathlib.Path(job["out"]) / "runs" / f"{unit_name(job['kind'], job['size'], job['recipe'], job['seed'], job['lr'], job['steps'])}.json"
     if not path.exists():
         return None
     rec = read_json(path)
-    if rec.get("key") != unit_key(plan, job["size"], job["recipe"], job["seed"], job["lr"], job["steps"]):
+    if rec.get("key") != unit_key(plan, job["size"], job["recipe"], job["seed"], job["lr"], job["steps"], job["kind"]):
         return None
     rec["cached"] = True
     return rec
@@ -449,7 +503,10 @@ def bootstrap_slope(per_size: dict, n_boot: int = 4000, seed: int = 0) -> dict:
 
 
 def flattening(rec: dict) -> float:
-    """Relative improvement of validation loss over the last 10% of training: (L(90%) − L(end)) / L(90%)."""
+    """Relative improvement of validation loss over the last 10% of training: (L(90%) − L(end)) / L(90%),
+    on the final evaluation's windows when the unit recorded them (``last10pct``), else on the curve's."""
+    if "last10pct" in rec:
+        return rec["last10pct"]["rel"]
     steps = rec["val_steps"]
     i90 = steps.index(int(round(0.9 * rec["steps"])))
     return (rec["val_loss"][i90] - rec["val_loss"][-1]) / rec["val_loss"][i90]
@@ -759,7 +816,7 @@ def main(argv=None):
     p.add_argument("--report-only", action="store_true", help="train nothing: assemble JSON, plots and page from "
                    "the cached units (missing ones are listed)")
     p.add_argument("--diagnostics", action="store_true", help="also train the diagnostic units at the largest "
-                   "size (" + ", ".join(f"{r} seed {s}" for r, s in DIAGNOSTICS) + "), after the planned ones")
+                   "size (" + ", ".join(f"{s or 'largest'} {r} seed {n}" for s, r, n in DIAGNOSTICS) + "), after the planned ones")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     plan = QUICK_PLAN if args.quick else Plan()
@@ -836,14 +893,14 @@ def main(argv=None):
     recs = [_cached_only(j) for j in main_jobs] if args.report_only else run_units(main_jobs, args.workers, progress)
     units = [r for r in recs if r]
     computed += sum(1 for r in recs if r and not r.get("cached"))
-    names = {unit_name("main", j["size"], j["recipe"], j["seed"], j["lr"]) for j in main_jobs}
-    have = {unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"]) for u in units}
+    names = {unit_name("main", j["size"], j["recipe"], j["seed"], j["lr"], j["steps"]) for j in main_jobs}
+    have = {unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"], u["steps"]) for u in units}
     missing = sorted(names - have) + [f"{s} (all: no learning rate yet)" for s, v in sizes.items() if v["lr"] is None]
     # 3. diagnostics at the largest size: trained with --diagnostics, reported whenever cached
     big_s = list(sizes)[-1]
-    diag_jobs = ([job("main", big_s, r, seed, sizes[big_s]["lr"] * (0.5 if r.endswith(HALF_LR) else 1.0),
-                      sizes[big_s]["steps"]) for r, seed in DIAGNOSTICS]
-                 if sizes[big_s]["lr"] is not None else [])
+    diag_jobs = [job("main", s, r, seed, sizes[s]["lr"] * (0.5 if r.endswith(HALF_LR) else 1.0), sizes[s]["steps"])
+                 for s, r, seed in ((s or big_s, r, seed) for s, r, seed in DIAGNOSTICS)
+                 if s in sizes and sizes[s]["lr"] is not None]
     if args.diagnostics and not args.report_only:
         for j in diag_jobs:
             progress.add(j)
@@ -874,8 +931,8 @@ def main(argv=None):
     fp32 = [u for u in units if u["recipe"] == "fp32"]
     flat = {s: [flattening(u) for u in fp32 if u["size"] == s] for s in sizes}
     checks = {"all_reached_budget": all(u["tokens_seen"] >= sizes[u["size"]]["token_budget"] for u in units),
-              "diverged": [unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"]) for u in units if u["diverged"]],
-              "unstable": {unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"]): val_rise(u) for u in units
+              "diverged": [unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"], u["steps"]) for u in units if u["diverged"]],
+              "unstable": {unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"], u["steps"]): val_rise(u) for u in units
                            if val_rise(u) > RISE_LIMIT},
               "fp32_last10pct_improvement": {s: v for s, v in flat.items() if v},
               "fp32_flat": bool(fp32) and all(v < 0.02 for vals in flat.values() for v in vals)}

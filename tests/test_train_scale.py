@@ -52,8 +52,8 @@ def test_val_rise_is_largest_rise_above_running_minimum():
 
 def test_budget_rounds_up_to_whole_evaluation_intervals():
     plan = ts.Plan()
-    b = ts.budget(plan, 20_960)  # 209,600 tokens / 1024 per step = 204.7 steps -> 220 (a multiple of 20)
-    assert (b["token_budget"], b["steps"], b["tokens"]) == (209_600, 220, 220 * 1024)
+    b = ts.budget(plan, 20_960)  # 20 x 20,960 = 419,200 tokens / 1024 per step = 409.4 steps -> 420 (a multiple of 20)
+    assert (b["token_budget"], b["steps"], b["tokens"]) == (419_200, 420, 420 * 1024)
     assert b["tokens"] >= b["token_budget"]
 
 
