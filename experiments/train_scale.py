@@ -526,6 +526,22 @@ def val_rise(rec: dict) -> float:
     return rise
 
 
+def spike(rec: dict) -> dict:
+    """Where the largest rise of the validation curve above its running minimum happened (fraction of
+    training), the minimum before it, the peak, the curve's last value, and whether the curve later fell
+    below the pre-spike minimum again (recovered)."""
+    best, rise, at, lo, peak = math.inf, 0.0, None, None, None
+    for i, v in enumerate(rec["val_loss"]):
+        if v - best > rise:
+            rise, at, lo, peak = v - best, i, best, v
+        best = min(best, v)
+    if at is None:
+        return {"rise": 0.0, "at_fraction": None, "before_min": None, "peak": None,
+                "last": rec["val_loss"][-1] if rec["val_loss"] else None, "recovered": True}
+    return {"rise": rise, "at_fraction": rec["val_steps"][at] / rec["steps"], "before_min": lo, "peak": peak,
+            "last": rec["val_loss"][-1], "recovered": min(rec["val_loss"][at:]) < lo}
+
+
 def summarize(units: list[dict], sizes: dict) -> list[dict]:
     """Per size x recipe: losses per seed, paired gaps to the same seed's FP32 unit, mean and half-range."""
     rows = []
@@ -547,17 +563,60 @@ def summarize(units: list[dict], sizes: dict) -> list[dict]:
 
 
 def fits(rows: list[dict]) -> dict:
+    """Per fitted recipe: the slope through every size (``ols``, ``bootstrap``) and, per depth with two or
+    more sizes (``by_layers``), the slope through the sizes of that depth only (width alone changes)."""
     out = {}
     for recipe in FIT_RECIPES:
         mine = [r for r in rows if r["recipe"] == recipe and r["gap"]]
         xs = [r["params"] for r in mine for _ in r["gap"]]
         gs = [g for r in mine for g in r["gap"]]
         paper = PAPER_GAPS[recipe]
+        by_layers = {}
+        for n in sorted({parse_size(r["size"])[1] for r in mine}):
+            same = [r for r in mine if parse_size(r["size"])[1] == n]
+            if len(same) >= 2:
+                by_layers[str(n)] = {"sizes": [r["size"] for r in same],
+                                     **fit_slope([r["params"] for r in same for _ in r["gap"]],
+                                                 [g for r in same for g in r["gap"]])}
         out[recipe] = {"ols": fit_slope(xs, gs), "bootstrap": bootstrap_slope({r["params"]: r["gap"] for r in mine}),
                        "sizes": len(mine), "paper_slope": fit_slope(list(paper), list(paper.values()))["slope"],
                        "mean_gap_first": mine[0]["gap_mean"] if mine else None,
-                       "mean_gap_last": mine[-1]["gap_mean"] if mine else None}
+                       "mean_gap_last": mine[-1]["gap_mean"] if mine else None, "by_layers": by_layers}
     return out
+
+
+def factor_comparisons(units: list[dict], diagnostics: list[dict]) -> dict:
+    """Separates depth, width and learning rate: every (size, peak lr) group with paired gaps of a fitted
+    recipe (planned units, and ``-halflr`` diagnostics paired with FP32 at the same rate), and every pair of
+    groups that differ in exactly one of layers, width, lr, with the change of the gap on their common seeds
+    (b − a, mean over those seeds)."""
+    groups: dict = {}
+    for u in units:
+        if u["recipe"] in FIT_RECIPES and u.get("gap_to_fp32") is not None:
+            groups.setdefault((u["size"], u["lr"]), {}).setdefault(u["recipe"], {})[u["seed"]] = u["gap_to_fp32"]
+    for d in diagnostics:
+        base = split_recipe(d["recipe"])[0]
+        if d["recipe"].endswith(HALF_LR) and base in FIT_RECIPES and d.get("gap_to_fp32") is not None:
+            groups.setdefault((d["size"], d["lr"]), {}).setdefault(base, {})[d["seed"]] = d["gap_to_fp32"]
+    table = [{"size": s, "layers": parse_size(s)[1], "width": parse_size(s)[0], "lr": lr,
+              "gaps": {r: {str(k): v for k, v in sorted(g.items())} for r, g in rg.items()}}
+             for (s, lr), rg in sorted(groups.items(), key=lambda kv: (parse_size(kv[0][0])[::-1], kv[0][1]))]
+    pairs = []
+    for i, a in enumerate(table):
+        for b in table[i + 1:]:
+            differ = [f for f in ("layers", "width", "lr") if a[f] != b[f]]
+            if len(differ) != 1:
+                continue
+            for recipe in FIT_RECIPES:
+                ga, gb = a["gaps"].get(recipe, {}), b["gaps"].get(recipe, {})
+                common = sorted(set(ga) & set(gb))
+                if common:
+                    pairs.append({"factor": differ[0], "recipe": recipe, "a": {k: a[k] for k in ("size", "lr")},
+                                  "b": {k: b[k] for k in ("size", "lr")}, "seeds": [int(c) for c in common],
+                                  "gap_a": statistics.fmean(ga[c] for c in common),
+                                  "gap_b": statistics.fmean(gb[c] for c in common),
+                                  "change": statistics.fmean(gb[c] - ga[c] for c in common)})
+    return {"groups": table, "pairs": pairs}
 
 
 # ---- plots ---------------------------------------------------------------------------------------
@@ -626,6 +685,19 @@ def plot_curves(units: list[dict], sizes: dict, path) -> None:
     plt.close(fig)
 
 
+#: why the budget is 20 tokens per parameter (the first run's numbers: results/train_scale.json at commit
+#: ad75a4d); shown on the page of the full plan
+BUDGET_NOTE = ("**Why 20 tokens per parameter.** A first run at 10 tokens per parameter (same sizes, rates and "
+               "seeds; results/train_scale.json at commit ad75a4d) failed the flattening check at gpt-248k seed 1: its FP32 "
+               "curve fell 1.3705 → 1.3617 → 1.3444 → 1.3294 over the last 20% (256-window curve), monotonically "
+               "and without a spike, while seed 0 had reached 1.3376 at 90% and ended at 1.3278. Both final losses "
+               "agreed within 0.004, so the 2.37% was a real late improvement of an under-trained model, not window "
+               "noise or a recovery from an instability. One rule for every size replaced it: twice the token budget, "
+               "and the 90% and 100% points measured on every validation window with a stated standard error. The "
+               "learning rates are the first run's sweep, reused (the sweep units are cached): tuned at 2.5 tokens "
+               "per parameter, 1/8 of the budget now.")
+
+
 # ---- the page section ----------------------------------------------------------------------------
 def _hms(s: float) -> str:
     return f"{s / 3600:.2f} h" if s >= 5400 else (f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s")
@@ -649,6 +721,47 @@ def _ci(v) -> str:
     return "n/a" if v is None else f"[{v[0]:+.4f}, {v[1]:+.4f}]"
 
 
+def _sign(v: float, tol: float) -> str:
+    return "grows" if v > tol else ("shrinks" if v < -tol else "hardly changes")
+
+
+def scope_paragraph(js: dict) -> str:
+    """What the fitted trend does and does not show, from the slopes and the one-factor comparisons."""
+    ft, sizes = js["fits"], js["sizes"]
+    pairs = js.get("factors", {}).get("pairs", [])
+    shown = []
+    for recipe, f in ft.items():
+        o = f["ols"]
+        if o["slope"] is not None:
+            shown.append(f"{recipe} {o['slope']:+.4f} per decade (95% CI {_ci(o['ci95'])})")
+    if not shown:
+        return ""
+    labels = [v["label"] for v in sizes.values()]
+    text = ("**What the trend shows, and what it does not.** It shows how the paired gap moves across these "
+            f"{len(sizes)} models ({labels[0]} to {labels[-1]}) as they were built and tuned here: "
+            + "; ".join(shown) + ". It does not show that parameter count causes it, because width, depth and the "
+            "tuned learning rate change together along the x axis.")
+    parts = []
+    for recipe, f in ft.items():
+        for n, b in f.get("by_layers", {}).items():
+            if b["slope"] is not None:
+                parts.append(f"at {n} layer{'s' if n != '1' else ''} ({', '.join(sizes[x]['label'] for x in b['sizes'])}) "
+                             f"the {recipe} gap {_sign(b['slope'], 0.01)} with width ({b['slope']:+.4f} per decade"
+                             + (f", 95% CI {_ci(b['ci95'])}" if b["ci95"] else ", two points: no interval") + ")")
+    for factor, what in (("layers", "changing the depth at the same width and rate"),
+                         ("lr", "changing the peak rate at a fixed size")):
+        for q in (q for q in pairs if q["factor"] == factor):
+            parts.append(f"{what} ({q['a']['size']} at {q['a']['lr']:g} → {q['b']['size']} at {q['b']['lr']:g}, "
+                         f"seed{'s' if len(q['seeds']) > 1 else ''} {', '.join(map(str, q['seeds']))}) changes the "
+                         f"{q['recipe']} gap by {q['change']:+.4f}")
+    if parts:
+        text += " Separately: " + "; ".join(parts) + "."
+    text += (" These one-factor comparisons rest on one or two seeds each and on rates tuned for FP32, so they "
+             "say which factor moves the gap at these sizes, not how it scales; nothing here extrapolates to the "
+             "paper's 20M–1.5B models, whose recipes were trained at rates and token budgets tuned at that scale.\n")
+    return text
+
+
 def section(js: dict, img) -> str:
     """The results-page section (markdown) for train_scale.json; ``img(name)`` gives an image's link."""
     plan, sizes, rows, ft = js["plan"], js["sizes"], js["summary"], js["fits"]
@@ -661,7 +774,8 @@ def section(js: dict, img) -> str:
         f"{HEAD_DIM}, context {plan['ctx']}) on the corpus of section 1, each trained to "
         f"{plan['tokens_per_param']:g} tokens (bytes) per parameter, parameters counted without the token and "
         f"position embeddings (Kaplan et al. 2020; the untied LM head is a GEMM and counts). Batch {plan['batch']} x {plan['ctx']} bytes; one learning rate per size, the best of an FP32 "
-        f"sweep at {100 * plan['sweep_fraction']:.0f}% of the budget (seed 0), used for every recipe; linear warmup over "
+        f"sweep at {100 * plan['sweep_fraction']:g}% of the budget ({plan['sweep_fraction'] * plan['tokens_per_param']:g} "
+        f"tokens per parameter, seed 0), used for every recipe; linear warmup over "
         f"{100 * plan['warmup_fraction']:.0f}% of the steps, cosine to {plan['lr_floor']:g} x peak at the end of the "
         f"budget; AdamW(0.9, 0.95), weight decay {plan['weight_decay']:g}, clip 1.0. Final validation loss on "
         + ("every non-overlapping window of the validation stream" if plan["final_val_windows"] is None else
@@ -700,22 +814,48 @@ def section(js: dict, img) -> str:
                                  "paper slope"], fb))
     # checks
     ck = js["checks"]
-    flat = "; ".join(f"{sizes[s]['label']}: " + ", ".join(f"{100 * v:.2f}%" for v in vals)
-                     for s, vals in ck["fp32_last10pct_improvement"].items())
+    ses = ck.get("fp32_last10pct_se", {})
+    flat = "; ".join(f"{sizes[s]['label']}: " + ", ".join(
+        f"{100 * v:.2f}%" + (f" ± {100 * ses[s][i]:.2f}%" if len(ses.get(s, [])) == len(vals) else "")
+        for i, v in enumerate(vals)) for s, vals in ck["fp32_last10pct_improvement"].items())
+    se_all = [v for vals in ses.values() for v in vals]
     out.append("\n**Checks.** Every unit reached its size's token budget (no early stop): "
-               f"{'yes' if ck['all_reached_budget'] else 'no'}; diverged units (NaN loss): {', '.join(ck['diverged']) or 'none'}; "
-               f"units whose validation loss rose more than {RISE_LIMIT} nats above its running minimum (loss spikes "
-               "at the FP32-tuned learning rate): " + (", ".join(f"{k} (+{v:.3f})" for k, v in ck["unstable"].items())
-                                                         or "none") + ". "
+               f"{'yes' if ck['all_reached_budget'] else 'no'}; diverged units (NaN loss): {', '.join(ck['diverged']) or 'none'}. "
                f"FP32 curves flatten (validation loss improves by < 2% over the last 10% of training): "
                f"{'yes' if ck['fp32_flat'] else 'no'} ({flat})"
                + ("" if ck["fp32_flat"] else "; a size with a value of 2% or more was still improving at the end of its "
-                  "budget, so its gaps are measured before the FP32 curve flattened") + ".\n")
+                  "budget, so its gaps are measured before the FP32 curve flattened") + "."
+               + (f" The improvement is (L(90%) − L(100%)) / L(90%) with both losses on the final evaluation's windows "
+                  f"(every non-overlapping window of the validation stream), paired window by window; ± is its standard "
+                  f"error by batch means over {SE_BLOCKS} contiguous blocks of windows (largest {100 * max(se_all):.2f}%, "
+                  f"against the 2% threshold)." if se_all else "") + "\n")
+    if js.get("budget_note"):
+        out.append(js["budget_note"] + "\n")
+    sp = ck.get("spikes", {})
+    if sp:
+        body = [[k, f"{v['rise']:+.3f}", f"{100 * v['at_fraction']:.0f}%", f"{v['before_min']:.3f}", f"{v['peak']:.3f}",
+                 f"{v['last']:.3f}", "yes" if v["recovered"] else "no"] for k, v in sp.items()]
+        big = list(sizes)[-1]
+        at_big = {}
+        for k in sp:
+            for u in js["units"]:
+                if k == unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"], u["steps"]) and u["size"] == big:
+                    at_big.setdefault(u["recipe"], []).append(u["seed"])
+        n_seeds = len(sizes[big]["seeds"])
+        out.append(f"**Instabilities.** \"Rise\" is the largest rise of a unit's validation curve ({plan['val_windows']} "
+                   f"fixed windows, {plan['n_evals']} evaluations) above its own running minimum; units above {RISE_LIMIT} "
+                   "nats are listed (none of them produced a NaN: see diverged above). \"Recovered\": the curve later fell "
+                   "below its minimum before the spike.\n\n" + markdown_table(
+                       ["unit", "rise (nats)", "at", "min before", "peak", "last curve value", "recovered"], body)
+                   + "".join(f"\n**At the largest size ({sizes[big]['label']}), {r} is unstable at the FP32-tuned "
+                             f"learning rate: {len(seeds)} of {n_seeds} seeds spiked** (seeds "
+                             f"{', '.join(map(str, seeds))}); its gap there includes the cost of the spike(s).\n"
+                             for r, seeds in at_big.items()))
     if js.get("diagnostics"):
         db = [[sizes[d["size"]]["label"], d["recipe"], d["seed"], f"{d['final_val_loss']:.4f}",
                "n/a" if d["gap_to_fp32"] is None else f"{d['gap_to_fp32']:+.4f}", d["full_recipe"],
                "n/a" if d["full_recipe_gap"] is None else f"{d['full_recipe_gap']:+.4f}"] for d in js["diagnostics"]]
-        out.append("**Diagnostics (not in the fit), largest size.** `-linear-only`: the recipe with the attention "
+        out.append("**Diagnostics (not in the fit).** `-linear-only`: the recipe with the attention "
                    "matmuls (QKᵀ and AV) left in FP32 and every Linear layer quantized as before, paired with the same "
                    "seed's FP32 unit. `-halflr`: the recipe at half the size's tuned peak learning rate, paired with an "
                    "FP32 unit also at half the rate (same seed). \"full recipe\": the planned unit of that recipe (tuned "
@@ -726,6 +866,24 @@ def section(js: dict, img) -> str:
                              f"the Linear layers alone give {d['gap_to_fp32']:+.4f}.\n" for d in js["diagnostics"]
                              if d["recipe"].endswith(LINEAR_ONLY) and d["gap_to_fp32"] is not None
                              and d["full_recipe_gap"] is not None))
+    fc = js.get("factors", {})
+    if fc.get("pairs"):
+        names = {"layers": "depth (layers)", "width": "width (d_model)", "lr": "peak learning rate"}
+        body = [[names[q["factor"]], q["recipe"], f"{sizes[q['a']['size']]['label']} ({q['a']['size']}) at {q['a']['lr']:g}",
+                 f"{sizes[q['b']['size']]['label']} ({q['b']['size']}) at {q['b']['lr']:g}", ", ".join(map(str, q["seeds"])),
+                 f"{q['gap_a']:+.4f}", f"{q['gap_b']:+.4f}", f"{q['change']:+.4f}"]
+                for q in sorted(fc["pairs"], key=lambda q: (q["factor"], q["recipe"]))]
+        fb = [[recipe, n, ", ".join(sizes[x]["label"] for x in f["by_layers"][n]["sizes"]),
+               "n/a" if f["by_layers"][n]["slope"] is None else f"{f['by_layers'][n]['slope']:+.4f}",
+               _ci(f["by_layers"][n]["ci95"])] for recipe, f in ft.items() for n in f.get("by_layers", {})]
+        out.append("**Depth, width and learning rate, one at a time.** The sizes change width, depth (1 → 2 layers) "
+                   "and the tuned learning rate together. Every pair of (size, peak rate) groups that differs in exactly "
+                   "one of them, with the paired gap to FP32 averaged over the seeds both have (the `-halflr` "
+                   "diagnostics supply the other rates):\n\n" + markdown_table(
+                       ["factor changed", "recipe", "a", "b", "seeds", "gap a", "gap b", "change b − a"], body)
+                   + ("\n\nSlope of the gap within one depth (only width changes; least squares through the per-seed "
+                      "gaps, 95% t interval, none with fewer than three points):\n\n" + markdown_table(
+                          ["recipe", "layers", "sizes", "slope per decade", "95% CI (t)"], fb) if fb else "") + "\n")
     # trend, in words no stronger than the table
     lines = []
     for recipe, f in ft.items():
@@ -751,6 +909,7 @@ def section(js: dict, img) -> str:
                      f"{f['paper_slope']:+.4f}: {verdict}"
                      + (f"; units with loss spikes (see Checks): {', '.join(spikes)}" if spikes else "") + ".")
     out.append("**Trend.**\n\n" + "\n".join(lines) + "\n")
+    out.append(scope_paragraph(js))
     run = js["run"]
     n_diag = len(js.get("diagnostics", []))
     out.append(f"**Cost.** {js['n_units_done']} units (incl. {js['n_sweep_units']} sweep units"
@@ -770,8 +929,8 @@ def section(js: dict, img) -> str:
         "paper's nats per token on web text, so only the sign and size of the *trend* are comparable, not the "
         f"gaps themselves; the paper's sizes are its own (total) parameter counts. Our largest model has "
         f"{big['ours_largest']:,} non-embedding parameters, about {big['ratio_to_paper_20M']:.0f}x "
-        "smaller than the paper's smallest (20M). The issue's example sizes (0.1M, 0.3M, 1M at 10 tokens per "
-        f"parameter) would add a 1M model: {big['tokens_1M']:,} tokens, {big['epochs_1M']:.1f} epochs of this "
+        "smaller than the paper's smallest (20M). The issue's largest example size (1M parameters), at this run's "
+        f"{plan['tokens_per_param']:g} tokens per parameter, would add a 1M model: {big['tokens_1M']:,} tokens, {big['epochs_1M']:.1f} epochs of this "
         "training split" + (f" (more than {plan['max_epochs']:g}: the corpus must first grow, e.g. by more "
                             "standard-library packages, which the run checks)" if big["epochs_1M"] > plan["max_epochs"]
                             else "") + (
@@ -934,7 +1093,11 @@ def main(argv=None):
               "diverged": [unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"], u["steps"]) for u in units if u["diverged"]],
               "unstable": {unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"], u["steps"]): val_rise(u) for u in units
                            if val_rise(u) > RISE_LIMIT},
+              "spikes": {unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"], u["steps"]): spike(u)
+                         for u in units + drecs if val_rise(u) > RISE_LIMIT},
               "fp32_last10pct_improvement": {s: v for s, v in flat.items() if v},
+              "fp32_last10pct_se": {s: [u["last10pct"]["se_rel"] for u in fp32 if u["size"] == s and "last10pct" in u]
+                                    for s in sizes if any(u["size"] == s for u in fp32)},
               "fp32_flat": bool(fp32) and all(v < 0.02 for vals in flat.values() for v in vals)}
     for u in units:
         u["gap_to_fp32"] = next((u["final_val_loss"] - b["final_val_loss"] for b in fp32
@@ -960,6 +1123,8 @@ def main(argv=None):
           "command": _command(_argv_for_resume(argv)), "sizes": sizes,
           "n_units_planned": planned_main, "n_units_done": len(all_units), "n_sweep_units": len(sweep_recs),
           "missing_units": missing, "units": units, "sweep_units": sweep_recs, "diagnostics": diagnostics, "summary": rows, "fits": fits(rows),
+          "factors": factor_comparisons(units, diagnostics),
+          "budget_note": BUDGET_NOTE if plan.name == "full" and plan.tokens_per_param == 20 else None,
           "checks": checks,
           "run": {"unit_wall_s": sum(u["wall_s"] for u in all_units), "unit_cpu_s": sum(u["cpu_s"] for u in all_units),
                   "invocations": invocations, "invocations_wall_s": sum(i["wall_s"] for i in invocations),
