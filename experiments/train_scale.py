@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import math
 import os
 import pathlib
@@ -1102,13 +1103,14 @@ def main(argv=None):
     for u in units:
         u["gap_to_fp32"] = next((u["final_val_loss"] - b["final_val_loss"] for b in fp32
                                  if b["size"] == u["size"] and b["seed"] == u["seed"]), None)
-    # previous invocations (a resumed run adds up)
+    # previous invocations of the same plan (a resumed run adds up; a run at another plan does not)
     prev = read_json(out / "train_scale.json") if (out / "train_scale.json").exists() else {}
-    invocations = list(prev.get("run", {}).get("invocations", []))
+    plan_js = json.loads(json.dumps(plan.to_json()))
+    invocations = [i for i in prev.get("run", {}).get("invocations", []) if i.get("plan") == plan_js]
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     this = {"finished_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
             "wall_s": time.perf_counter() - t_wall, "cpu_s": time.process_time() - t_cpu + ru.ru_utime + ru.ru_stime,
-            "units_computed": computed, "workers": args.workers, "nice": os.nice(0)}
+            "units_computed": computed, "workers": args.workers, "nice": os.nice(0), "plan": plan_js}
     if computed:
         invocations.append(this)
     all_units = units + sweep_recs + drecs
