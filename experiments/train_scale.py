@@ -737,9 +737,9 @@ def scope_paragraph(js: dict) -> str:
             shown.append(f"{recipe} {o['slope']:+.4f} per decade (95% CI {_ci(o['ci95'])})")
     if not shown:
         return ""
-    labels = [v["label"] for v in sizes.values()]
+    labels = list(dict.fromkeys(r["label"] for r in js["summary"] if r["recipe"] in ft and r["gap"]))
     text = ("**What the trend shows, and what it does not.** It shows how the paired gap moves across these "
-            f"{len(sizes)} models ({labels[0]} to {labels[-1]}) as they were built and tuned here: "
+            f"{len(labels)} models ({labels[0]} to {labels[-1]}) as they were built and tuned here: "
             + "; ".join(shown) + ". It does not show that parameter count causes it, because width, depth and the "
             "tuned learning rate change together along the x axis.")
     parts = []
@@ -908,7 +908,7 @@ def section(js: dict, img) -> str:
                      f"{mine[-1]['gap_mean']:+.4f} at {mine[-1]['label']} (change {change:+.4f}; largest half-range "
                      f"over seeds at one size {spread:.4f}); slope {o['slope']:+.4f} per decade vs the paper's "
                      f"{f['paper_slope']:+.4f}: {verdict}"
-                     + (f"; units with loss spikes (see Checks): {', '.join(spikes)}" if spikes else "") + ".")
+                     + (f"; units with loss spikes (see Instabilities): {', '.join(spikes)}" if spikes else "") + ".")
     out.append("**Trend.**\n\n" + "\n".join(lines) + "\n")
     out.append(scope_paragraph(js))
     run = js["run"]
