@@ -917,8 +917,10 @@ def section(js: dict, img) -> str:
                + (f" and {n_diag} diagnostic" if n_diag else "") + "): "
                f"{_hms(run['unit_wall_s'])} wall and {_hms(run['unit_cpu_s'])} CPU summed over units, one thread each, "
                f"{run['workers_used']} worker(s), niceness "
-               f"{'/'.join(str(n) for n in sorted({str(i.get('nice', 'not recorded')) for i in run['invocations']} or {str(run['this_invocation']['nice'])}))} on "
-               f"{js['environment']['cpu_count']} CPU cores shared with other jobs; wall time of the invocations that trained units: {_hms(run['invocations_wall_s'])}.\n")
+               f"{'/'.join(sorted({str(i.get('nice', 'not recorded')) for i in run['invocations']})) or 'not recorded'} on "
+               f"{js['environment']['cpu_count']} CPU cores shared with other jobs; wall time of the invocations that trained units: "
+               + (_hms(run['invocations_wall_s']) if run["invocations"] else "not recorded (an invocation records "
+                  "itself when it ends; the one that trained these units was stopped before it ended)") + ".\n")
     big = js["gpu_scale"]
     layers = {v["label"]: parse_size(s)[1] for s, v in sizes.items()}
     depth = "" if len(set(layers.values())) < 2 else (
