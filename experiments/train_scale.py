@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import math
 import os
 import pathlib
@@ -66,14 +67,14 @@ class Plan:
     """Everything the run's units depend on (the cache keys are built from it)."""
 
     sizes: tuple = ("32x1", "64x1", "64x2", "96x2")
-    tokens_per_param: float = 10.0
+    tokens_per_param: float = 20.0
     batch: int = 16
     ctx: int = 64
     seeds: int = 2
     seeds_smallest: int = 3
     full_recipe_sizes: int = 2
     lr_grid: tuple = (1e-3, 2e-3, 4e-3, 8e-3)
-    sweep_fraction: float = 0.25
+    sweep_fraction: float = 0.125
     max_grid_extensions: int = 2
     warmup_fraction: float = 0.05
     lr_floor: float = 0.1
@@ -166,10 +167,14 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, floor: float) -> float:
 # ---- one unit ------------------------------------------------------------------------------------
 #: suffix of a diagnostic recipe that leaves the attention matmuls (QKᵀ, AV) in FP32, Linear layers quantized
 LINEAR_ONLY = "-linear-only"
-#: diagnostic units (recipe, seed) at the largest size, run with --diagnostics, reported apart from the fit
 #: suffix of a diagnostic recipe trained at half the size's tuned peak learning rate
 HALF_LR = "-halflr"
-DIAGNOSTICS = (("mxfp6" + LINEAR_ONLY, 0), ("fp32" + HALF_LR, 0), ("mxfp6" + HALF_LR, 0))
+#: diagnostic units (size, recipe, seed), size None meaning the largest, run with --diagnostics (in this
+#: order, after the planned units) and reported apart from the fit. 64x2 at half its tuned rate trains at
+#: 64x1's rate (2e-3): depth 1 -> 2 at equal width and learning rate; 64x2 -> 96x2 (both 4e-3, 2 layers) is
+#: width at equal depth and rate in the planned units.
+DIAGNOSTICS = (("64x2", "fp32" + HALF_LR, 0), ("64x2", "mxfp6" + HALF_LR, 0), ("64x2", "mxfp4-w+mxfp6" + HALF_LR, 0),
+               (None, "mxfp6" + LINEAR_ONLY, 0), (None, "fp32" + HALF_LR, 0), (None, "mxfp6" + HALF_LR, 0))
 
 
 def split_recipe(label: str) -> tuple[str, str | None]:
@@ -182,18 +187,23 @@ def split_recipe(label: str) -> tuple[str, str | None]:
     return label, "auto"
 
 
-def unit_key(plan: Plan, size: str, recipe: str, seed: int, lr: float, steps: int) -> dict:
-    """Everything one unit's result depends on; a cached unit is reused only when its key matches."""
-    return {"size": size, "recipe": recipe, "seed": seed, "lr": lr, "steps": steps, "batch": plan.batch,
-            "ctx": plan.ctx, "warmup_fraction": plan.warmup_fraction, "lr_floor": plan.lr_floor,
-            "weight_decay": plan.weight_decay, "n_evals": plan.n_evals, "val_windows": plan.val_windows,
-            "final_val_windows": plan.final_val_windows,
-            # the label the cached units were keyed with; TinyGPT(init="gpt2") draws what TinyGPT + gpt2_init drew
-            "model": "microscale.nn.models.TinyGPT+gpt2_init"}
+def unit_key(plan: Plan, size: str, recipe: str, seed: int, lr: float, steps: int, kind: str = "main") -> dict:
+    """Everything one unit's result depends on; a cached unit is reused only when its key matches. Main
+    units also evaluate the final windows at 90% of training (the flattening check); sweep units do not."""
+    key = {"size": size, "recipe": recipe, "seed": seed, "lr": lr, "steps": steps, "batch": plan.batch,
+           "ctx": plan.ctx, "warmup_fraction": plan.warmup_fraction, "lr_floor": plan.lr_floor,
+           "weight_decay": plan.weight_decay, "n_evals": plan.n_evals, "val_windows": plan.val_windows,
+           "final_val_windows": plan.final_val_windows,
+           # the label the cached units were keyed with; TinyGPT(init="gpt2") draws what TinyGPT + gpt2_init drew
+           "model": "microscale.nn.models.TinyGPT+gpt2_init"}
+    if kind != "sweep":
+        key["final_windows_at_90pct"] = True
+    return key
 
 
-def unit_name(kind: str, size: str, recipe: str, seed: int, lr: float) -> str:
-    return (f"scale-sweep_{size}_lr{lr:g}" if kind == "sweep" else f"scale_{size}_{recipe}_s{seed}")
+def unit_name(kind: str, size: str, recipe: str, seed: int, lr: float, steps: int) -> str:
+    """Cache file stem; a main unit's name carries its step count, so runs at other budgets keep their files."""
+    return (f"scale-sweep_{size}_lr{lr:g}" if kind == "sweep" else f"scale_{size}_{recipe}_s{seed}_{steps}steps")
 
 
 @torch.no_grad()
@@ -207,6 +217,44 @@ def _val_loss(model, stream: torch.Tensor, starts: torch.Tensor, ctx: int, chunk
         total += float(model(x, y)[1]) * len(x)
     model.train(was)
     return total / len(starts)
+
+
+@torch.no_grad()
+def _val_losses_per_window(model, stream: torch.Tensor, starts: torch.Tensor, ctx: int, chunk: int = 64) -> torch.Tensor:
+    """Mean next-byte cross-entropy of each window (float64, [len(starts)]); their mean is the loss over
+    the windows (every window has ``ctx`` targets)."""
+    from .data import batch_windows
+    was = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(starts), chunk):
+        x, y = batch_windows(stream, starts[i:i + chunk], ctx)
+        logits = model(x, y)[0]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        out.append(ce.view(len(x), ctx).mean(1).double())
+    model.train(was)
+    return torch.cat(out)
+
+
+#: contiguous blocks of validation windows for the batch-means standard error of the flattening (adjacent
+#: windows come from the same file and are correlated; block means are close to independent)
+SE_BLOCKS = 32
+
+
+def paired_improvement(before: torch.Tensor, after: torch.Tensor, blocks: int = SE_BLOCKS) -> dict:
+    """Relative improvement (L_before − L_after) / L_before of two per-window loss vectors on the same
+    windows, and its standard error by batch means: the windows cut into ``blocks`` contiguous blocks, the
+    SE of the mean per-window difference = sd(block means) / sqrt(blocks), divided by L_before (fewer
+    blocks, at least two windows each, when there are fewer than 2 x ``blocks`` windows)."""
+    if before.dim() != 1 or before.shape != after.shape or before.numel() < 4:
+        raise ValueError(f"need two equal 1-d per-window loss vectors of >= 4 windows, got "
+                         f"{tuple(before.shape)} and {tuple(after.shape)}")
+    blocks = min(blocks, before.numel() // 2)
+    d = (before - after).double()
+    means = torch.stack([c.mean() for c in torch.tensor_split(d, blocks)])
+    l0 = float(before.double().mean())
+    return {"before": l0, "after": float(after.double().mean()), "rel": float(d.mean()) / l0,
+            "se_rel": float(means.std(unbiased=True)) / math.sqrt(blocks) / l0, "windows": d.numel(), "blocks": blocks}
 
 
 def final_val_starts(stream: torch.Tensor, ctx: int, n: int | None) -> torch.Tensor:
@@ -237,8 +285,8 @@ def train_unit(job: dict) -> dict:
     plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["plan"].items()})
     out = pathlib.Path(job["out"])
     size, recipe, seed, lr, steps = job["size"], job["recipe"], job["seed"], job["lr"], job["steps"]
-    key = unit_key(plan, size, recipe, seed, lr, steps)
-    name = unit_name(job["kind"], size, recipe, seed, lr)
+    key = unit_key(plan, size, recipe, seed, lr, steps, job["kind"])
+    name = unit_name(job["kind"], size, recipe, seed, lr, steps)
     cache = out / "runs" / f"{name}.json"
     if cache.exists():
         rec = read_json(cache)
@@ -259,13 +307,16 @@ def train_unit(job: dict) -> dict:
     rec = {"kind": job["kind"], "size": size, "recipe": recipe, "seed": seed, "lr": lr, "steps": steps,
            "warmup_steps": warmup, "train_loss": [], "val_steps": [], "val_tokens": [], "val_loss": [],
            "wall_s": 0.0, "cpu_s": 0.0, "resumed_from_step": None}
-    step0, chunk_losses = 0, []
+    fstarts = final_val_starts(corpus.val, plan.ctx, plan.final_val_windows)
+    step90 = int(round(0.9 * steps))  # a multiple of steps // n_evals (n_evals is a multiple of 10)
+    step0, chunk_losses, windows90 = 0, [], None
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         if state["key"] == key:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             rec, step0, chunk_losses = state["rec"], state["step"], state["chunk_losses"]
+            windows90 = state.get("windows90")
             rec["resumed_from_step"] = step0
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     wall0, cpu0 = rec["wall_s"], rec["cpu_s"]
@@ -278,7 +329,7 @@ def train_unit(job: dict) -> dict:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"key": key, "model": model.state_dict(), "opt": opt.state_dict(), "rec": rec, "step": step,
-                    "chunk_losses": chunk_losses}, tmp)
+                    "chunk_losses": chunk_losses, "windows90": windows90}, tmp)
         os.replace(tmp, ckpt)
 
     loss_every = max(1, steps // 100)
@@ -299,6 +350,8 @@ def train_unit(job: dict) -> dict:
             rec["val_steps"].append(step + 1)
             rec["val_tokens"].append((step + 1) * plan.batch * plan.ctx)
             rec["val_loss"].append(_val_loss(model, corpus.val, vstarts, plan.ctx))
+        if step + 1 == step90 and job["kind"] != "sweep":  # the flattening check's 90% point, final windows
+            windows90 = _val_losses_per_window(model, corpus.val, fstarts, plan.ctx)
         now = time.perf_counter()
         if job.get("stop_after") is not None and step + 1 == job["stop_after"]:
             save(step + 1)
@@ -313,8 +366,10 @@ def train_unit(job: dict) -> dict:
                   f"val {rec['val_loss'][-1] if rec['val_loss'] else float('nan'):.4f}, unit time left "
                   f"{left / 60:.1f} min", flush=True)
             last_print = now
-    rec["final_val_loss"] = _val_loss(model, corpus.val, final_val_starts(corpus.val, plan.ctx,
-                                                                         plan.final_val_windows), plan.ctx)
+    windows_end = _val_losses_per_window(model, corpus.val, fstarts, plan.ctx)
+    rec["final_val_loss"] = float(windows_end.mean())
+    if windows90 is not None:
+        rec["last10pct"] = paired_improvement(windows90, windows_end)
     rec["wall_s"] = wall0 + time.perf_counter() - t_wall
     rec["cpu_s"] = cpu0 + time.process_time() - t_cpu
     rec["tokens_seen"] = steps * plan.batch * plan.ctx
@@ -336,7 +391,7 @@ def _work(job: dict) -> float:
 
 
 def _job_name(job: dict) -> str:
-    return unit_name(job["kind"], job["size"], job["recipe"], job["seed"], job["lr"])
+    return unit_name(job["kind"], job["size"], job["recipe"], job["seed"], job["lr"], job["steps"])
 
 
 class Progress:
@@ -388,11 +443,11 @@ def run_units(jobs: list[dict], workers: int, progress: Progress) -> list[dict]:
 def _cached_only(job: dict) -> dict | None:
     """The cached record of a job, or None (``--report-only``)."""
     plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["plan"].items()})
-    path = pathlib.Path(job["out"]) / "runs" / f"{unit_name(job['kind'], job['size'], job['recipe'], job['seed'], job['lr'])}.json"
+    path = pathlib.Path(job["out"]) / "runs" / f"{unit_name(job['kind'], job['size'], job['recipe'], job['seed'], job['lr'], job['steps'])}.json"
     if not path.exists():
         return None
     rec = read_json(path)
-    if rec.get("key") != unit_key(plan, job["size"], job["recipe"], job["seed"], job["lr"], job["steps"]):
+    if rec.get("key") != unit_key(plan, job["size"], job["recipe"], job["seed"], job["lr"], job["steps"], job["kind"]):
         return None
     rec["cached"] = True
     return rec
@@ -440,7 +495,10 @@ def bootstrap_slope(per_size: dict, n_boot: int = 4000, seed: int = 0) -> dict:
 
 
 def flattening(rec: dict) -> float:
-    """Relative improvement of validation loss over the last 10% of training: (L(90%) − L(end)) / L(90%)."""
+    """Relative improvement of validation loss over the last 10% of training: (L(90%) − L(end)) / L(90%),
+    on the final evaluation's windows when the unit recorded them (``last10pct``), else on the curve's."""
+    if "last10pct" in rec:
+        return rec["last10pct"]["rel"]
     steps = rec["val_steps"]
     i90 = steps.index(int(round(0.9 * rec["steps"])))
     return (rec["val_loss"][i90] - rec["val_loss"][-1]) / rec["val_loss"][i90]
@@ -458,6 +516,22 @@ def val_rise(rec: dict) -> float:
         rise = max(rise, v - best)
         best = min(best, v)
     return rise
+
+
+def spike(rec: dict) -> dict:
+    """Where the largest rise of the validation curve above its running minimum happened (fraction of
+    training), the minimum before it, the peak, the curve's last value, and whether the curve later fell
+    below the pre-spike minimum again (recovered)."""
+    best, rise, at, lo, peak = math.inf, 0.0, None, None, None
+    for i, v in enumerate(rec["val_loss"]):
+        if v - best > rise:
+            rise, at, lo, peak = v - best, i, best, v
+        best = min(best, v)
+    if at is None:
+        return {"rise": 0.0, "at_fraction": None, "before_min": None, "peak": None,
+                "last": rec["val_loss"][-1] if rec["val_loss"] else None, "recovered": True}
+    return {"rise": rise, "at_fraction": rec["val_steps"][at] / rec["steps"], "before_min": lo, "peak": peak,
+            "last": rec["val_loss"][-1], "recovered": min(rec["val_loss"][at:]) < lo}
 
 
 def summarize(units: list[dict], sizes: dict) -> list[dict]:
@@ -481,17 +555,60 @@ def summarize(units: list[dict], sizes: dict) -> list[dict]:
 
 
 def fits(rows: list[dict]) -> dict:
+    """Per fitted recipe: the slope through every size (``ols``, ``bootstrap``) and, per depth with two or
+    more sizes (``by_layers``), the slope through the sizes of that depth only (width alone changes)."""
     out = {}
     for recipe in FIT_RECIPES:
         mine = [r for r in rows if r["recipe"] == recipe and r["gap"]]
         xs = [r["params"] for r in mine for _ in r["gap"]]
         gs = [g for r in mine for g in r["gap"]]
         paper = PAPER_GAPS[recipe]
+        by_layers = {}
+        for n in sorted({parse_size(r["size"])[1] for r in mine}):
+            same = [r for r in mine if parse_size(r["size"])[1] == n]
+            if len(same) >= 2:
+                by_layers[str(n)] = {"sizes": [r["size"] for r in same],
+                                     **fit_slope([r["params"] for r in same for _ in r["gap"]],
+                                                 [g for r in same for g in r["gap"]])}
         out[recipe] = {"ols": fit_slope(xs, gs), "bootstrap": bootstrap_slope({r["params"]: r["gap"] for r in mine}),
                        "sizes": len(mine), "paper_slope": fit_slope(list(paper), list(paper.values()))["slope"],
                        "mean_gap_first": mine[0]["gap_mean"] if mine else None,
-                       "mean_gap_last": mine[-1]["gap_mean"] if mine else None}
+                       "mean_gap_last": mine[-1]["gap_mean"] if mine else None, "by_layers": by_layers}
     return out
+
+
+def factor_comparisons(units: list[dict], diagnostics: list[dict]) -> dict:
+    """Separates depth, width and learning rate: every (size, peak lr) group with paired gaps of a fitted
+    recipe (planned units, and ``-halflr`` diagnostics paired with FP32 at the same rate), and every pair of
+    groups that differ in exactly one of layers, width, lr, with the change of the gap on their common seeds
+    (b − a, mean over those seeds)."""
+    groups: dict = {}
+    for u in units:
+        if u["recipe"] in FIT_RECIPES and u.get("gap_to_fp32") is not None:
+            groups.setdefault((u["size"], u["lr"]), {}).setdefault(u["recipe"], {})[u["seed"]] = u["gap_to_fp32"]
+    for d in diagnostics:
+        base = split_recipe(d["recipe"])[0]
+        if d["recipe"].endswith(HALF_LR) and base in FIT_RECIPES and d.get("gap_to_fp32") is not None:
+            groups.setdefault((d["size"], d["lr"]), {}).setdefault(base, {})[d["seed"]] = d["gap_to_fp32"]
+    table = [{"size": s, "layers": parse_size(s)[1], "width": parse_size(s)[0], "lr": lr,
+              "gaps": {r: {str(k): v for k, v in sorted(g.items())} for r, g in rg.items()}}
+             for (s, lr), rg in sorted(groups.items(), key=lambda kv: (parse_size(kv[0][0])[::-1], kv[0][1]))]
+    pairs = []
+    for i, a in enumerate(table):
+        for b in table[i + 1:]:
+            differ = [f for f in ("layers", "width", "lr") if a[f] != b[f]]
+            if len(differ) != 1:
+                continue
+            for recipe in FIT_RECIPES:
+                ga, gb = a["gaps"].get(recipe, {}), b["gaps"].get(recipe, {})
+                common = sorted(set(ga) & set(gb))
+                if common:
+                    pairs.append({"factor": differ[0], "recipe": recipe, "a": {k: a[k] for k in ("size", "lr")},
+                                  "b": {k: b[k] for k in ("size", "lr")}, "seeds": [int(c) for c in common],
+                                  "gap_a": statistics.fmean(ga[c] for c in common),
+                                  "gap_b": statistics.fmean(gb[c] for c in common),
+                                  "change": statistics.fmean(gb[c] - ga[c] for c in common)})
+    return {"groups": table, "pairs": pairs}
 
 
 # ---- plots ---------------------------------------------------------------------------------------
@@ -560,6 +677,19 @@ def plot_curves(units: list[dict], sizes: dict, path) -> None:
     plt.close(fig)
 
 
+#: why the budget is 20 tokens per parameter (the first run's numbers: results/train_scale.json at commit
+#: ad75a4d); shown on the page of the full plan
+BUDGET_NOTE = ("**Why 20 tokens per parameter.** A first run at 10 tokens per parameter (same sizes, rates and "
+               "seeds; results/train_scale.json at commit ad75a4d) failed the flattening check at gpt-248k seed 1: its FP32 "
+               "curve fell 1.3705 → 1.3617 → 1.3444 → 1.3294 over the last 20% (256-window curve), monotonically "
+               "and without a spike, while seed 0 had reached 1.3376 at 90% and ended at 1.3278. Both final losses "
+               "agreed within 0.004, so the 2.37% was a real late improvement of an under-trained model, not window "
+               "noise or a recovery from an instability. One rule for every size replaced it: twice the token budget, "
+               "and the 90% and 100% points measured on every validation window with a stated standard error. The "
+               "learning rates are the first run's sweep, reused (the sweep units are cached): tuned at 2.5 tokens "
+               "per parameter, 1/8 of the budget now.")
+
+
 # ---- the page section ----------------------------------------------------------------------------
 def _hms(s: float) -> str:
     return f"{s / 3600:.2f} h" if s >= 5400 else (f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s")
@@ -583,6 +713,47 @@ def _ci(v) -> str:
     return "n/a" if v is None else f"[{v[0]:+.4f}, {v[1]:+.4f}]"
 
 
+def _sign(v: float, tol: float) -> str:
+    return "grows" if v > tol else ("shrinks" if v < -tol else "hardly changes")
+
+
+def scope_paragraph(js: dict) -> str:
+    """What the fitted trend does and does not show, from the slopes and the one-factor comparisons."""
+    ft, sizes = js["fits"], js["sizes"]
+    pairs = js.get("factors", {}).get("pairs", [])
+    shown = []
+    for recipe, f in ft.items():
+        o = f["ols"]
+        if o["slope"] is not None:
+            shown.append(f"{recipe} {o['slope']:+.4f} per decade (95% CI {_ci(o['ci95'])})")
+    if not shown:
+        return ""
+    labels = list(dict.fromkeys(r["label"] for r in js["summary"] if r["recipe"] in ft and r["gap"]))
+    text = ("**What the trend shows, and what it does not.** It shows how the paired gap moves across these "
+            f"{len(labels)} models ({labels[0]} to {labels[-1]}) as they were built and tuned here: "
+            + "; ".join(shown) + ". It does not show that parameter count causes it, because width, depth and the "
+            "tuned learning rate change together along the x axis.")
+    parts = []
+    for recipe, f in ft.items():
+        for n, b in f.get("by_layers", {}).items():
+            if b["slope"] is not None:
+                parts.append(f"at {n} layer{'s' if n != '1' else ''} ({', '.join(sizes[x]['label'] for x in b['sizes'])}) "
+                             f"the {recipe} gap {_sign(b['slope'], 0.01)} with width ({b['slope']:+.4f} per decade"
+                             + (f", 95% CI {_ci(b['ci95'])}" if b["ci95"] else ", two points: no interval") + ")")
+    for factor, what in (("layers", "changing the depth at the same width and rate"),
+                         ("lr", "changing the peak rate at a fixed size")):
+        for q in (q for q in pairs if q["factor"] == factor):
+            parts.append(f"{what} ({q['a']['size']} at {q['a']['lr']:g} → {q['b']['size']} at {q['b']['lr']:g}, "
+                         f"seed{'s' if len(q['seeds']) > 1 else ''} {', '.join(map(str, q['seeds']))}) changes the "
+                         f"{q['recipe']} gap by {q['change']:+.4f}")
+    if parts:
+        text += " Separately: " + "; ".join(parts) + "."
+    text += (" These one-factor comparisons rest on one or two seeds each and on rates tuned for FP32, so they "
+             "say which factor moves the gap at these sizes, not how it scales; nothing here extrapolates to the "
+             "paper's 20M–1.5B models, whose recipes were trained at rates and token budgets tuned at that scale.\n")
+    return text
+
+
 def section(js: dict, img) -> str:
     """The results-page section (markdown) for train_scale.json; ``img(name)`` gives an image's link."""
     plan, sizes, rows, ft = js["plan"], js["sizes"], js["summary"], js["fits"]
@@ -595,7 +766,8 @@ def section(js: dict, img) -> str:
         f"{HEAD_DIM}, context {plan['ctx']}) on the corpus of section 1, each trained to "
         f"{plan['tokens_per_param']:g} tokens (bytes) per parameter, parameters counted without the token and "
         f"position embeddings (Kaplan et al. 2020; the untied LM head is a GEMM and counts). Batch {plan['batch']} x {plan['ctx']} bytes; one learning rate per size, the best of an FP32 "
-        f"sweep at {100 * plan['sweep_fraction']:.0f}% of the budget (seed 0), used for every recipe; linear warmup over "
+        f"sweep at {100 * plan['sweep_fraction']:g}% of the budget ({plan['sweep_fraction'] * plan['tokens_per_param']:g} "
+        f"tokens per parameter, seed 0), used for every recipe; linear warmup over "
         f"{100 * plan['warmup_fraction']:.0f}% of the steps, cosine to {plan['lr_floor']:g} x peak at the end of the "
         f"budget; AdamW(0.9, 0.95), weight decay {plan['weight_decay']:g}, clip 1.0. Final validation loss on "
         + ("every non-overlapping window of the validation stream" if plan["final_val_windows"] is None else
@@ -634,22 +806,48 @@ def section(js: dict, img) -> str:
                                  "paper slope"], fb))
     # checks
     ck = js["checks"]
-    flat = "; ".join(f"{sizes[s]['label']}: " + ", ".join(f"{100 * v:.2f}%" for v in vals)
-                     for s, vals in ck["fp32_last10pct_improvement"].items())
+    ses = ck.get("fp32_last10pct_se", {})
+    flat = "; ".join(f"{sizes[s]['label']}: " + ", ".join(
+        f"{100 * v:.2f}%" + (f" ± {100 * ses[s][i]:.2f}%" if len(ses.get(s, [])) == len(vals) else "")
+        for i, v in enumerate(vals)) for s, vals in ck["fp32_last10pct_improvement"].items())
+    se_all = [v for vals in ses.values() for v in vals]
     out.append("\n**Checks.** Every unit reached its size's token budget (no early stop): "
-               f"{'yes' if ck['all_reached_budget'] else 'no'}; diverged units (NaN loss): {', '.join(ck['diverged']) or 'none'}; "
-               f"units whose validation loss rose more than {RISE_LIMIT} nats above its running minimum (loss spikes "
-               "at the FP32-tuned learning rate): " + (", ".join(f"{k} (+{v:.3f})" for k, v in ck["unstable"].items())
-                                                         or "none") + ". "
+               f"{'yes' if ck['all_reached_budget'] else 'no'}; diverged units (NaN loss): {', '.join(ck['diverged']) or 'none'}. "
                f"FP32 curves flatten (validation loss improves by < 2% over the last 10% of training): "
                f"{'yes' if ck['fp32_flat'] else 'no'} ({flat})"
                + ("" if ck["fp32_flat"] else "; a size with a value of 2% or more was still improving at the end of its "
-                  "budget, so its gaps are measured before the FP32 curve flattened") + ".\n")
+                  "budget, so its gaps are measured before the FP32 curve flattened") + "."
+               + (f" The improvement is (L(90%) − L(100%)) / L(90%) with both losses on the final evaluation's windows "
+                  f"(every non-overlapping window of the validation stream), paired window by window; ± is its standard "
+                  f"error by batch means over {SE_BLOCKS} contiguous blocks of windows (largest {100 * max(se_all):.2f}%, "
+                  f"against the 2% threshold)." if se_all else "") + "\n")
+    if js.get("budget_note"):
+        out.append(js["budget_note"] + "\n")
+    sp = ck.get("spikes", {})
+    if sp:
+        body = [[k, f"{v['rise']:+.3f}", f"{100 * v['at_fraction']:.0f}%", f"{v['before_min']:.3f}", f"{v['peak']:.3f}",
+                 f"{v['last']:.3f}", "yes" if v["recovered"] else "no"] for k, v in sp.items()]
+        big = list(sizes)[-1]
+        at_big = {}
+        for k in sp:
+            for u in js["units"]:
+                if k == unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"], u["steps"]) and u["size"] == big:
+                    at_big.setdefault(u["recipe"], []).append(u["seed"])
+        n_seeds = len(sizes[big]["seeds"])
+        out.append(f"**Instabilities.** \"Rise\" is the largest rise of a unit's validation curve ({plan['val_windows']} "
+                   f"fixed windows, {plan['n_evals']} evaluations) above its own running minimum; units above {RISE_LIMIT} "
+                   "nats are listed (none of them produced a NaN: see diverged above). \"Recovered\": the curve later fell "
+                   "below its minimum before the spike.\n\n" + markdown_table(
+                       ["unit", "rise (nats)", "at", "min before", "peak", "last curve value", "recovered"], body)
+                   + "".join(f"\n**At the largest size ({sizes[big]['label']}), {r} is unstable at the FP32-tuned "
+                             f"learning rate: {len(seeds)} of {n_seeds} seeds spiked** (seeds "
+                             f"{', '.join(map(str, seeds))}); its gap there includes the cost of the spike(s).\n"
+                             for r, seeds in at_big.items()))
     if js.get("diagnostics"):
         db = [[sizes[d["size"]]["label"], d["recipe"], d["seed"], f"{d['final_val_loss']:.4f}",
                "n/a" if d["gap_to_fp32"] is None else f"{d['gap_to_fp32']:+.4f}", d["full_recipe"],
                "n/a" if d["full_recipe_gap"] is None else f"{d['full_recipe_gap']:+.4f}"] for d in js["diagnostics"]]
-        out.append("**Diagnostics (not in the fit), largest size.** `-linear-only`: the recipe with the attention "
+        out.append("**Diagnostics (not in the fit).** `-linear-only`: the recipe with the attention "
                    "matmuls (QKᵀ and AV) left in FP32 and every Linear layer quantized as before, paired with the same "
                    "seed's FP32 unit. `-halflr`: the recipe at half the size's tuned peak learning rate, paired with an "
                    "FP32 unit also at half the rate (same seed). \"full recipe\": the planned unit of that recipe (tuned "
@@ -660,6 +858,24 @@ def section(js: dict, img) -> str:
                              f"the Linear layers alone give {d['gap_to_fp32']:+.4f}.\n" for d in js["diagnostics"]
                              if d["recipe"].endswith(LINEAR_ONLY) and d["gap_to_fp32"] is not None
                              and d["full_recipe_gap"] is not None))
+    fc = js.get("factors", {})
+    if fc.get("pairs"):
+        names = {"layers": "depth (layers)", "width": "width (d_model)", "lr": "peak learning rate"}
+        body = [[names[q["factor"]], q["recipe"], f"{sizes[q['a']['size']]['label']} ({q['a']['size']}) at {q['a']['lr']:g}",
+                 f"{sizes[q['b']['size']]['label']} ({q['b']['size']}) at {q['b']['lr']:g}", ", ".join(map(str, q["seeds"])),
+                 f"{q['gap_a']:+.4f}", f"{q['gap_b']:+.4f}", f"{q['change']:+.4f}"]
+                for q in sorted(fc["pairs"], key=lambda q: (q["factor"], q["recipe"]))]
+        fb = [[recipe, n, ", ".join(sizes[x]["label"] for x in f["by_layers"][n]["sizes"]),
+               "n/a" if f["by_layers"][n]["slope"] is None else f"{f['by_layers'][n]['slope']:+.4f}",
+               _ci(f["by_layers"][n]["ci95"])] for recipe, f in ft.items() for n in f.get("by_layers", {})]
+        out.append("**Depth, width and learning rate, one at a time.** The sizes change width, depth (1 → 2 layers) "
+                   "and the tuned learning rate together. Every pair of (size, peak rate) groups that differs in exactly "
+                   "one of them, with the paired gap to FP32 averaged over the seeds both have (the `-halflr` "
+                   "diagnostics supply the other rates):\n\n" + markdown_table(
+                       ["factor changed", "recipe", "a", "b", "seeds", "gap a", "gap b", "change b − a"], body)
+                   + ("\n\nSlope of the gap within one depth (only width changes; least squares through the per-seed "
+                      "gaps, 95% t interval, none with fewer than three points):\n\n" + markdown_table(
+                          ["recipe", "layers", "sizes", "slope per decade", "95% CI (t)"], fb) if fb else "") + "\n")
     # trend, in words no stronger than the table
     lines = []
     for recipe, f in ft.items():
@@ -683,16 +899,19 @@ def section(js: dict, img) -> str:
                      f"{mine[-1]['gap_mean']:+.4f} at {mine[-1]['label']} (change {change:+.4f}; largest half-range "
                      f"over seeds at one size {spread:.4f}); slope {o['slope']:+.4f} per decade vs the paper's "
                      f"{f['paper_slope']:+.4f}: {verdict}"
-                     + (f"; units with loss spikes (see Checks): {', '.join(spikes)}" if spikes else "") + ".")
+                     + (f"; units with loss spikes (see Instabilities): {', '.join(spikes)}" if spikes else "") + ".")
     out.append("**Trend.**\n\n" + "\n".join(lines) + "\n")
+    out.append(scope_paragraph(js))
     run = js["run"]
     n_diag = len(js.get("diagnostics", []))
     out.append(f"**Cost.** {js['n_units_done']} units (incl. {js['n_sweep_units']} sweep units"
                + (f" and {n_diag} diagnostic" if n_diag else "") + "): "
                f"{_hms(run['unit_wall_s'])} wall and {_hms(run['unit_cpu_s'])} CPU summed over units, one thread each, "
                f"{run['workers_used']} worker(s), niceness "
-               f"{'/'.join(str(n) for n in sorted({str(i.get('nice', 'not recorded')) for i in run['invocations']} or {str(run['this_invocation']['nice'])}))} on "
-               f"{js['environment']['cpu_count']} CPU cores shared with other jobs; wall time of the invocations that trained units: {_hms(run['invocations_wall_s'])}.\n")
+               f"{'/'.join(sorted({str(i.get('nice', 'not recorded')) for i in run['invocations']})) or 'not recorded'} on "
+               f"{js['environment']['cpu_count']} CPU cores shared with other jobs; wall time of the invocations that trained units: "
+               + (_hms(run['invocations_wall_s']) if run["invocations"] else "not recorded (an invocation records "
+                  "itself when it ends; the one that trained these units was stopped before it ended)") + ".\n")
     big = js["gpu_scale"]
     layers = {v["label"]: parse_size(s)[1] for s, v in sizes.items()}
     depth = "" if len(set(layers.values())) < 2 else (
@@ -704,8 +923,8 @@ def section(js: dict, img) -> str:
         "paper's nats per token on web text, so only the sign and size of the *trend* are comparable, not the "
         f"gaps themselves; the paper's sizes are its own (total) parameter counts. Our largest model has "
         f"{big['ours_largest']:,} non-embedding parameters, about {big['ratio_to_paper_20M']:.0f}x "
-        "smaller than the paper's smallest (20M). The issue's example sizes (0.1M, 0.3M, 1M at 10 tokens per "
-        f"parameter) would add a 1M model: {big['tokens_1M']:,} tokens, {big['epochs_1M']:.1f} epochs of this "
+        "smaller than the paper's smallest (20M). The issue's largest example size (1M parameters), at this run's "
+        f"{plan['tokens_per_param']:g} tokens per parameter, would add a 1M model: {big['tokens_1M']:,} tokens, {big['epochs_1M']:.1f} epochs of this "
         "training split" + (f" (more than {plan['max_epochs']:g}: the corpus must first grow, e.g. by more "
                             "standard-library packages, which the run checks)" if big["epochs_1M"] > plan["max_epochs"]
                             else "") + (
@@ -750,7 +969,7 @@ def main(argv=None):
     p.add_argument("--report-only", action="store_true", help="train nothing: assemble JSON, plots and page from "
                    "the cached units (missing ones are listed)")
     p.add_argument("--diagnostics", action="store_true", help="also train the diagnostic units at the largest "
-                   "size (" + ", ".join(f"{r} seed {s}" for r, s in DIAGNOSTICS) + "), after the planned ones")
+                   "size (" + ", ".join(f"{s or 'largest'} {r} seed {n}" for s, r, n in DIAGNOSTICS) + "), after the planned ones")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     plan = QUICK_PLAN if args.quick else Plan()
@@ -827,14 +1046,14 @@ def main(argv=None):
     recs = [_cached_only(j) for j in main_jobs] if args.report_only else run_units(main_jobs, args.workers, progress)
     units = [r for r in recs if r]
     computed += sum(1 for r in recs if r and not r.get("cached"))
-    names = {unit_name("main", j["size"], j["recipe"], j["seed"], j["lr"]) for j in main_jobs}
-    have = {unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"]) for u in units}
+    names = {unit_name("main", j["size"], j["recipe"], j["seed"], j["lr"], j["steps"]) for j in main_jobs}
+    have = {unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"], u["steps"]) for u in units}
     missing = sorted(names - have) + [f"{s} (all: no learning rate yet)" for s, v in sizes.items() if v["lr"] is None]
     # 3. diagnostics at the largest size: trained with --diagnostics, reported whenever cached
     big_s = list(sizes)[-1]
-    diag_jobs = ([job("main", big_s, r, seed, sizes[big_s]["lr"] * (0.5 if r.endswith(HALF_LR) else 1.0),
-                      sizes[big_s]["steps"]) for r, seed in DIAGNOSTICS]
-                 if sizes[big_s]["lr"] is not None else [])
+    diag_jobs = [job("main", s, r, seed, sizes[s]["lr"] * (0.5 if r.endswith(HALF_LR) else 1.0), sizes[s]["steps"])
+                 for s, r, seed in ((s or big_s, r, seed) for s, r, seed in DIAGNOSTICS)
+                 if s in sizes and sizes[s]["lr"] is not None]
     if args.diagnostics and not args.report_only:
         for j in diag_jobs:
             progress.add(j)
@@ -865,21 +1084,26 @@ def main(argv=None):
     fp32 = [u for u in units if u["recipe"] == "fp32"]
     flat = {s: [flattening(u) for u in fp32 if u["size"] == s] for s in sizes}
     checks = {"all_reached_budget": all(u["tokens_seen"] >= sizes[u["size"]]["token_budget"] for u in units),
-              "diverged": [unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"]) for u in units if u["diverged"]],
-              "unstable": {unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"]): val_rise(u) for u in units
+              "diverged": [unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"], u["steps"]) for u in units if u["diverged"]],
+              "unstable": {unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"], u["steps"]): val_rise(u) for u in units
                            if val_rise(u) > RISE_LIMIT},
+              "spikes": {unit_name("main", u["size"], u["recipe"], u["seed"], u["lr"], u["steps"]): spike(u)
+                         for u in units + drecs if val_rise(u) > RISE_LIMIT},
               "fp32_last10pct_improvement": {s: v for s, v in flat.items() if v},
+              "fp32_last10pct_se": {s: [u["last10pct"]["se_rel"] for u in fp32 if u["size"] == s and "last10pct" in u]
+                                    for s in sizes if any(u["size"] == s for u in fp32)},
               "fp32_flat": bool(fp32) and all(v < 0.02 for vals in flat.values() for v in vals)}
     for u in units:
         u["gap_to_fp32"] = next((u["final_val_loss"] - b["final_val_loss"] for b in fp32
                                  if b["size"] == u["size"] and b["seed"] == u["seed"]), None)
-    # previous invocations (a resumed run adds up)
+    # previous invocations of the same plan (a resumed run adds up; a run at another plan does not)
     prev = read_json(out / "train_scale.json") if (out / "train_scale.json").exists() else {}
-    invocations = list(prev.get("run", {}).get("invocations", []))
+    plan_js = json.loads(json.dumps(plan.to_json()))
+    invocations = [i for i in prev.get("run", {}).get("invocations", []) if i.get("plan") == plan_js]
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     this = {"finished_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
             "wall_s": time.perf_counter() - t_wall, "cpu_s": time.process_time() - t_cpu + ru.ru_utime + ru.ru_stime,
-            "units_computed": computed, "workers": args.workers, "nice": os.nice(0)}
+            "units_computed": computed, "workers": args.workers, "nice": os.nice(0), "plan": plan_js}
     if computed:
         invocations.append(this)
     all_units = units + sweep_recs + drecs
@@ -894,6 +1118,8 @@ def main(argv=None):
           "command": _command(_argv_for_resume(argv)), "sizes": sizes,
           "n_units_planned": planned_main, "n_units_done": len(all_units), "n_sweep_units": len(sweep_recs),
           "missing_units": missing, "units": units, "sweep_units": sweep_recs, "diagnostics": diagnostics, "summary": rows, "fits": fits(rows),
+          "factors": factor_comparisons(units, diagnostics),
+          "budget_note": BUDGET_NOTE if plan.name == "full" and plan.tokens_per_param == 20 else None,
           "checks": checks,
           "run": {"unit_wall_s": sum(u["wall_s"] for u in all_units), "unit_cpu_s": sum(u["cpu_s"] for u in all_units),
                   "invocations": invocations, "invocations_wall_s": sum(i["wall_s"] for i in invocations),

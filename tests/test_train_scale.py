@@ -52,8 +52,8 @@ def test_val_rise_is_largest_rise_above_running_minimum():
 
 def test_budget_rounds_up_to_whole_evaluation_intervals():
     plan = ts.Plan()
-    b = ts.budget(plan, 20_960)  # 209,600 tokens / 1024 per step = 204.7 steps -> 220 (a multiple of 20)
-    assert (b["token_budget"], b["steps"], b["tokens"]) == (209_600, 220, 220 * 1024)
+    b = ts.budget(plan, 20_960)  # 20 x 20,960 = 419,200 tokens / 1024 per step = 409.4 steps -> 420 (a multiple of 20)
+    assert (b["token_budget"], b["steps"], b["tokens"]) == (419_200, 420, 420 * 1024)
     assert b["tokens"] >= b["token_budget"]
 
 
@@ -162,3 +162,57 @@ def test_recipes_for_each_size_and_unknown_recipe_refused():
     assert ts.recipes_for(plan, "96x2") == list(ts.CORE_RECIPES)
     with pytest.raises(ValueError, match="unknown training recipes"):
         ts.recipes_for(replace(plan, extra_recipes=("mxfp3",)), "32x1")
+
+
+def test_paired_improvement_and_batch_means_se_by_hand():
+    import torch
+    # 8 windows, 4 blocks of 2: differences 0.1, 0.3 | 0.2, 0.2 | 0.0, 0.4 | 0.1, 0.1 -> block means .2 .2 .2 .1
+    before = torch.full((8,), 2.0, dtype=torch.float64)
+    d = torch.tensor([0.1, 0.3, 0.2, 0.2, 0.0, 0.4, 0.1, 0.1], dtype=torch.float64)
+    r = ts.paired_improvement(before, before - d, blocks=4)
+    assert r["rel"] == pytest.approx(0.175 / 2.0) and r["before"] == 2.0 and r["after"] == pytest.approx(1.825)
+    means = [0.2, 0.2, 0.2, 0.1]
+    assert r["se_rel"] == pytest.approx(statistics.stdev(means) / 2 / 2.0)
+    assert ts.paired_improvement(before, before - d, blocks=32)["blocks"] == 4  # at least two windows a block
+    with pytest.raises(ValueError, match="per-window"):
+        ts.paired_improvement(before, before[:6])
+
+
+def test_flattening_prefers_the_final_window_measurement():
+    rec = {"steps": 100, "val_steps": list(range(10, 101, 10)), "val_loss": [5, 4, 3, 2.8, 2.6, 2.5, 2.4, 2.3, 2.0, 1.96],
+           "last10pct": {"rel": 0.005, "se_rel": 0.001}}
+    assert ts.flattening(rec) == 0.005
+
+
+def test_spike_location_and_recovery():
+    rec = {"steps": 100, "val_steps": [20, 40, 60, 80, 100], "val_loss": [3.0, 2.0, 2.9, 1.9, 1.8]}
+    sp = ts.spike(rec)
+    assert sp["rise"] == pytest.approx(0.9) and sp["at_fraction"] == 0.6 and sp["before_min"] == 2.0
+    assert sp["peak"] == 2.9 and sp["last"] == 1.8 and sp["recovered"]
+    assert not ts.spike({**rec, "val_loss": [3.0, 2.0, 2.9, 2.5, 2.1]})["recovered"]
+    assert ts.spike({**rec, "val_loss": [3.0, 2.0, 1.9, 1.8, 1.7]})["rise"] == 0.0
+
+
+def test_factor_comparisons_pair_groups_differing_in_one_factor():
+    def u(size, recipe, seed, lr, gap):
+        return {"size": size, "recipe": recipe, "seed": seed, "lr": lr, "gap_to_fp32": gap}
+    units = [u("64x1", "mxfp6", 0, 2e-3, 0.05), u("64x1", "mxfp6", 1, 2e-3, 0.07),
+             u("64x2", "mxfp6", 0, 4e-3, 0.15), u("64x2", "mxfp6", 1, 4e-3, 0.17),
+             u("96x2", "mxfp6", 0, 4e-3, 0.20), u("96x2", "mxfp6", 1, 4e-3, 0.24), u("96x2", "fp32", 0, 4e-3, 0.0)]
+    diags = [{"size": "64x2", "recipe": "mxfp6-halflr", "seed": 0, "lr": 2e-3, "gap_to_fp32": 0.08},
+             {"size": "64x2", "recipe": "mxfp6-linear-only", "seed": 0, "lr": 4e-3, "gap_to_fp32": 0.1}]
+    fc = ts.factor_comparisons(units, diags)
+    got = {(q["factor"], q["a"]["size"], q["a"]["lr"], q["b"]["size"], q["b"]["lr"]): (q["seeds"], q["change"])
+           for q in fc["pairs"]}
+    assert got[("layers", "64x1", 2e-3, "64x2", 2e-3)] == ([0], pytest.approx(0.03))  # seed 0 only: 0.08 - 0.05
+    assert got[("width", "64x2", 4e-3, "96x2", 4e-3)] == ([0, 1], pytest.approx(0.06))
+    assert got[("lr", "64x2", 2e-3, "64x2", 4e-3)] == ([0], pytest.approx(0.07))
+    assert len(got) == 3  # 64x1@2e-3 vs 96x2@4e-3 differs in three factors; linear-only is not a rate change
+
+
+def test_fits_by_layers_only_within_one_depth():
+    rows = [{"size": s, "recipe": "mxfp6", "params": p, "gap": g, "gap_mean": statistics.fmean(g)}
+            for s, p, g in (("32x1", 1e4, [0.0, 0.02]), ("64x1", 1e5, [0.1, 0.12]), ("64x2", 1e6, [0.5, 0.5]))]
+    f = ts.fits(rows)["mxfp6"]
+    assert list(f["by_layers"]) == ["1"] and f["by_layers"]["1"]["sizes"] == ["32x1", "64x1"]
+    assert f["by_layers"]["1"]["slope"] == pytest.approx(0.1)
