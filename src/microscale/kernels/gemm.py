@@ -52,11 +52,13 @@ TILE_BYTES = 1 << 21
 #: above against the BF16 F.linear: 2 MiB 1.57x, 4 MiB 1.27x, 8 MiB 1.17x, 16 MiB 1.37x.
 TILE_BYTES_BF16 = 1 << 23
 #: Tile bytes (either dtype) with more than one thread. Every tile costs an OpenMP fork / join in the
-#: GEMM, and on an oversubscribed machine each join waits for a descheduled thread: measured at 2 threads,
-#: load 7 on 2 cores, wall time vs F.linear: 256-row tiles 1.76x, 1024 1.73x, 4096 (64 MiB) 1.51x, and
-#: decoding each tile with 2 threads instead of 1 added 10-15% (one more join per tile). So: few tiles,
-#: decoded by one thread, as before the 1-thread tiles above.
-TILE_BYTES_THREADED = 1 << 26
+#: GEMM, so tiles are larger than one core's L2, decoded by one thread. Measured at 128 x 4096 x 16384,
+#: 2 threads, wall time vs F.linear (2-core machine):
+#: idle machine (load 0.7): 2 MiB 1.28x, 4 MiB 1.26x, 8 MiB 1.19x, 16 MiB 1.19x, 64 MiB 1.72x (the tile
+#: spills to memory); one other busy process (load 2): 2 MiB 7.4x, 16 MiB 1.89x, 64 MiB 1.47x (each join
+#: waits for a descheduled thread); load 7: 256-row tiles 1.76x, 64 MiB 1.51x. 16 MiB: best on a machine
+#: the process has to itself, which is what a thread count of 2+ asks for.
+TILE_BYTES_THREADED = 1 << 24
 #: Below this many weight bytes one thread does the work.
 _PARALLEL_MIN_BYTES = 1 << 16
 
