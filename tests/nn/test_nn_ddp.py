@@ -1,7 +1,9 @@
 """MX-compressed DDP gradients: 2 gloo processes match single-process training within MX rounding
 (acceptance item 5)."""
 
+import gc
 import socket
+import time
 
 import pytest
 import torch
@@ -37,6 +39,7 @@ def train(model, batches):
 def _worker(rank, world, port, fmt, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = None
     try:
         model = nn.parallel.DistributedDataParallel(make_model())
         state = mnn.MXCommState(fmt)
@@ -45,7 +48,13 @@ def _worker(rank, world, port, fmt, out):
         train(model, [(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]) for x, y in data()])
         torch.save(([p.detach().clone() for p in model.module.parameters()],
                     (state.bytes_sent, state.fp32_bytes, state.calls)), f"{out}/rank{rank}.pt")
+        dist.barrier()  # both ranks done with the group before either tears it down
     finally:
+        # DDP's reducer holds the process group: free it while the group is alive, then destroy the group.
+        # (Freed at interpreter exit instead, the gloo group's destructor joined threads waiting on the peer
+        # that had already exited: a hang seen once in a CI run.)
+        del model
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -57,7 +66,14 @@ def free_port():
 
 def run_ddp(fmt, out):
     # fork: the children need not re-import torch (spawn costs ~10 s more on a loaded 2-core machine)
-    mp.start_processes(_worker, args=(2, free_port(), fmt, str(out)), nprocs=2, join=True, start_method="fork")
+    ctx = mp.start_processes(_worker, args=(2, free_port(), fmt, str(out)), nprocs=2, join=False,
+                             start_method="fork")
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):  # re-raises a worker's exception
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("DDP workers still running after 300 s (killed)")
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
