@@ -318,10 +318,12 @@ def test_train_lm_reproduces_cached_unit(experiments_corpus):
 
 
 def test_train_scale_reproduces_cached_unit(experiments_corpus, tmp_path):
-    """The first 4 steps (2 recorded train-loss chunks) of results/runs/scale_32x1_mxfp6_s0.json, rerun by
-    train_scale's own unit code (stopped after 4 steps; its checkpoint holds the record so far)."""
+    """The first 4 steps (the train-loss chunks recorded by then) of the cached 32x1 MXFP6 seed-0 unit in
+    results/runs/, rerun by train_scale's own unit code (stopped after 4 steps; its checkpoint holds the
+    record so far)."""
     from experiments import train_scale as ts
-    cached = json.loads((ROOT / "results" / "runs" / "scale_32x1_mxfp6_s0.json").read_text())
+    (path,) = sorted((ROOT / "results" / "runs").glob("scale_32x1_mxfp6_s0_*steps.json"))
+    cached = json.loads(path.read_text())
     plan = ts.Plan()
     key = cached["key"]
     assert key == ts.unit_key(plan, "32x1", "mxfp6", 0, key["lr"], key["steps"])
@@ -333,5 +335,8 @@ def test_train_scale_reproduces_cached_unit(experiments_corpus, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert out == {"stopped_at": 4}
-    state = torch.load(tmp_path / "checkpoints" / "scale_32x1_mxfp6_s0.pt", weights_only=False)
-    assert state["rec"]["train_loss"] == cached["train_loss"][:2]
+    name = ts.unit_name("main", "32x1", "mxfp6", 0, key["lr"], key["steps"])
+    assert path.name == f"{name}.json"
+    state = torch.load(tmp_path / "checkpoints" / f"{name}.pt", weights_only=False)
+    recorded = [chunk for chunk in cached["train_loss"] if chunk[0] <= 4]  # [step, mean loss] chunks
+    assert recorded and state["rec"]["train_loss"] == recorded
