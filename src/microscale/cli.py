@@ -637,8 +637,10 @@ def _demo_model(seed: int) -> bool:
     print(format_table(["recipe", "packed Linear", "resident bytes", "smaller", "logit error", "fp32 ms",
                         "packed ms", "faster", "saved -> loaded"], rows, "lrrrrrrrl"))
     speedups = [float(r[7].rstrip("x")) for r in rows[1:]]
+    verdict = ("faster than FP32" if min(speedups) > 1 else "slower than FP32" if max(speedups) < 1
+               else "about FP32 speed")
     print(f"\nAt this size (42 MB of FP32 weights) the packed batch-1 forward runs at {min(speedups):.2f}-"
-          f"{max(speedups):.2f}x FP32 speed (slower than FP32). Where the weight "
+          f"{max(speedups):.2f}x FP32 speed ({verdict}, measured in this run). Where the weight "
           "bytes are large, e.g. one 8192 x 4096 weight (FP32 134 MB), y = x W^T at batch 1, best of 15 "
           "interleaved, "
           f"{torch.get_num_threads()} thread(s):")
