@@ -285,16 +285,8 @@ class Runner:
             return _load(path)
         s = self.setup()
         fine, coarse = self.problem.posteriors()
-        white = self.whitening()
-        cfg = MARLConfig(dim=self.problem.fine.dim, n_agents=min(self.p.n_agents, self.problem.fine.dim),
-                         base_step=self.base_step(), safe_weight=self.p.safe_weight)
-        train = MARLTrainConfig(n_envs=self.p.train_envs, n_iters=self.p.train_iters, cost_coarse=s["cost_coarse"],
-                                seed=1000 + rep)
-        inits = np.array(s["inits"])
-        inits = np.repeat(inits, int(np.ceil(train.n_envs / len(inits))), axis=0)[: train.n_envs]
-        actors, hist = train_marl(fine, coarse, cfg, white, train, inits)
-        os.makedirs(os.path.dirname(ckpt), exist_ok=True)
-        save_marl(actors, white, ckpt)
+        cfg, train, inits, hist = self._train_marl(f"train rep{rep}", "MARL", fine, coarse, self.whitening(),
+                                                   ckpt, seed=1000 + rep, base_step=self.base_step())
         # The Gaussian independence baseline gets a coarse chain with the same number of coarse solves.
         _, coarse2 = self.problem.posteriors()
         t0 = time.process_time()
@@ -309,10 +301,26 @@ class Runner:
                 "indep_fit": {"mean": mean.tolist(), "chol": chol.tolist(), "coarse_solves": coarse2.n_evals,
                               "cpu_s": time.process_time() - t0}}
         _dump(unit, path)
-        self.log(f"[train rep{rep}] MARL: {hist['coarse_solves']} coarse + {hist['fine_solves']} fine solves, "
+        return unit
+
+    def _train_marl(self, tag: str, label: str, fine, coarse, white: Whitening, ckpt: str, seed: int, **config):
+        """Train the multi-agent actor-critic on the two-level chain (fine, coarse) from the pilot starts,
+        save its checkpoint at ``ckpt`` and log its cost; ``config`` holds the MARLConfig fields that differ
+        between variants (base kernel and step). Returns (config, train config, starts, history)."""
+        s = self.setup()
+        cfg = MARLConfig(dim=self.problem.fine.dim, n_agents=min(self.p.n_agents, self.problem.fine.dim),
+                         safe_weight=self.p.safe_weight, **config)
+        train = MARLTrainConfig(n_envs=self.p.train_envs, n_iters=self.p.train_iters, cost_coarse=s["cost_coarse"],
+                                seed=seed)
+        inits = np.array(s["inits"])
+        inits = np.repeat(inits, int(np.ceil(train.n_envs / len(inits))), axis=0)[: train.n_envs]
+        actors, hist = train_marl(fine, coarse, cfg, white, train, inits)
+        os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+        save_marl(actors, white, ckpt)
+        self.log(f"[{tag}] {label}: {hist['coarse_solves']} coarse + {hist['fine_solves']} fine solves, "
                  f"{hist['cpu_seconds']:.0f} CPU s; reward {np.mean(hist['reward'][:20]):.4f} -> "
                  f"{np.mean(hist['reward'][-20:]):.4f}")
-        return unit
+        return cfg, train, inits, hist
 
     def marl(self, rep: int) -> MARLProposal:
         from .marl import load_marl
@@ -330,24 +338,14 @@ class Runner:
         ckpt = os.path.join(self.out, "units", "train-aem", f"marl_rep{rep}.pt")
         if os.path.exists(path) and os.path.exists(ckpt):
             return _load(path)
-        s, a = self.setup(), self.aem()
+        a = self.aem()
         fine, coarse = self.posteriors("marl-gpcn+aem")
         white = Whitening(np.array(a["pilot_mean"]), np.array(a["pilot_chol"]), np.array(a["jacobian"]))
         beta0 = float(self.best_setting("gpcn+aem-2")["step"])
-        cfg = MARLConfig(dim=self.problem.fine.dim, n_agents=min(self.p.n_agents, self.problem.fine.dim),
-                         base_step=min(beta0, 0.995), safe_weight=self.p.safe_weight, base="gpcn")
-        train = MARLTrainConfig(n_envs=self.p.train_envs, n_iters=self.p.train_iters, cost_coarse=s["cost_coarse"],
-                                seed=2000 + rep)
-        inits = np.array(s["inits"])
-        inits = np.repeat(inits, int(np.ceil(train.n_envs / len(inits))), axis=0)[: train.n_envs]
-        actors, hist = train_marl(fine, coarse, cfg, white, train, inits)
-        os.makedirs(os.path.dirname(ckpt), exist_ok=True)
-        save_marl(actors, white, ckpt)
+        cfg, train, _, hist = self._train_marl(f"train-aem rep{rep}", "MARL-gpCN", fine, coarse, white, ckpt,
+                                               seed=2000 + rep, base_step=min(beta0, 0.995), base="gpcn")
         unit = {"config": asdict(cfg), "train": asdict(train), "history": dict(hist)}
         _dump(unit, path)
-        self.log(f"[train-aem rep{rep}] MARL-gpCN: {hist['coarse_solves']} coarse + {hist['fine_solves']} fine "
-                 f"solves, {hist['cpu_seconds']:.0f} CPU s; reward {np.mean(hist['reward'][:20]):.4f} -> "
-                 f"{np.mean(hist['reward'][-20:]):.4f}")
         return unit
 
     # ---- chains ----------------------------------------------------------------------------------------------
