@@ -461,3 +461,30 @@ torch.save(out, %r)
         for key, y in res["avx512"].items():
             z = res["baseline"][key]
             assert bool(((y - z).abs() <= 2e-5 * z.abs().max()).all()), key
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4_e2m1", "mxfp6_e3m2", "mxfp6_e2m3"])
+def test_lane_paths_decode_every_code_at_every_position(fmt):
+    """The 4-bit and 6-bit lane paths pick each code out of a lane by position (nibble shifts; 6-bit
+    bit-field selects of a qword with wrap-around for the sign bit): every code value, at every position
+    of a lane chunk (128 codes for 4 bits, 64 for 6), with its sign, must decode to the value dequantize()
+    gives. Row r holds code (p * 5 + r) mod 2^bits at position p, so over 2^bits rows every (code,
+    position) pair occurs; one-hot x rows read single weights out exactly."""
+    from microscale.packing import pack_codes
+    f = ms.get_format(fmt)
+    bits = f.element.bits
+    n, k = 1 << bits, 256
+    p = torch.arange(k)
+    codes = torch.stack([(p * 5 + r) % n for r in range(n)]).to(torch.uint8)
+    scales = torch.full((n * k // 32,), 127, dtype=torch.uint8)
+    scales[::3] = 125
+    q = ms.MXTensor(pack_codes(codes.reshape(-1), bits), scales, (n, k), 1, f)
+    w = q.dequantize()
+    # every position, 8 x rows per call (the GEMV's widest loop) and single rows (batch 1 has its own loop)
+    for cols in [torch.arange(c, c + 8) for c in range(0, k, 8)] + [torch.tensor([c]) for c in range(0, 136, 9)]:
+        x = torch.zeros(len(cols), k)
+        x[torch.arange(len(cols)), cols] = 1.0
+        y = kernels.packed_linear(x, q, None)
+        assert torch.equal(y, w[:, cols].T), (fmt, cols)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(0))
+    assert_close_to_reference(kernels.packed_linear(x, q, None), x, q, None, 1e-5)
