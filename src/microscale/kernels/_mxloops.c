@@ -48,6 +48,11 @@
  * MICRO 1: two-level format (k2-element sub-blocks with a microexponent), 0: single level (k2 = k, s = 0)
  */
 #define DT_ANY (-1)
+/* ISA   the variant being compiled (ISA_BASE / ISA_AVX2 / ISA_AVX512): selects intrinsic primitives */
+enum { ISA_BASE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HAVE_X86_VARIANTS 1
+#endif
 /* elements per chunk of whole blocks in the row loops (a block larger than this is a chunk by itself) */
 #define CHUNKMAX (CHUNK > MAXK ? CHUNK : MAXK)
 
@@ -535,9 +540,9 @@ static int decode_table(const fmt_t *f, uint32_t T[256], int32_t *elo_out, int32
 /* Output of dequantized fp32 bits v[0 .. n) (fast: every value is a normal fp32 number, zero, Inf or NaN)
  * at out[base ..] of dtype odt (fp32 outputs were written in place by the caller), or, for blocks that are
  * not fast, the exact decode of each code with its exponent xe[i] (fp64 outputs: exact in float64 even
- * beyond the fp32 range). */
+ * beyond the fp32 range); trunc16: bf16 values are exact (deqtab_t.exact16), their bits the high halves. */
 AINLINE void deq_store_run(void *out, int64_t base, int n, const int odt, const uint32_t *v, const uint32_t *cw,
-                           const int32_t *xe, int fast, const uint32_t *nanm, const fmt_t *f) {
+                           const int32_t *xe, int fast, int trunc16, const uint32_t *nanm, const fmt_t *f) {
     if (odt == DT_F64) {
         if (fast) {
 #pragma omp simd
@@ -551,7 +556,7 @@ AINLINE void deq_store_run(void *out, int64_t base, int n, const int odt, const 
     } else if (odt == DT_F32) {
         memcpy((uint32_t *)out + base, v, (size_t)n * 4);
     } else {
-        store_run(out, base, n, odt, v, 0);
+        store_run(out, base, n, odt, v, trunc16);
     }
 }
 
@@ -578,12 +583,60 @@ AINLINE void deq_values(uint32_t *dst, int n, const uint32_t *cw, const int32_t 
     }
 }
 
-typedef struct { uint32_t T[256]; int32_t elo, ehi; int arith; } deqtab_t;
+/* Dequantize tables of one call: T (fp32 bits at X = 0, decode_table), [elo, ehi], arith (decode_fast
+ * reproduces T), exact16: every value at X = 0 has a zero low half (at most 8 significant bits), so at any
+ * exponent that keeps it a normal fp32 number it is exact in bf16 (bf16 has fp32's exponent range) and
+ * its bf16 bits are the high half of its fp32 bits; T16: those halves for codes < 64 (word-table decode). */
+typedef struct { uint32_t T[256]; int32_t elo, ehi; int arith, exact16; uint16_t T16[64]; } deqtab_t;
+
+static void deq_setup(const fmt_t *f, deqtab_t *D) {
+    D->arith = decode_table(f, D->T, &D->elo, &D->ehi);
+    D->exact16 = 1;
+    for (uint32_t c = 0; c < (1u << f->bits); c++) D->exact16 &= (D->T[c] & 0xFFFFu) == 0;
+    for (uint32_t c = 0; c < 64; c++) D->T16[c] = (uint16_t)(D->T[c < (1u << f->bits) ? c : 0] >> 16);
+}
+
+#ifdef HAVE_X86_VARIANTS
+#include <immintrin.h>
+/* AVX-512 (F + BW) word-table decode to bf16 of nblk whole blocks of 32 codes of 4 or 6 bits, every
+ * block safe (no value leaves fp32's normal range) or of the NaN scale, and exact16: the 32 codes of a
+ * block are spread to 16-bit lanes (byte widening, a word permute to the byte(s) holding each code, a
+ * per-lane shift), looked up in the 64-entry bf16 table T16 (vpermt2w), and the scale 2^X is applied by
+ * adding X to the exponent field of the nonzero finite values (X << 7: the bf16 exponent field); a NaN
+ * scale writes the canonical bf16 NaN. Bit-identical to decode_fast / shift_exp followed by the bf16
+ * store (exact16 makes the bf16 rounding a truncation). */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")))
+static void deq32_bf16_w512(const uint8_t *codes, const uint8_t *scales, int nblk, int bits, const uint16_t *T16,
+                            int32_t s_bias, int32_t s_nan, uint16_t *out) {
+    int16_t ia[32], ib[32], sh[32];
+    for (int i = 0; i < 32; i++) {
+        ia[i] = (int16_t)(bits * i / 8); ib[i] = (int16_t)(ia[i] + 1); sh[i] = (int16_t)(bits * i % 8);
+    }
+    const __m512i IA = _mm512_loadu_si512(ia), IB = _mm512_loadu_si512(ib), SH = _mm512_loadu_si512(sh);
+    const __m512i M = _mm512_set1_epi16((short)((1 << bits) - 1)), T0 = _mm512_loadu_si512(T16);
+    const __m512i T1 = _mm512_loadu_si512(T16 + 32), ABS = _mm512_set1_epi16(0x7FFF), ONE = _mm512_set1_epi16(1);
+    const __m512i FIN = _mm512_set1_epi16(0x7F7F), QNAN = _mm512_set1_epi16(0x7FC0);
+    const __mmask32 lm = bits == 4 ? 0xFFFFu : 0xFFFFFFu;
+    const int bytes = 4 * bits;
+    for (int b = 0; b < nblk; b++) {
+        const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(lm, codes + (size_t)b * bytes));
+        __m512i c = _mm512_permutexvar_epi16(IA, w);
+        if (bits != 4) c = _mm512_or_si512(c, _mm512_slli_epi16(_mm512_permutexvar_epi16(IB, w), 8));
+        c = _mm512_and_si512(_mm512_srlv_epi16(c, SH), M);
+        const __m512i t = _mm512_permutex2var_epi16(T0, c, T1);
+        const __mmask32 fin = _mm512_cmplt_epu16_mask(_mm512_sub_epi16(_mm512_and_si512(t, ABS), ONE), FIN);
+        const int32_t sc = scales[b];
+        __m512i r = _mm512_mask_add_epi16(t, fin, t, _mm512_set1_epi16((short)((sc - s_bias) * 128)));
+        if (sc == s_nan) r = QNAN;
+        _mm512_storeu_si512(out + (size_t)b * 32, r);
+    }
+}
+#endif
 
 /* Dequantize nblk whole blocks b .. b + nblk - 1, contiguous in the output from flat index base (as
  * quant_chunk: nv valid elements, the ragged last block of a row a chunk of one block). */
 AINLINE void deq_chunk(const job_t *J, const fmt_t *f, int64_t b, int64_t base, const int nblk, const int nv,
-                       const deqtab_t *D, const int DT, const int K1, const int K2, const int MICRO) {
+                       const deqtab_t *D, const int DT, const int K1, const int K2, const int MICRO, const int ISA) {
     const int k = K1 ? K1 : f->k;
     const int k2 = MICRO ? (K2 ? K2 : f->k2) : k, spb = MICRO ? k / k2 : 1, ne = nblk * k, ns = nblk * spb;
     const int32_t beta = MICRO ? f->beta : 0;
@@ -591,12 +644,6 @@ AINLINE void deq_chunk(const job_t *J, const fmt_t *f, int64_t b, int64_t base, 
     uint8_t cod[CHUNKMAX], ms[CHUNKMAX];
     int32_t xs[CHUNKMAX], xe[CHUNKMAX], Xb[CHUNKMAX];
     uint32_t cw[CHUNKMAX], ns_nan[CHUNKMAX], nanm[CHUNKMAX], vb[CHUNKMAX], nb_[CHUNKMAX], tmp[CHUNKMAX];
-    unpack_block(J->codes + b * (int64_t)(k * f->bits / 8), ne, f->bits, cod);
-    if (MICRO) {
-        const int64_t mbit = b * spb * (int64_t)f->d2;
-        if (mbit % 8 == 0 && ns % 8 == 0) unpack_block(J->micro + mbit / 8, ns, f->d2, ms);
-        else unpack_bits(J->micro, mbit, ns, f->d2, ms);
-    }
     int safe = 1;
     for (int bb = 0; bb < nblk; bb++) {
         uint32_t sc = J->scales[b + bb];
@@ -606,9 +653,35 @@ AINLINE void deq_chunk(const job_t *J, const fmt_t *f, int64_t b, int64_t base, 
         Xb[bb] = X;
         nb_[bb] = isnan ? ~0u : 0u;
     }
+    /* bf16 output of exact16 values: the high half of the fp32 bits (no rounding step) */
+    const int trunc16 = odt == DT_BF16 && safe && D->exact16;
+#ifdef HAVE_X86_VARIANTS
+    if (ISA == ISA_AVX512 && !MICRO && K1 == 32 && trunc16 && nv == ne && (f->bits == 4 || f->bits == 6)) {
+        deq32_bf16_w512(J->codes + b * (int64_t)(4 * f->bits), J->scales + b, nblk, f->bits, D->T16, f->s_bias,
+                        f->s_nan, (uint16_t *)J->out + base);
+        return;
+    }
+#endif
+    unpack_block(J->codes + b * (int64_t)(k * f->bits / 8), ne, f->bits, cod);
+    if (MICRO) {
+        const int64_t mbit = b * spb * (int64_t)f->d2;
+        if (mbit % 8 == 0 && ns % 8 == 0) unpack_block(J->micro + mbit / 8, ns, f->d2, ms);
+        else unpack_bits(J->micro, mbit, ns, f->d2, ms);
+    }
 #pragma omp simd
     for (int i = 0; i < ne; i++) cw[i] = cod[i];
     uint32_t *dst = odt == DT_F32 && nv == ne ? (uint32_t *)J->out + base : vb;
+    if (!MICRO && K1 && D->arith && trunc16 && nv == ne) {   /* as below, bf16 bits straight to the output */
+        for (int bb = 0; bb < nblk; bb++) {
+            const uint32_t c1 = (uint32_t)(f->emin + Xb[bb] + 126) << 23, c2 = (uint32_t)(f->emin + Xb[bb] - f->mbits) << 23;
+            const uint32_t nm = nb_[bb];
+            const uint32_t *cb = cw + (size_t)bb * k;
+            uint16_t *db = (uint16_t *)J->out + base + (size_t)bb * k;
+#pragma omp simd
+            for (int t = 0; t < k; t++) db[t] = (uint16_t)(((decode_fast(cb[t], c1, c2, f) & ~nm) | (0x7FC00000u & nm)) >> 16);
+        }
+        return;
+    }
     if (!MICRO && K1 && safe && D->arith) {   /* single level, compile-time block size: per block */
         for (int bb = 0; bb < nblk; bb++) {
             const uint32_t c1 = (uint32_t)(f->emin + Xb[bb] + 126) << 23, c2 = (uint32_t)(f->emin + Xb[bb] - f->mbits) << 23;
@@ -643,28 +716,28 @@ AINLINE void deq_chunk(const job_t *J, const fmt_t *f, int64_t b, int64_t base, 
         }
         deq_values(dst, ne, cw, xe, nanm, safe, D->arith, D->T, f);
     }
-    if (dst == vb) deq_store_run(J->out, base, nv, odt, vb, cw, xe, safe, nanm, f);   /* (xe / nanm: only read when not safe) */
+    if (dst == vb) deq_store_run(J->out, base, nv, odt, vb, cw, xe, safe, trunc16, nanm, f);   /* (xe / nanm: only read when not safe) */
 }
 
 /* Blocks t0 .. t1 - 1 of rows (inner == 1), by chunks as quant_rows. */
 AINLINE void deq_rows(const job_t *J, int64_t t0, int64_t t1, const int DT, const int K1, const int K2,
-                      const int MICRO) {
+                      const int MICRO, const int ISA) {
     const fmt_t F = J->f, *f = &F;
     const int k = K1 ? K1 : f->k;
     const int64_t L = J->L, nb = J->nb, nfull = L / k;
     const int cb = k <= CHUNK ? CHUNK / k : 1;
     deqtab_t D;
-    D.arith = decode_table(f, D.T, &D.elo, &D.ehi);
+    deq_setup(f, &D);
     int64_t v = nb ? t0 / nb : 0, lb = t0 - v * nb;
     for (int64_t b = t0; b < t1;) {
         if (lb < nfull) {
             int64_t run = t1 - b;
             if (nfull < nb) run = run < nfull - lb ? run : nfull - lb;
             run = run < cb ? run : cb;
-            deq_chunk(J, f, b, v * L + lb * k, (int)run, (int)run * k, &D, DT, K1, K2, MICRO);
+            deq_chunk(J, f, b, v * L + lb * k, (int)run, (int)run * k, &D, DT, K1, K2, MICRO, ISA);
             b += run; lb += run;
         } else {
-            deq_chunk(J, f, b, v * L + lb * k, 1, (int)(L - lb * k), &D, DT, K1, K2, MICRO);
+            deq_chunk(J, f, b, v * L + lb * k, 1, (int)(L - lb * k), &D, DT, K1, K2, MICRO, ISA);
             b++; lb++;
         }
         while (lb >= nb) { lb -= nb; v++; }
@@ -684,7 +757,7 @@ AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, con
     const int odt = DT >= 0 ? DT : J->odt;
     const int64_t bytes = (int64_t)k * f->bits / 8;
     deqtab_t D;
-    D.arith = decode_table(f, D.T, &D.elo, &D.ehi);
+    deq_setup(f, &D);
     const int64_t ntile = (inner + TILE - 1) / TILE;
     uint8_t tc[TILE * MAXK > 65536 ? 65536 : TILE * MAXK], cod[MAXK];
     int32_t s[MAXK2 * TILE];     /* [sub-block][column] */
@@ -724,7 +797,7 @@ AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, con
             for (int c = 0; c < w; c++) { cw[c] = tj[c]; xr[c] = X[c] - (MICRO ? sg[c] : 0); }
             uint32_t *dst = odt == DT_F32 ? (uint32_t *)J->out + row : vb;
             deq_values(dst, w, cw, xr, nanm, safe, D.arith, D.T, f);
-            if (odt != DT_F32) deq_store_run(J->out, row, w, odt, vb, cw, xr, safe, nanm, f);
+            if (odt != DT_F32) deq_store_run(J->out, row, w, odt, vb, cw, xr, safe, safe && D.exact16, nanm, f);
         }
     }
 }
@@ -758,14 +831,14 @@ AINLINE void quant_dispatch(const job_t *J, int64_t a, int64_t b, const int MODE
 #undef Q_DT
 }
 
-AINLINE void deq_dispatch(const job_t *J, int64_t a, int64_t b) {
+AINLINE void deq_dispatch(const job_t *J, int64_t a, int64_t b, const int ISA) {
 #define D_ONE(DT) do { if (J->inner != 1) deq_tiles(J, a, b, DT, 0); \
-                       else if (J->f.k == 32) deq_rows(J, a, b, DT, 32, 0, 0); \
-                       else deq_rows(J, a, b, DT, 0, 0, 0); } while (0)
+                       else if (J->f.k == 32) deq_rows(J, a, b, DT, 32, 0, 0, ISA); \
+                       else deq_rows(J, a, b, DT, 0, 0, 0, ISA); } while (0)
     if (J->f.k2) {
         if (J->inner != 1) deq_tiles(J, a, b, DT_ANY, 1);
-        else if (J->f.k == 16 && J->f.k2 == 2) deq_rows(J, a, b, DT_ANY, 16, 2, 1);
-        else deq_rows(J, a, b, DT_ANY, 0, 0, 1);
+        else if (J->f.k == 16 && J->f.k2 == 2) deq_rows(J, a, b, DT_ANY, 16, 2, 1, ISA);
+        else deq_rows(J, a, b, DT_ANY, 0, 0, 1, ISA);
         return;
     }
     switch (J->odt) {
@@ -779,16 +852,15 @@ AINLINE void deq_dispatch(const job_t *J, int64_t a, int64_t b) {
 
 typedef void (*worker_fn)(const job_t *, int64_t, int64_t);
 
-#define DEFINE_WORKERS(SFX, ATTR) \
+#define DEFINE_WORKERS(SFX, ATTR, ISA) \
     ATTR static void fq_##SFX(const job_t *J, int64_t a, int64_t b) { quant_dispatch(J, a, b, 0); } \
     ATTR static void qz_##SFX(const job_t *J, int64_t a, int64_t b) { quant_dispatch(J, a, b, 1); } \
-    ATTR static void dq_##SFX(const job_t *J, int64_t a, int64_t b) { deq_dispatch(J, a, b); }
+    ATTR static void dq_##SFX(const job_t *J, int64_t a, int64_t b) { deq_dispatch(J, a, b, ISA); }
 
-DEFINE_WORKERS(base, )
-#if defined(__x86_64__) && defined(__GNUC__)
-#define HAVE_X86_VARIANTS 1
-DEFINE_WORKERS(avx2, __attribute__((target("avx2,fma,f16c,bmi2"))))
-DEFINE_WORKERS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"))))
+DEFINE_WORKERS(base, , ISA_BASE)
+#ifdef HAVE_X86_VARIANTS
+DEFINE_WORKERS(avx2, __attribute__((target("avx2,fma,f16c,bmi2"))), ISA_AVX2)
+DEFINE_WORKERS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"))), ISA_AVX512)
 #endif
 
 static worker_fn W_FQ = fq_base, W_QZ = qz_base, W_DQ = dq_base;
