@@ -631,6 +631,15 @@ static void deq32_bf16_w512(const uint8_t *codes, const uint8_t *scales, int nbl
         _mm512_storeu_si512(out + (size_t)b * 32, r);
     }
 }
+
+/* n bytes (a multiple of 64) from src to the 64-byte aligned dst with non-temporal stores: the output of a
+ * large axis-0 dequantize is written as k row streams at once; streaming whole lines skips reading each
+ * line before overwriting it (the caller issues the fence). */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")))
+static void stream_copy_w512(void *dst, const void *src, int64_t n) {
+    for (int64_t i = 0; i < n; i += 64)
+        _mm512_stream_si512((void *)((char *)dst + i), _mm512_loadu_si512((const char *)src + i));
+}
 #endif
 
 /* Dequantize nblk whole blocks b .. b + nblk - 1, contiguous in the output from flat index base (as
@@ -744,62 +753,126 @@ AINLINE void deq_rows(const job_t *J, int64_t t0, int64_t t1, const int DT, cons
     }
 }
 
-/* Tiles (inner > 1), as quant_tiles but in another order: item t = ((o * ntile) + it) * nb + lb, the blocks
- * of one column tile consecutive. A tile reads one block of codes per column, nb * bytes apart (a page or
- * more for 4096 rows); in quant_tiles' order the next tile moved on to the next columns, so every tile
- * touched TILE new pages and the codes' TLB misses dominated (axis-0 dequantize at 4-8x a copy); in this
- * order the next tile reads the next bytes of the same pages. */
-AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, const int MICRO) {
-    const fmt_t F = J->f, *f = &F;
-    const int k = f->k, k2 = MICRO ? f->k2 : k, d2 = f->d2, nsub = MICRO ? k / k2 : 1;
+/* 8 x 8 byte transpose: byte j of x[i] goes to byte i of x[j] (three rounds of block swaps). */
+AINLINE void transpose8x8(uint64_t x[8]) {
+    for (int i = 0; i < 4; i++) {
+        uint64_t t = ((x[i] >> 32) ^ x[i + 4]) & 0x00000000FFFFFFFFull;
+        x[i] ^= t << 32; x[i + 4] ^= t;
+    }
+    for (int i = 0; i < 8; i += (i & 1) ? 3 : 1) {   /* 0, 1, 4, 5 */
+        uint64_t t = ((x[i] >> 16) ^ x[i + 2]) & 0x0000FFFF0000FFFFull;
+        x[i] ^= t << 16; x[i + 2] ^= t;
+    }
+    for (int i = 0; i < 8; i += 2) {
+        uint64_t t = ((x[i] >> 8) ^ x[i + 1]) & 0x00FF00FF00FF00FFull;
+        x[i] ^= t << 8; x[i + 1] ^= t;
+    }
+}
+
+/* Tiles (inner > 1) in quant_tiles' order (item t = ((o * nb) + lb) * ntile + it: consecutive tiles move
+ * across the columns of one block row), so that the output is written as k rows that each advance
+ * sequentially (the hardware prefetchers follow them and their pages stay in the TLB). A tile reads one
+ * block of codes per column, nb * bytes apart; the next block row reads the next bytes of the same cache
+ * lines (from L2) and pages. The codes of a tile are transposed to [row][column] bytes by 8 x 8 byte
+ * transposes (8 columns' blocks at a time), then decoded row by row, vectorized across columns.
+ * (In the former order, a column tile walked down all block rows: every tile wrote k short row segments
+ * in k pages never revisited, 2-4x a copy.) */
+/* One tile's decoded inputs (deq_tiles): codes transposed to [row][column], per-column exponent / NaN mask /
+ * microexponents ([sub-block][column]). */
+typedef struct {
+    uint8_t tc[TILE * MAXK > 65536 ? 65536 : TILE * MAXK];
+    uint8_t s[MAXK2 * TILE];
+    int32_t X[TILE];
+    uint32_t nanm[TILE];
+    int64_t base;
+    int w, n, safe;
+} dtile_t;
+
+AINLINE void deq_tile_load(const job_t *J, const fmt_t *f, const deqtab_t *D, int64_t t, dtile_t *T, const int MICRO) {
+    const int k = f->k, d2 = f->d2, nsub = MICRO ? k / f->k2 : 1;
     const int32_t beta = MICRO ? f->beta : 0;
-    const int64_t L = J->L, nb = J->nb, inner = J->inner;
+    const int64_t L = J->L, nb = J->nb, inner = J->inner, ntile = (inner + TILE - 1) / TILE;
+    const int64_t bytes = (int64_t)k * f->bits / 8;
+    const int64_t it = t % ntile, ol = t / ntile, lb = ol % nb, o = ol / nb, i0 = it * TILE;
+    const int w = (int)((inner - i0) < TILE ? (inner - i0) : TILE);
+    const int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
+    uint8_t cod[8 * MAXK];
+    int safe = 1;
+    T->w = w; T->n = n; T->base = (o * L + lb * k) * inner + i0;
+    for (int c = 0; c < w; c++) {
+        int64_t blk = (o * inner + i0 + c) * nb + lb;
+        T->X[c] = (int32_t)J->scales[blk] - f->s_bias;
+        T->nanm[c] = J->scales[blk] == f->s_nan ? ~0u : 0u;
+        safe &= T->nanm[c] || (T->X[c] - beta + D->elo >= 1 && T->X[c] + D->ehi <= 254);
+        if (MICRO) for (int g = 0; g < nsub; g++) T->s[g * TILE + c] = (uint8_t)get_micro(J->micro, blk * nsub + g, d2);
+    }
+    T->safe = safe;
+    for (int c0 = 0; c0 < w; c0 += 8) {   /* codes of 8 columns, transposed into tc[row * TILE + column] */
+        const int wc = w - c0 < 8 ? w - c0 : 8;
+        for (int c = 0; c < wc; c++)
+            unpack_block(J->codes + ((o * inner + i0 + c0 + c) * nb + lb) * bytes, k, f->bits, cod + (size_t)c * k);
+        if (wc == 8 && k % 8 == 0 && MX_LE) {
+            for (int j0 = 0; j0 < n; j0 += 8) {
+                uint64_t x[8];
+                for (int c = 0; c < 8; c++) memcpy(&x[c], cod + (size_t)c * k + j0, 8);
+                transpose8x8(x);
+                for (int r = 0; r < 8; r++) memcpy(T->tc + (size_t)(j0 + r) * TILE + c0, &x[r], 8);
+            }
+        } else {
+            for (int c = 0; c < wc; c++)
+                for (int j = 0; j < n; j++) T->tc[(size_t)j * TILE + c0 + c] = cod[(size_t)c * k + j];
+        }
+    }
+}
+
+AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, const int MICRO, const int ISA) {
+    const fmt_t F = J->f, *f = &F;
+    const int k = f->k, k2 = MICRO ? f->k2 : k;
+    const int64_t nb = J->nb, inner = J->inner, ntile = (inner + TILE - 1) / TILE;
     const int odt = DT >= 0 ? DT : J->odt;
     const int64_t bytes = (int64_t)k * f->bits / 8;
     deqtab_t D;
     deq_setup(f, &D);
-    const int64_t ntile = (inner + TILE - 1) / TILE;
-    uint8_t tc[TILE * MAXK > 65536 ? 65536 : TILE * MAXK], cod[MAXK];
-    int32_t s[MAXK2 * TILE];     /* [sub-block][column] */
-    int32_t X[TILE], xr[TILE];
-    uint32_t nanm[TILE], cw[TILE], vb[TILE];
+    dtile_t TT[2];
+    int32_t xr[TILE];
+    uint32_t cw[TILE], vb[TILE];
+    /* outputs beyond the caches (> 16 MiB), every row segment of whole 64-byte lines: streamed (AVX-512) */
     const int es = odt == DT_F32 ? 4 : (odt == DT_F64 ? 8 : 2);
-    for (int64_t t = t0; t < t1; t++) {
-        int64_t lb = t % nb, ol = t / nb, it = ol % ntile, o = ol / ntile;   /* (deq_tiles order, above) */
-        int64_t i0 = it * TILE;
-        int w = (int)((inner - i0) < TILE ? (inner - i0) : TILE);
-        int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
-        int64_t base = (o * L + lb * k) * inner + i0;
-        int safe = 1;
-        if (t + 1 < t1) {   /* the next tile's output rows (for writing) and code blocks: as prefetch_tile */
-            int64_t lb1 = (t + 1) % nb, ol1 = (t + 1) / nb, it1 = ol1 % ntile, o1 = ol1 / ntile, c0 = it1 * TILE;
+    const int nt_ok = ISA == ISA_AVX512 && odt == DT_F32 && J->outer * J->L * inner * es > ((int64_t)16 << 20)
+                      && (inner * es) % 64 == 0 && ((uintptr_t)J->out) % 64 == 0;
+    int streamed = 0;
+    /* software pipeline: tile t is loaded (codes transposed into one buffer) while tile t - 1 is decoded
+     * from the other, so the transposed bytes' stores have retired before the vector loads read them (a
+     * load right after the 8-byte stores it spans cannot be forwarded and waits for them) */
+    for (int64_t t = t0; t <= t1; t++) {
+        if (t + 1 < t1) {   /* the code blocks of the tile after this one (one per column, far apart) */
+            int64_t it1 = (t + 1) % ntile, ol1 = (t + 1) / ntile, lb1 = ol1 % nb, o1 = ol1 / nb, c0 = it1 * TILE;
             int w1 = (int)((inner - c0) < TILE ? (inner - c0) : TILE);
-            int n1 = (int)((L - lb1 * k) < k ? (L - lb1 * k) : k);
-            const char *ob = (const char *)J->out + ((o1 * L + lb1 * k) * inner + c0) * es;
-            for (int j = 0; j < n1; j++)
-                for (int c = 0; c < w1 * es; c += 64) __builtin_prefetch(ob + (j * inner) * es + c, 1, 3);
             for (int c = 0; c < w1; c++) __builtin_prefetch(J->codes + ((o1 * inner + c0 + c) * nb + lb1) * bytes, 0, 3);
         }
-        for (int c = 0; c < w; c++) {
-            int64_t blk = (o * inner + i0 + c) * nb + lb;
-            X[c] = (int32_t)J->scales[blk] - f->s_bias;
-            nanm[c] = J->scales[blk] == f->s_nan ? ~0u : 0u;
-            safe &= nanm[c] || (X[c] - beta + D.elo >= 1 && X[c] + D.ehi <= 254);
-            unpack_block(J->codes + blk * bytes, k, f->bits, cod);
-            for (int j = 0; j < n; j++) tc[j * TILE + c] = cod[j];
-            if (MICRO) for (int g = 0; g < nsub; g++) s[g * TILE + c] = (int32_t)get_micro(J->micro, blk * nsub + g, d2);
-        }
-        for (int j = 0; j < n; j++) {
-            int64_t row = base + j * inner;
-            const int32_t *sg = s + (MICRO ? (size_t)(j / k2) * TILE : 0);
-            const uint8_t *tj = tc + (size_t)j * TILE;
+        if (t < t1) deq_tile_load(J, f, &D, t, &TT[t & 1], MICRO);
+        if (t == t0) continue;
+        const dtile_t *T = &TT[(t - 1) & 1];
+        const int w = T->w, safe = T->safe;
+        for (int j = 0; j < T->n; j++) {
+            int64_t row = T->base + j * inner;
+            const uint8_t *sg = T->s + (MICRO ? (size_t)(j / k2) * TILE : 0);
+            const uint8_t *tj = T->tc + (size_t)j * TILE;
 #pragma omp simd
-            for (int c = 0; c < w; c++) { cw[c] = tj[c]; xr[c] = X[c] - (MICRO ? sg[c] : 0); }
-            uint32_t *dst = odt == DT_F32 ? (uint32_t *)J->out + row : vb;
-            deq_values(dst, w, cw, xr, nanm, safe, D.arith, D.T, f);
-            if (odt != DT_F32) deq_store_run(J->out, row, w, odt, vb, cw, xr, safe, safe && D.exact16, nanm, f);
+            for (int c = 0; c < w; c++) { cw[c] = tj[c]; xr[c] = T->X[c] - (MICRO ? (int32_t)sg[c] : 0); }
+            const int nt_row = nt_ok && w == TILE;
+            uint32_t *dst = odt == DT_F32 && !nt_row ? (uint32_t *)J->out + row : vb;
+            deq_values(dst, w, cw, xr, T->nanm, safe, D.arith, D.T, f);
+#ifdef HAVE_X86_VARIANTS
+            if (nt_row) { stream_copy_w512((uint32_t *)J->out + row, vb, TILE * 4); streamed = 1; continue; }
+#endif
+            if (odt != DT_F32) deq_store_run(J->out, row, w, odt, vb, cw, xr, safe, safe && D.exact16, T->nanm, f);
         }
     }
+#ifdef HAVE_X86_VARIANTS
+    if (ISA == ISA_AVX512 && streamed) _mm_sfence();
+#endif
+    (void)streamed;
 }
 
 /* ---- dispatch ----------------------------------------------------------------------------------------
@@ -832,11 +905,11 @@ AINLINE void quant_dispatch(const job_t *J, int64_t a, int64_t b, const int MODE
 }
 
 AINLINE void deq_dispatch(const job_t *J, int64_t a, int64_t b, const int ISA) {
-#define D_ONE(DT) do { if (J->inner != 1) deq_tiles(J, a, b, DT, 0); \
+#define D_ONE(DT) do { if (J->inner != 1) deq_tiles(J, a, b, DT, 0, ISA); \
                        else if (J->f.k == 32) deq_rows(J, a, b, DT, 32, 0, 0, ISA); \
                        else deq_rows(J, a, b, DT, 0, 0, 0, ISA); } while (0)
     if (J->f.k2) {
-        if (J->inner != 1) deq_tiles(J, a, b, DT_ANY, 1);
+        if (J->inner != 1) deq_tiles(J, a, b, DT_ANY, 1, ISA);
         else if (J->f.k == 16 && J->f.k2 == 2) deq_rows(J, a, b, DT_ANY, 16, 2, 1, ISA);
         else deq_rows(J, a, b, DT_ANY, 0, 0, 1, ISA);
         return;
