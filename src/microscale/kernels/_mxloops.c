@@ -598,16 +598,18 @@ static void deq_setup(const fmt_t *f, deqtab_t *D) {
 
 #ifdef HAVE_X86_VARIANTS
 #include <immintrin.h>
-/* AVX-512 (F + BW) word-table decode to bf16 of nblk whole blocks of 32 codes of 4 or 6 bits, every
- * block safe (no value leaves fp32's normal range) or of the NaN scale, and exact16: the 32 codes of a
- * block are spread to 16-bit lanes (byte widening, a word permute to the byte(s) holding each code, a
- * per-lane shift), looked up in the 64-entry bf16 table T16 (vpermt2w), and the scale 2^X is applied by
- * adding X to the exponent field of the nonzero finite values (X << 7: the bf16 exponent field); a NaN
- * scale writes the canonical bf16 NaN. Bit-identical to decode_fast / shift_exp followed by the bf16
- * store (exact16 makes the bf16 rounding a truncation). */
+/* AVX-512 (F + BW) word-table decode of ngroups groups of 32 elements of `bits` (<= 6) bits, bf16 or fp32
+ * out: single-level blocks of k = 32 (micro NULL) or two-level blocks of k = 16 with k2 = 2, d2 = 1 (MX6 /
+ * MX4: micro is the byte-aligned microexponent stream of these blocks, 16 bits per group). Every block
+ * is safe (no value at X - s_j leaves fp32's normal range) or of the NaN scale, and the values are exact16.
+ * The 32 codes of a group are spread to 16-bit lanes (byte widening, a word permute to the two bytes
+ * holding each code, a per-lane shift), looked up in the 64-entry bf16 table T16 (vpermt2w), and the
+ * scale 2^(X - s_j) is applied by adding X - s_j to the exponent field of the nonzero finite values (units
+ * of 128: the bf16 exponent field); a NaN scale gives the canonical NaN. fp32 out: the bf16 bits widened
+ * (exact). Bit-identical to decode_fast / shift_exp and the stores of deq_store_run. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")))
-static void deq32_bf16_w512(const uint8_t *codes, const uint8_t *scales, int nblk, int bits, const uint16_t *T16,
-                            int32_t s_bias, int32_t s_nan, uint16_t *out) {
+static void deq32_w512(const uint8_t *codes, const uint8_t *scales, const uint8_t *micro, int ngroups, int bits,
+                       const uint16_t *T16, int32_t s_bias, int32_t s_nan, void *out, int out_f32) {
     int16_t ia[32], ib[32], sh[32];
     for (int i = 0; i < 32; i++) {
         ia[i] = (int16_t)(bits * i / 8); ib[i] = (int16_t)(ia[i] + 1); sh[i] = (int16_t)(bits * i % 8);
@@ -615,20 +617,40 @@ static void deq32_bf16_w512(const uint8_t *codes, const uint8_t *scales, int nbl
     const __m512i IA = _mm512_loadu_si512(ia), IB = _mm512_loadu_si512(ib), SH = _mm512_loadu_si512(sh);
     const __m512i M = _mm512_set1_epi16((short)((1 << bits) - 1)), T0 = _mm512_loadu_si512(T16);
     const __m512i T1 = _mm512_loadu_si512(T16 + 32), ABS = _mm512_set1_epi16(0x7FFF), ONE = _mm512_set1_epi16(1);
-    const __m512i FIN = _mm512_set1_epi16(0x7F7F), QNAN = _mm512_set1_epi16(0x7FC0);
-    const __mmask32 lm = bits == 4 ? 0xFFFFu : 0xFFFFFFu;
+    const __m512i FIN = _mm512_set1_epi16(0x7F7F), QNAN = _mm512_set1_epi16(0x7FC0), E1 = _mm512_set1_epi16(128);
+    const __mmask32 lm = (__mmask32)((1ull << (4 * bits)) - 1u);
     const int bytes = 4 * bits;
-    for (int b = 0; b < nblk; b++) {
-        const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(lm, codes + (size_t)b * bytes));
+    for (int g = 0; g < ngroups; g++) {
+        const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(lm, codes + (size_t)g * bytes));
         __m512i c = _mm512_permutexvar_epi16(IA, w);
-        if (bits != 4) c = _mm512_or_si512(c, _mm512_slli_epi16(_mm512_permutexvar_epi16(IB, w), 8));
+        if (8 % bits) c = _mm512_or_si512(c, _mm512_slli_epi16(_mm512_permutexvar_epi16(IB, w), 8));   /* codes across bytes */
         c = _mm512_and_si512(_mm512_srlv_epi16(c, SH), M);
         const __m512i t = _mm512_permutex2var_epi16(T0, c, T1);
         const __mmask32 fin = _mm512_cmplt_epu16_mask(_mm512_sub_epi16(_mm512_and_si512(t, ABS), ONE), FIN);
-        const int32_t sc = scales[b];
-        __m512i r = _mm512_mask_add_epi16(t, fin, t, _mm512_set1_epi16((short)((sc - s_bias) * 128)));
-        if (sc == s_nan) r = QNAN;
-        _mm512_storeu_si512(out + (size_t)b * 32, r);
+        __m512i xv;
+        __mmask32 nanm;
+        if (!micro) {
+            const int32_t sc = scales[g];
+            xv = _mm512_set1_epi16((short)((sc - s_bias) * 128));
+            nanm = sc == s_nan ? 0xFFFFFFFFu : 0u;
+        } else {
+            const int32_t s0 = scales[2 * g], s1 = scales[2 * g + 1];
+            xv = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16((short)((s0 - s_bias) * 128)),
+                                         _mm512_set1_epi16((short)((s1 - s_bias) * 128)));
+            nanm = (s0 == s_nan ? 0x0000FFFFu : 0u) | (s1 == s_nan ? 0xFFFF0000u : 0u);
+            const uint32_t m = (uint32_t)micro[2 * g] | ((uint32_t)micro[2 * g + 1] << 8);   /* s_j of lanes 2j, 2j+1 */
+            const __mmask32 sub = _pdep_u32(m, 0x55555555u) | _pdep_u32(m, 0xAAAAAAAAu);
+            xv = _mm512_mask_sub_epi16(xv, sub, xv, E1);
+        }
+        __m512i r = _mm512_mask_add_epi16(t, fin, t, xv);
+        r = _mm512_mask_mov_epi16(r, nanm, QNAN);
+        if (out_f32) {
+            uint32_t *o = (uint32_t *)out + (size_t)g * 32;
+            _mm512_storeu_si512(o, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r)), 16));
+            _mm512_storeu_si512(o + 16, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r, 1)), 16));
+        } else {
+            _mm512_storeu_si512((uint16_t *)out + (size_t)g * 32, r);
+        }
     }
 }
 
@@ -665,9 +687,12 @@ AINLINE void deq_chunk(const job_t *J, const fmt_t *f, int64_t b, int64_t base, 
     /* bf16 output of exact16 values: the high half of the fp32 bits (no rounding step) */
     const int trunc16 = odt == DT_BF16 && safe && D->exact16;
 #ifdef HAVE_X86_VARIANTS
-    if (ISA == ISA_AVX512 && !MICRO && K1 == 32 && trunc16 && nv == ne && (f->bits == 4 || f->bits == 6)) {
-        deq32_bf16_w512(J->codes + b * (int64_t)(4 * f->bits), J->scales + b, nblk, f->bits, D->T16, f->s_bias,
-                        f->s_nan, (uint16_t *)J->out + base);
+    /* AVX-512 word-table decode (deq32_w512): single level with k = 32, or MX6 / MX4's k1 = 16, k2 = 2, d2 = 1 */
+    if (ISA == ISA_AVX512 && safe && D->exact16 && nv == ne && f->bits <= 6 && (odt == DT_BF16 || odt == DT_F32)
+        && (MICRO ? (K1 == 16 && K2 == 2 && f->d2 == 1 && nblk % 2 == 0) : K1 == 32)) {
+        deq32_w512(J->codes + b * (int64_t)(k * f->bits / 8), J->scales + b, MICRO ? J->micro + b : NULL, ne / 32,
+                   f->bits, D->T16, f->s_bias, f->s_nan, (char *)J->out + base * (odt == DT_F32 ? 4 : 2),
+                   odt == DT_F32);
         return;
     }
 #endif
