@@ -586,24 +586,25 @@ AINLINE void deq_values(uint32_t *dst, int n, const uint32_t *cw, const int32_t 
 /* Dequantize tables of one call: T (fp32 bits at X = 0, decode_table), [elo, ehi], arith (decode_fast
  * reproduces T), exact16: every value at X = 0 has a zero low half (at most 8 significant bits), so at any
  * exponent that keeps it a normal fp32 number it is exact in bf16 (bf16 has fp32's exponent range) and
- * its bf16 bits are the high half of its fp32 bits; T16: those halves for codes < 64 (word-table decode). */
-typedef struct { uint32_t T[256]; int32_t elo, ehi; int arith, exact16; uint16_t T16[64]; } deqtab_t;
+ * its bf16 bits are the high half of its fp32 bits; T16: those halves for every code (word-table decode). */
+typedef struct { uint32_t T[256]; int32_t elo, ehi; int arith, exact16; uint16_t T16[256]; } deqtab_t;
 
 static void deq_setup(const fmt_t *f, deqtab_t *D) {
     D->arith = decode_table(f, D->T, &D->elo, &D->ehi);
     D->exact16 = 1;
     for (uint32_t c = 0; c < (1u << f->bits); c++) D->exact16 &= (D->T[c] & 0xFFFFu) == 0;
-    for (uint32_t c = 0; c < 64; c++) D->T16[c] = (uint16_t)(D->T[c < (1u << f->bits) ? c : 0] >> 16);
+    for (uint32_t c = 0; c < 256; c++) D->T16[c] = (uint16_t)(D->T[c < (1u << f->bits) ? c : 0] >> 16);
 }
 
 #ifdef HAVE_X86_VARIANTS
 #include <immintrin.h>
-/* AVX-512 (F + BW) word-table decode of ngroups groups of 32 elements of `bits` (<= 6) bits, bf16 or fp32
+/* AVX-512 (F + BW) word-table decode of ngroups groups of 32 elements of `bits` (<= 6, or 8) bits, bf16 or fp32
  * out: single-level blocks of k = 32 (micro NULL) or two-level blocks of k = 16 with k2 = 2, d2 = 1 (MX6 /
  * MX4: micro is the byte-aligned microexponent stream of these blocks, 16 bits per group). Every block
  * is safe (no value at X - s_j leaves fp32's normal range) or of the NaN scale, and the values are exact16.
  * The 32 codes of a group are spread to 16-bit lanes (byte widening, a word permute to the two bytes
- * holding each code, a per-lane shift), looked up in the 64-entry bf16 table T16 (vpermt2w), and the
+ * holding each code, a per-lane shift), looked up in the bf16 table T16 (vpermt2w over 64 entries; 8-bit
+ * codes: four of them, blended on the codes' two top bits), and the
  * scale 2^(X - s_j) is applied by adding X - s_j to the exponent field of the nonzero finite values (units
  * of 128: the bf16 exponent field); a NaN scale gives the canonical NaN. fp32 out: the bf16 bits widened
  * (exact). Bit-identical to decode_fast / shift_exp and the stores of deq_store_run. */
@@ -616,16 +617,27 @@ static void deq32_w512(const uint8_t *codes, const uint8_t *scales, const uint8_
     }
     const __m512i IA = _mm512_loadu_si512(ia), IB = _mm512_loadu_si512(ib), SH = _mm512_loadu_si512(sh);
     const __m512i M = _mm512_set1_epi16((short)((1 << bits) - 1)), T0 = _mm512_loadu_si512(T16);
-    const __m512i T1 = _mm512_loadu_si512(T16 + 32), ABS = _mm512_set1_epi16(0x7FFF), ONE = _mm512_set1_epi16(1);
+    const __m512i T1 = _mm512_loadu_si512(T16 + 32), T2 = _mm512_loadu_si512(T16 + 64);
+    const __m512i T3 = _mm512_loadu_si512(T16 + 96), T4 = _mm512_loadu_si512(T16 + 128);
+    const __m512i T5 = _mm512_loadu_si512(T16 + 160), T6 = _mm512_loadu_si512(T16 + 192);
+    const __m512i T7 = _mm512_loadu_si512(T16 + 224), B6 = _mm512_set1_epi16(64), B7 = _mm512_set1_epi16(128), ABS = _mm512_set1_epi16(0x7FFF), ONE = _mm512_set1_epi16(1);
     const __m512i FIN = _mm512_set1_epi16(0x7F7F), QNAN = _mm512_set1_epi16(0x7FC0), E1 = _mm512_set1_epi16(128);
-    const __mmask32 lm = (__mmask32)((1ull << (4 * bits)) - 1u);
+    const __mmask32 lm = bits == 8 ? 0xFFFFFFFFu : (__mmask32)((1ull << (4 * bits)) - 1u);
     const int bytes = 4 * bits;
     for (int g = 0; g < ngroups; g++) {
         const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(lm, codes + (size_t)g * bytes));
-        __m512i c = _mm512_permutexvar_epi16(IA, w);
-        if (8 % bits) c = _mm512_or_si512(c, _mm512_slli_epi16(_mm512_permutexvar_epi16(IB, w), 8));   /* codes across bytes */
-        c = _mm512_and_si512(_mm512_srlv_epi16(c, SH), M);
-        const __m512i t = _mm512_permutex2var_epi16(T0, c, T1);
+        __m512i c = w, t;
+        if (bits != 8) {
+            c = _mm512_permutexvar_epi16(IA, w);
+            if (8 % bits) c = _mm512_or_si512(c, _mm512_slli_epi16(_mm512_permutexvar_epi16(IB, w), 8));   /* codes across bytes */
+            c = _mm512_and_si512(_mm512_srlv_epi16(c, SH), M);
+            t = _mm512_permutex2var_epi16(T0, c, T1);
+        } else {
+            const __mmask32 h6 = _mm512_test_epi16_mask(c, B6), h7 = _mm512_test_epi16_mask(c, B7);
+            const __m512i lo = _mm512_mask_blend_epi16(h6, _mm512_permutex2var_epi16(T0, c, T1), _mm512_permutex2var_epi16(T2, c, T3));
+            const __m512i hi = _mm512_mask_blend_epi16(h6, _mm512_permutex2var_epi16(T4, c, T5), _mm512_permutex2var_epi16(T6, c, T7));
+            t = _mm512_mask_blend_epi16(h7, lo, hi);
+        }
         const __mmask32 fin = _mm512_cmplt_epu16_mask(_mm512_sub_epi16(_mm512_and_si512(t, ABS), ONE), FIN);
         __m512i xv;
         __mmask32 nanm;
@@ -654,13 +666,35 @@ static void deq32_w512(const uint8_t *codes, const uint8_t *scales, const uint8_
     }
 }
 
-/* n bytes (a multiple of 64) from src to the 64-byte aligned dst with non-temporal stores: the output of a
- * large axis-0 dequantize is written as k row streams at once; streaming whole lines skips reading each
- * line before overwriting it (the caller issues the fence). */
+/* The same decode for one row of an axis-0 tile (deq_tiles): w <= 64 codes, one byte each (cw8), each with
+ * its own exponent in units of 128 (xw: (X - s_j) * 128) and NaN bit (nanbits), to bf16 or fp32; fp32
+ * rows of 64 whole 64-byte aligned lines may be written with streaming stores (stream). */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")))
-static void stream_copy_w512(void *dst, const void *src, int64_t n) {
-    for (int64_t i = 0; i < n; i += 64)
-        _mm512_stream_si512((void *)((char *)dst + i), _mm512_loadu_si512((const char *)src + i));
+static void deq_row_w512(const uint8_t *cw8, const int16_t *xw, uint64_t nanbits, int w, int bits, const uint16_t *T16,
+                         void *out, int out_f32, int stream) {
+    const __m512i ABS = _mm512_set1_epi16(0x7FFF), ONE = _mm512_set1_epi16(1), FIN = _mm512_set1_epi16(0x7F7F);
+    const __m512i QNAN = _mm512_set1_epi16(0x7FC0), B6 = _mm512_set1_epi16(64), B7 = _mm512_set1_epi16(128);
+    for (int g = 0; g < w; g += 32) {
+        const __mmask32 vm = w - g >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << (w - g)) - 1u);
+        const __m512i c = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(vm, cw8 + g));
+        __m512i t = _mm512_permutex2var_epi16(_mm512_loadu_si512(T16), c, _mm512_loadu_si512(T16 + 32));
+        if (bits == 8) {
+            const __mmask32 h6 = _mm512_test_epi16_mask(c, B6), h7 = _mm512_test_epi16_mask(c, B7);
+            const __m512i q1 = _mm512_permutex2var_epi16(_mm512_loadu_si512(T16 + 64), c, _mm512_loadu_si512(T16 + 96));
+            const __m512i q2 = _mm512_permutex2var_epi16(_mm512_loadu_si512(T16 + 128), c, _mm512_loadu_si512(T16 + 160));
+            const __m512i q3 = _mm512_permutex2var_epi16(_mm512_loadu_si512(T16 + 192), c, _mm512_loadu_si512(T16 + 224));
+            t = _mm512_mask_blend_epi16(h7, _mm512_mask_blend_epi16(h6, t, q1), _mm512_mask_blend_epi16(h6, q2, q3));
+        }
+        const __mmask32 fin = _mm512_cmplt_epu16_mask(_mm512_sub_epi16(_mm512_and_si512(t, ABS), ONE), FIN);
+        __m512i r = _mm512_mask_add_epi16(t, fin, t, _mm512_maskz_loadu_epi16(vm, xw + g));
+        r = _mm512_mask_mov_epi16(r, (__mmask32)(nanbits >> g), QNAN);
+        if (!out_f32) { _mm512_mask_storeu_epi16((uint16_t *)out + g, vm, r); continue; }
+        const __m512i lo = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r)), 16);
+        const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r, 1)), 16);
+        uint32_t *o = (uint32_t *)out + g;
+        if (stream) { _mm512_stream_si512((void *)o, lo); _mm512_stream_si512((void *)(o + 16), hi); }
+        else { _mm512_mask_storeu_epi32(o, (__mmask16)vm, lo); _mm512_mask_storeu_epi32(o + 16, (__mmask16)(vm >> 16), hi); }
+    }
 }
 #endif
 
@@ -688,7 +722,7 @@ AINLINE void deq_chunk(const job_t *J, const fmt_t *f, int64_t b, int64_t base, 
     const int trunc16 = odt == DT_BF16 && safe && D->exact16;
 #ifdef HAVE_X86_VARIANTS
     /* AVX-512 word-table decode (deq32_w512): single level with k = 32, or MX6 / MX4's k1 = 16, k2 = 2, d2 = 1 */
-    if (ISA == ISA_AVX512 && safe && D->exact16 && nv == ne && f->bits <= 6 && (odt == DT_BF16 || odt == DT_F32)
+    if (ISA == ISA_AVX512 && safe && D->exact16 && nv == ne && (f->bits <= 6 || f->bits == 8) && (odt == DT_BF16 || odt == DT_F32)
         && (MICRO ? (K1 == 16 && K2 == 2 && f->d2 == 1 && nblk % 2 == 0) : K1 == 32)) {
         deq32_w512(J->codes + b * (int64_t)(k * f->bits / 8), J->scales + b, MICRO ? J->micro + b : NULL, ne / 32,
                    f->bits, D->T16, f->s_bias, f->s_nan, (char *)J->out + base * (odt == DT_F32 ? 4 : 2),
@@ -861,10 +895,14 @@ AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, con
     dtile_t TT[2];
     int32_t xr[TILE];
     uint32_t cw[TILE], vb[TILE];
-    /* outputs beyond the caches (> 16 MiB), every row segment of whole 64-byte lines: streamed (AVX-512) */
+    /* AVX-512 word-table decode of safe tiles; outputs beyond the caches (> 16 MiB) whose row segments are
+     * whole 64-byte lines: streamed (the k rows of a tile are k output streams at once; streaming whole lines
+     * skips reading each line before it is overwritten) */
     const int es = odt == DT_F32 ? 4 : (odt == DT_F64 ? 8 : 2);
     const int nt_ok = ISA == ISA_AVX512 && odt == DT_F32 && J->outer * J->L * inner * es > ((int64_t)16 << 20)
                       && (inner * es) % 64 == 0 && ((uintptr_t)J->out) % 64 == 0;
+    const int w512 = ISA == ISA_AVX512 && D.exact16 && (f->bits <= 6 || f->bits == 8) && (odt == DT_BF16 || odt == DT_F32);
+    int16_t xw[TILE];
     int streamed = 0;
     /* software pipeline: tile t is loaded (codes transposed into one buffer) while tile t - 1 is decoded
      * from the other, so the transposed bytes' stores have retired before the vector loads read them (a
@@ -879,18 +917,32 @@ AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, con
         if (t == t0) continue;
         const dtile_t *T = &TT[(t - 1) & 1];
         const int w = T->w, safe = T->safe;
+#ifdef HAVE_X86_VARIANTS
+        if (w512 && safe) {   /* AVX-512 word-table decode of each row (deq_row_w512) */
+            uint64_t nanbits = 0;
+            for (int c = 0; c < w; c++) nanbits |= (uint64_t)(T->nanm[c] & 1u) << c;
+            const int stream = nt_ok && w == TILE;
+            for (int j = 0; j < T->n; j++) {
+                const uint8_t *sg = T->s + (MICRO ? (size_t)(j / k2) * TILE : 0);
+                if (j == 0 || (MICRO && j % k2 == 0)) {
+#pragma omp simd
+                    for (int c = 0; c < w; c++) xw[c] = (int16_t)((T->X[c] - (MICRO ? (int32_t)sg[c] : 0)) * 128);
+                }
+                deq_row_w512(T->tc + (size_t)j * TILE, xw, nanbits, w, f->bits, D.T16,
+                             (char *)J->out + (T->base + j * inner) * es, odt == DT_F32, stream);
+            }
+            streamed |= stream;
+            continue;
+        }
+#endif
         for (int j = 0; j < T->n; j++) {
             int64_t row = T->base + j * inner;
             const uint8_t *sg = T->s + (MICRO ? (size_t)(j / k2) * TILE : 0);
             const uint8_t *tj = T->tc + (size_t)j * TILE;
 #pragma omp simd
             for (int c = 0; c < w; c++) { cw[c] = tj[c]; xr[c] = T->X[c] - (MICRO ? (int32_t)sg[c] : 0); }
-            const int nt_row = nt_ok && w == TILE;
-            uint32_t *dst = odt == DT_F32 && !nt_row ? (uint32_t *)J->out + row : vb;
+            uint32_t *dst = odt == DT_F32 ? (uint32_t *)J->out + row : vb;
             deq_values(dst, w, cw, xr, T->nanm, safe, D.arith, D.T, f);
-#ifdef HAVE_X86_VARIANTS
-            if (nt_row) { stream_copy_w512((uint32_t *)J->out + row, vb, TILE * 4); streamed = 1; continue; }
-#endif
             if (odt != DT_F32) deq_store_run(J->out, row, w, odt, vb, cw, xr, safe, safe && D.exact16, T->nanm, f);
         }
     }
