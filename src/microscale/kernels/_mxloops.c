@@ -836,58 +836,86 @@ AINLINE void transpose8x8(uint64_t x[8]) {
  * transposes (8 columns' blocks at a time), then decoded row by row, vectorized across columns.
  * (In the former order, a column tile walked down all block rows: every tile wrote k short row segments
  * in k pages never revisited, 2-4x a copy.) */
-/* One tile's decoded inputs (deq_tiles): codes transposed to [row][column], per-column exponent / NaN mask /
- * microexponents ([sub-block][column]). */
+/* Block rows per axis-0 dequantize tile: a tile covers rb * k rows (up to 64) so that the per-column reads
+ * (codes, scale, microexponents: rb consecutive blocks of one column are contiguous) use whole cache lines. */
+#define DQ_RBMAX 8
+static inline int deq_tile_rb(const fmt_t *f) {
+    return f->k >= 64 ? 1 : (64 / f->k < DQ_RBMAX ? 64 / f->k : DQ_RBMAX);
+}
+
+/* One tile's decoded inputs (deq_tiles): codes transposed to [row][column], per block row r and column c
+ * the exponent X and NaN mask ([r * TILE + c]) and microexponents ([(r * nsub + g) * TILE + c]). */
 typedef struct {
     uint8_t tc[TILE * MAXK > 65536 ? 65536 : TILE * MAXK];
     uint8_t s[MAXK2 * TILE];
-    int32_t X[TILE];
-    uint32_t nanm[TILE];
+    int32_t X[DQ_RBMAX * TILE];
+    uint32_t nanm[DQ_RBMAX * TILE];
     int64_t base;
     int w, n, safe;
 } dtile_t;
 
-AINLINE void deq_tile_load(const job_t *J, const fmt_t *f, const deqtab_t *D, int64_t t, dtile_t *T, const int MICRO) {
+/* Tile t's inputs: item t = ((o * nbg) + lbg) * ntile + it covers block rows [lbg * rb, lbg * rb + rb) and
+ * columns [it * TILE, ...) of outer slice o. */
+AINLINE void deq_tile_load(const job_t *J, const fmt_t *f, const deqtab_t *D, int64_t t, int rb, dtile_t *T,
+                           const int MICRO) {
     const int k = f->k, d2 = f->d2, nsub = MICRO ? k / f->k2 : 1;
     const int32_t beta = MICRO ? f->beta : 0;
-    const int64_t L = J->L, nb = J->nb, inner = J->inner, ntile = (inner + TILE - 1) / TILE;
+    const int64_t L = J->L, nb = J->nb, inner = J->inner, ntile = (inner + TILE - 1) / TILE, nbg = (nb + rb - 1) / rb;
     const int64_t bytes = (int64_t)k * f->bits / 8;
-    const int64_t it = t % ntile, ol = t / ntile, lb = ol % nb, o = ol / nb, i0 = it * TILE;
+    const int64_t it = t % ntile, ol = t / ntile, lb0 = (ol % nbg) * rb, o = ol / nbg, i0 = it * TILE;
     const int w = (int)((inner - i0) < TILE ? (inner - i0) : TILE);
-    const int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
+    const int nr = (int)(nb - lb0 < rb ? nb - lb0 : rb);
     uint8_t cod[8 * MAXK];
     int safe = 1;
-    T->w = w; T->n = n; T->base = (o * L + lb * k) * inner + i0;
-    for (int c = 0; c < w; c++) {
-        int64_t blk = (o * inner + i0 + c) * nb + lb;
-        T->X[c] = (int32_t)J->scales[blk] - f->s_bias;
-        T->nanm[c] = J->scales[blk] == f->s_nan ? ~0u : 0u;
-        safe &= T->nanm[c] || (T->X[c] - beta + D->elo >= 1 && T->X[c] + D->ehi <= 254);
-        if (MICRO) for (int g = 0; g < nsub; g++) T->s[g * TILE + c] = (uint8_t)get_micro(J->micro, blk * nsub + g, d2);
-    }
-    T->safe = safe;
-    for (int c0 = 0; c0 < w; c0 += 8) {   /* codes of 8 columns, transposed into tc[row * TILE + column] */
-        const int wc = w - c0 < 8 ? w - c0 : 8;
-        for (int c = 0; c < wc; c++)
-            unpack_block(J->codes + ((o * inner + i0 + c0 + c) * nb + lb) * bytes, k, f->bits, cod + (size_t)c * k);
-        if (wc == 8 && k % 8 == 0 && MX_LE) {
-            for (int j0 = 0; j0 < n; j0 += 8) {
-                uint64_t x[8];
-                for (int c = 0; c < 8; c++) memcpy(&x[c], cod + (size_t)c * k + j0, 8);
-                transpose8x8(x);
-                for (int r = 0; r < 8; r++) memcpy(T->tc + (size_t)(j0 + r) * TILE + c0, &x[r], 8);
+    T->w = w; T->n = (int)((L - lb0 * k) < (int64_t)rb * k ? (L - lb0 * k) : (int64_t)rb * k);
+    T->base = (o * L + lb0 * k) * inner + i0;
+    for (int r = 0; r < nr; r++) {
+        const int64_t lb = lb0 + r;
+        const int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
+        int32_t *X = T->X + (size_t)r * TILE;
+        uint32_t *nanm = T->nanm + (size_t)r * TILE;
+        uint8_t *tc = T->tc + (size_t)r * k * TILE;
+        uint32_t mw[TILE];   /* a block's nsub microexponents as one word (nsub * d2 <= 32) */
+        for (int c = 0; c < w; c++) {
+            int64_t blk = (o * inner + i0 + c) * nb + lb;
+            X[c] = (int32_t)J->scales[blk] - f->s_bias;
+            nanm[c] = J->scales[blk] == f->s_nan ? ~0u : 0u;
+            safe &= nanm[c] || (X[c] - beta + D->elo >= 1 && X[c] + D->ehi <= 254);
+            if (MICRO && nsub * d2 <= 32) mw[c] = get_bits32(J->micro, blk * nsub * d2, nsub * d2);
+            else if (MICRO)
+                for (int g = 0; g < nsub; g++)
+                    T->s[((size_t)r * nsub + g) * TILE + c] = (uint8_t)get_micro(J->micro, blk * nsub + g, d2);
+        }
+        if (MICRO && nsub * d2 <= 32)
+            for (int g = 0; g < nsub; g++) {   /* (vectorized across columns) */
+                uint8_t *sr = T->s + ((size_t)r * nsub + g) * TILE;
+#pragma omp simd
+                for (int c = 0; c < w; c++) sr[c] = (uint8_t)((mw[c] >> (g * d2)) & (uint32_t)beta);
             }
-        } else {
+        for (int c0 = 0; c0 < w; c0 += 8) {   /* codes of 8 columns, transposed into tc[row * TILE + column] */
+            const int wc = w - c0 < 8 ? w - c0 : 8;
             for (int c = 0; c < wc; c++)
-                for (int j = 0; j < n; j++) T->tc[(size_t)j * TILE + c0 + c] = cod[(size_t)c * k + j];
+                unpack_block(J->codes + ((o * inner + i0 + c0 + c) * nb + lb) * bytes, k, f->bits, cod + (size_t)c * k);
+            if (wc == 8 && k % 8 == 0 && MX_LE) {
+                for (int j0 = 0; j0 < n; j0 += 8) {
+                    uint64_t x[8];
+                    for (int c = 0; c < 8; c++) memcpy(&x[c], cod + (size_t)c * k + j0, 8);
+                    transpose8x8(x);
+                    for (int q = 0; q < 8; q++) memcpy(tc + (size_t)(j0 + q) * TILE + c0, &x[q], 8);
+                }
+            } else {
+                for (int c = 0; c < wc; c++)
+                    for (int j = 0; j < n; j++) tc[(size_t)j * TILE + c0 + c] = cod[(size_t)c * k + j];
+            }
         }
     }
+    T->safe = safe;
 }
 
 AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, const int MICRO, const int ISA) {
     const fmt_t F = J->f, *f = &F;
-    const int k = f->k, k2 = MICRO ? f->k2 : k;
-    const int64_t nb = J->nb, inner = J->inner, ntile = (inner + TILE - 1) / TILE;
+    const int k = f->k, k2 = MICRO ? f->k2 : k, nsub = MICRO ? k / k2 : 1, rb = deq_tile_rb(f);
+    const int64_t nb = J->nb, inner = J->inner, ntile = (inner + TILE - 1) / TILE, nbg = (nb + rb - 1) / rb;
     const int odt = DT >= 0 ? DT : J->odt;
     const int64_t bytes = (int64_t)k * f->bits / 8;
     deqtab_t D;
@@ -896,8 +924,8 @@ AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, con
     int32_t xr[TILE];
     uint32_t cw[TILE], vb[TILE];
     /* AVX-512 word-table decode of safe tiles; outputs beyond the caches (> 16 MiB) whose row segments are
-     * whole 64-byte lines: streamed (the k rows of a tile are k output streams at once; streaming whole lines
-     * skips reading each line before it is overwritten) */
+     * whole 64-byte lines: streamed (the rows of a tile are that many output streams at once; streaming whole
+     * lines skips reading each line before it is overwritten) */
     const int es = odt == DT_F32 ? 4 : (odt == DT_F64 ? 8 : 2);
     const int nt_ok = ISA == ISA_AVX512 && odt == DT_F32 && J->outer * J->L * inner * es > ((int64_t)16 << 20)
                       && (inner * es) % 64 == 0 && ((uintptr_t)J->out) % 64 == 0;
@@ -908,25 +936,36 @@ AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, con
      * from the other, so the transposed bytes' stores have retired before the vector loads read them (a
      * load right after the 8-byte stores it spans cannot be forwarded and waits for them) */
     for (int64_t t = t0; t <= t1; t++) {
-        if (t + 1 < t1) {   /* the code blocks of the tile after this one (one per column, far apart) */
-            int64_t it1 = (t + 1) % ntile, ol1 = (t + 1) / ntile, lb1 = ol1 % nb, o1 = ol1 / nb, c0 = it1 * TILE;
+        if (t + 1 < t1) {   /* the per-column inputs of the tile after this one (far apart) */
+            int64_t it1 = (t + 1) % ntile, ol1 = (t + 1) / ntile, lb1 = (ol1 % nbg) * rb, o1 = ol1 / nbg, c0 = it1 * TILE;
             int w1 = (int)((inner - c0) < TILE ? (inner - c0) : TILE);
-            for (int c = 0; c < w1; c++) __builtin_prefetch(J->codes + ((o1 * inner + c0 + c) * nb + lb1) * bytes, 0, 3);
+            for (int c = 0; c < w1; c++) {
+                const int64_t blk = (o1 * inner + c0 + c) * nb + lb1;
+                __builtin_prefetch(J->codes + blk * bytes, 0, 3);
+                __builtin_prefetch(J->scales + blk, 0, 3);
+                if (MICRO) __builtin_prefetch(J->micro + blk * nsub * f->d2 / 8, 0, 3);
+            }
         }
-        if (t < t1) deq_tile_load(J, f, &D, t, &TT[t & 1], MICRO);
+        if (t < t1) deq_tile_load(J, f, &D, t, rb, &TT[t & 1], MICRO);
         if (t == t0) continue;
         const dtile_t *T = &TT[(t - 1) & 1];
         const int w = T->w, safe = T->safe;
 #ifdef HAVE_X86_VARIANTS
         if (w512 && safe) {   /* AVX-512 word-table decode of each row (deq_row_w512) */
             uint64_t nanbits = 0;
-            for (int c = 0; c < w; c++) nanbits |= (uint64_t)(T->nanm[c] & 1u) << c;
             const int stream = nt_ok && w == TILE;
             for (int j = 0; j < T->n; j++) {
-                const uint8_t *sg = T->s + (MICRO ? (size_t)(j / k2) * TILE : 0);
-                if (j == 0 || (MICRO && j % k2 == 0)) {
+                const int r = j / k, jr = j % k;
+                const int32_t *X = T->X + (size_t)r * TILE;
+                if (jr == 0) {
+                    const uint32_t *nanm = T->nanm + (size_t)r * TILE;
+                    nanbits = 0;
+                    for (int c = 0; c < w; c++) nanbits |= (uint64_t)(nanm[c] & 1u) << c;
+                }
+                if (jr == 0 || (MICRO && jr % k2 == 0)) {
+                    const uint8_t *sg = T->s + (MICRO ? ((size_t)r * nsub + jr / k2) * TILE : 0);
 #pragma omp simd
-                    for (int c = 0; c < w; c++) xw[c] = (int16_t)((T->X[c] - (MICRO ? (int32_t)sg[c] : 0)) * 128);
+                    for (int c = 0; c < w; c++) xw[c] = (int16_t)((X[c] - (MICRO ? (int32_t)sg[c] : 0)) * 128);
                 }
                 deq_row_w512(T->tc + (size_t)j * TILE, xw, nanbits, w, f->bits, D.T16,
                              (char *)J->out + (T->base + j * inner) * es, odt == DT_F32, stream);
@@ -936,14 +975,17 @@ AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, con
         }
 #endif
         for (int j = 0; j < T->n; j++) {
+            const int r = j / k, jr = j % k;
             int64_t row = T->base + j * inner;
-            const uint8_t *sg = T->s + (MICRO ? (size_t)(j / k2) * TILE : 0);
+            const int32_t *X = T->X + (size_t)r * TILE;
+            const uint32_t *nanm = T->nanm + (size_t)r * TILE;
+            const uint8_t *sg = T->s + (MICRO ? ((size_t)r * nsub + jr / k2) * TILE : 0);
             const uint8_t *tj = T->tc + (size_t)j * TILE;
 #pragma omp simd
-            for (int c = 0; c < w; c++) { cw[c] = tj[c]; xr[c] = T->X[c] - (MICRO ? (int32_t)sg[c] : 0); }
+            for (int c = 0; c < w; c++) { cw[c] = tj[c]; xr[c] = X[c] - (MICRO ? (int32_t)sg[c] : 0); }
             uint32_t *dst = odt == DT_F32 ? (uint32_t *)J->out + row : vb;
-            deq_values(dst, w, cw, xr, T->nanm, safe, D.arith, D.T, f);
-            if (odt != DT_F32) deq_store_run(J->out, row, w, odt, vb, cw, xr, safe, safe && D.exact16, T->nanm, f);
+            deq_values(dst, w, cw, xr, nanm, safe, D.arith, D.T, f);
+            if (odt != DT_F32) deq_store_run(J->out, row, w, odt, vb, cw, xr, safe, safe && D.exact16, nanm, f);
         }
     }
 #ifdef HAVE_X86_VARIANTS
@@ -1063,5 +1105,6 @@ void mxloops_quantize(const job_t *J, int mode, int nt) {
 }
 
 void mxloops_dequantize(const job_t *J, int nt) {
-    run_parallel(W_DQ, J, n_items(J), nt);
+    const int64_t rb = deq_tile_rb(&J->f);   /* axis-0 tiles span rb block rows (deq_tiles) */
+    run_parallel(W_DQ, J, J->inner == 1 ? n_items(J) : J->outer * ((J->nb + rb - 1) / rb) * ((J->inner + TILE - 1) / TILE), nt);
 }
