@@ -472,7 +472,12 @@ AINLINE void quant_tiles(const job_t *J, int64_t t0, int64_t t1, const int MODE,
  * is shifted through the exponent field, by integer arithmetic on the code (decode_fast) or a 256-entry
  * table (shift_exp); blocks whose exponent could make a value subnormal or overflow fp32 (|X| > ~110) take
  * the exact element-by-element decode (decode_elem). Two-level formats decode each element with the
- * exponent X - s_j of its sub-block (value = element value x 2^(X - s_j); NaN for the NaN scale code). */
+ * exponent X - s_j of its sub-block (value = element value x 2^(X - s_j); NaN for the NaN scale code).
+ * AVX-512, bf16 / fp32 outputs of formats whose values have at most 8 significant bits (every MX and BDR
+ * format: exact in bf16, which has fp32's exponent range): the bf16 bit pattern of each code at X = 0 is
+ * looked up with word permutes (vpermt2w) and 2^(X - s_j) applied as an integer add to its exponent field
+ * (deq32_w512, deq_row_w512); fp32 is that pattern widened. Other variants store bf16 as the high half of
+ * the exact fp32 bits. */
 AINLINE void store_deq(void *out, int64_t i, uint32_t v, uint32_t code, int32_t X, int exact, const int ODT,
                        const fmt_t *f) {
     if (ODT == DT_F64) {
@@ -828,14 +833,14 @@ AINLINE void transpose8x8(uint64_t x[8]) {
     }
 }
 
-/* Tiles (inner > 1) in quant_tiles' order (item t = ((o * nb) + lb) * ntile + it: consecutive tiles move
- * across the columns of one block row), so that the output is written as k rows that each advance
- * sequentially (the hardware prefetchers follow them and their pages stay in the TLB). A tile reads one
- * block of codes per column, nb * bytes apart; the next block row reads the next bytes of the same cache
- * lines (from L2) and pages. The codes of a tile are transposed to [row][column] bytes by 8 x 8 byte
- * transposes (8 columns' blocks at a time), then decoded row by row, vectorized across columns.
- * (In the former order, a column tile walked down all block rows: every tile wrote k short row segments
- * in k pages never revisited, 2-4x a copy.) */
+/* Dequantize tiles (inner > 1): rb block rows (rb * k <= 64 rows) x TILE columns, consecutive tiles moving
+ * across the columns of the same rows (item t = ((o * nbg) + lbg) * ntile + it), so that the output is
+ * written as rb * k rows that each advance sequentially (the hardware prefetchers follow them and their
+ * pages stay in the TLB). A tile reads rb consecutive blocks per column (contiguous: whole cache lines),
+ * columns nb * bytes apart. The codes of a tile are transposed to [row][column] bytes by 8 x 8 byte
+ * transposes (8 columns' blocks at a time), then decoded row by row, vectorized across columns (AVX-512:
+ * the word-table decode deq_row_w512). (In the former order a column tile of k rows walked down all block
+ * rows: every tile wrote k short row segments in k pages never revisited, 2-4x a copy.) */
 /* Block rows per axis-0 dequantize tile: a tile covers rb * k rows (up to 64) so that the per-column reads
  * (codes, scale, microexponents: rb consecutive blocks of one column are contiguous) use whole cache lines. */
 #define DQ_RBMAX 8
