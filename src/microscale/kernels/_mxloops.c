@@ -870,16 +870,14 @@ AINLINE void deq_tile_load(const job_t *J, const fmt_t *f, const deqtab_t *D, in
     const int64_t it = t % ntile, ol = t / ntile, lb0 = (ol % nbg) * rb, o = ol / nbg, i0 = it * TILE;
     const int w = (int)((inner - i0) < TILE ? (inner - i0) : TILE);
     const int nr = (int)(nb - lb0 < rb ? nb - lb0 : rb);
-    uint8_t cod[8 * MAXK];
+    uint8_t cod[8 * (MAXK > 64 ? MAXK : 64)];
     int safe = 1;
     T->w = w; T->n = (int)((L - lb0 * k) < (int64_t)rb * k ? (L - lb0 * k) : (int64_t)rb * k);
     T->base = (o * L + lb0 * k) * inner + i0;
     for (int r = 0; r < nr; r++) {
         const int64_t lb = lb0 + r;
-        const int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
         int32_t *X = T->X + (size_t)r * TILE;
         uint32_t *nanm = T->nanm + (size_t)r * TILE;
-        uint8_t *tc = T->tc + (size_t)r * k * TILE;
         uint32_t mw[TILE];   /* a block's nsub microexponents as one word (nsub * d2 <= 32) */
         for (int c = 0; c < w; c++) {
             int64_t blk = (o * inner + i0 + c) * nb + lb;
@@ -897,24 +895,27 @@ AINLINE void deq_tile_load(const job_t *J, const fmt_t *f, const deqtab_t *D, in
 #pragma omp simd
                 for (int c = 0; c < w; c++) sr[c] = (uint8_t)((mw[c] >> (g * d2)) & (uint32_t)beta);
             }
-        for (int c0 = 0; c0 < w; c0 += 8) {   /* codes of 8 columns, transposed into tc[row * TILE + column] */
-            const int wc = w - c0 < 8 ? w - c0 : 8;
-            for (int c = 0; c < wc; c++)
-                unpack_block(J->codes + ((o * inner + i0 + c0 + c) * nb + lb) * bytes, k, f->bits, cod + (size_t)c * k);
-            if (wc == 8 && k % 8 == 0 && MX_LE) {
-                for (int j0 = 0; j0 < n; j0 += 8) {
-                    uint64_t x[8];
-                    for (int c = 0; c < 8; c++) memcpy(&x[c], cod + (size_t)c * k + j0, 8);
-                    transpose8x8(x);
-                    for (int q = 0; q < 8; q++) memcpy(tc + (size_t)(j0 + q) * TILE + c0, &x[q], 8);
-                }
-            } else {
-                for (int c = 0; c < wc; c++)
-                    for (int j = 0; j < n; j++) tc[(size_t)j * TILE + c0 + c] = cod[(size_t)c * k + j];
-            }
-        }
     }
     T->safe = safe;
+    /* codes of 8 columns (a column's nr blocks are contiguous: one run of nr * k codes, rows in tile order),
+     * transposed into tc[row * TILE + column] */
+    const int nc = nr * k, n = T->n;
+    for (int c0 = 0; c0 < w; c0 += 8) {
+        const int wc = w - c0 < 8 ? w - c0 : 8;
+        for (int c = 0; c < wc; c++)
+            unpack_block(J->codes + ((o * inner + i0 + c0 + c) * nb + lb0) * bytes, nc, f->bits, cod + (size_t)c * nc);
+        if (wc == 8 && k % 8 == 0 && MX_LE) {
+            for (int j0 = 0; j0 < n; j0 += 8) {
+                uint64_t x[8];
+                for (int c = 0; c < 8; c++) memcpy(&x[c], cod + (size_t)c * nc + j0, 8);
+                transpose8x8(x);
+                for (int q = 0; q < 8; q++) memcpy(T->tc + (size_t)(j0 + q) * TILE + c0, &x[q], 8);
+            }
+        } else {
+            for (int c = 0; c < wc; c++)
+                for (int j = 0; j < n; j++) T->tc[(size_t)j * TILE + c0 + c] = cod[(size_t)c * nc + j];
+        }
+    }
 }
 
 AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, const int MICRO, const int ISA) {
@@ -947,6 +948,7 @@ AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, con
             for (int c = 0; c < w1; c++) {
                 const int64_t blk = (o1 * inner + c0 + c) * nb + lb1;
                 __builtin_prefetch(J->codes + blk * bytes, 0, 3);
+                __builtin_prefetch(J->codes + (blk + rb) * bytes - 1, 0, 3);
                 __builtin_prefetch(J->scales + blk, 0, 3);
                 if (MICRO) __builtin_prefetch(J->micro + blk * nsub * f->d2 / 8, 0, 3);
             }
