@@ -513,3 +513,53 @@ def test_mx6_hand_worked_block():
     assert y[0].tolist() == expected and not torch.signbit(y[0, 13])   # sign-magnitude -0 decodes to +0
     assert_same(y, q.dequantize())
     assert_same(fake_quantize_reference(x, "mx6"), y)
+
+
+# ---- dequantize fast paths: word-table decode (AVX-512), exact bf16 stores, axis-0 tiles ---------------------
+def _stored(f, shape, axis, g, extreme_every=0):
+    """An MXTensor of ``shape`` blocked along ``axis`` with random codes and microexponents and mid-range
+    scale codes (the fast paths), except that every ``extreme_every``-th block (0: none) gets one of the
+    scale codes at both ends of the range, or the NaN code."""
+    q0 = ms.quantize(torch.randn(shape, generator=g), f, axis=axis)
+    lay = q0.layout
+    codes = torch.randint(0, 1 << f.element.bits, (lay.n_elements_padded,), generator=g, dtype=torch.uint8)
+    nan_code = f.scale.nan_code
+    scales = torch.randint(nan_code // 2 - 20, nan_code // 2 + 20, (lay.n_blocks,), generator=g, dtype=torch.uint8)
+    if extreme_every:
+        ends = torch.tensor([0, 1, 2, 3, nan_code - 8, nan_code - 7, nan_code - 4, nan_code - 2, nan_code - 1, nan_code])
+        idx = torch.arange(0, lay.n_blocks, extreme_every)
+        scales[idx] = ends[torch.arange(idx.numel()) % ends.numel()].to(torch.uint8)
+    micro = None
+    if f.is_two_level:
+        n_sub = lay.n_blocks * (lay.block_size // f.subblock_size)
+        micro = pack_codes(torch.randint(0, 1 << f.micro_bits, (n_sub,), generator=g, dtype=torch.uint8), f.micro_bits)
+    return MXTensor(pack_codes(codes, f.element.bits), scales, q0.shape, q0.axis, f, micro)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4_e2m1", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp8_e4m3", "mxint8", "mx6", "mx4", "mx9"])
+def test_dequantize_fast_paths_every_scale_code(fmt):
+    """Rows of whole 512-element chunks (the word-table decode of 4/6-bit and MX6/MX4 blocks, the exact bf16
+    stores), ragged rows (an odd number of MX6 blocks in the last chunk) and axis-0 tiles wider than TILE with
+    a row count that is not a multiple of the block: mid-range scales, and chunks holding the scale codes 0..3,
+    the top ones and NaN (values that leave fp32's normal range or bf16's). Every output dtype, bit for bit."""
+    f = ms.get_format(fmt)
+    g = torch.Generator().manual_seed(31)
+    for shape, axis, every in [((6, 1024), -1, 0), ((6, 1024), -1, 37), ((5, 16 * 3 + 9), -1, 5),
+                               ((3 * f.block_size + 7, 136), 0, 0), ((3 * f.block_size + 7, 136), 0, 11)]:
+        q = _stored(f, shape, axis, g, every)
+        for odt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            dref = cast_values(from_blocks(dequantize_blocks(q.to_blocks(), f), q.layout), odt)
+            assert_same(dref, kernels.dequantize(q, odt), f"{f.name} {shape} axis={axis} every={every} {odt}")
+            out = torch.empty(shape, dtype=odt)
+            assert kernels.dequantize(q, odt, out=out) is out
+            assert_same(dref, out, f"{f.name} {shape} axis={axis} every={every} {odt} out=")
+
+
+def test_dequantize_axis0_large_output_streamed():
+    """An axis-0 fp32 dequantize whose output is beyond the caches (> 16 MiB: written with streaming stores
+    on AVX-512), with a ragged last block row and NaN / extreme scales, equals the reference."""
+    f = ms.get_format("mxfp4_e2m1")
+    g = torch.Generator().manual_seed(32)
+    q = _stored(f, (4097, 1024), 0, g, 997)
+    dref = cast_values(from_blocks(dequantize_blocks(q.to_blocks(), f), q.layout), torch.float32)
+    assert_same(dref, q.dequantize())

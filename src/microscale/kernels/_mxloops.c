@@ -48,6 +48,11 @@
  * MICRO 1: two-level format (k2-element sub-blocks with a microexponent), 0: single level (k2 = k, s = 0)
  */
 #define DT_ANY (-1)
+/* ISA   the variant being compiled (ISA_BASE / ISA_AVX2 / ISA_AVX512): selects intrinsic primitives */
+enum { ISA_BASE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HAVE_X86_VARIANTS 1
+#endif
 /* elements per chunk of whole blocks in the row loops (a block larger than this is a chunk by itself) */
 #define CHUNKMAX (CHUNK > MAXK ? CHUNK : MAXK)
 
@@ -467,7 +472,12 @@ AINLINE void quant_tiles(const job_t *J, int64_t t0, int64_t t1, const int MODE,
  * is shifted through the exponent field, by integer arithmetic on the code (decode_fast) or a 256-entry
  * table (shift_exp); blocks whose exponent could make a value subnormal or overflow fp32 (|X| > ~110) take
  * the exact element-by-element decode (decode_elem). Two-level formats decode each element with the
- * exponent X - s_j of its sub-block (value = element value x 2^(X - s_j); NaN for the NaN scale code). */
+ * exponent X - s_j of its sub-block (value = element value x 2^(X - s_j); NaN for the NaN scale code).
+ * AVX-512, bf16 / fp32 outputs of formats whose values have at most 8 significant bits (every MX and BDR
+ * format: exact in bf16, which has fp32's exponent range): the bf16 bit pattern of each code at X = 0 is
+ * looked up with word permutes (vpermt2w) and 2^(X - s_j) applied as an integer add to its exponent field
+ * (deq32_w512, deq_row_w512); fp32 is that pattern widened. Other variants store bf16 as the high half of
+ * the exact fp32 bits. */
 AINLINE void store_deq(void *out, int64_t i, uint32_t v, uint32_t code, int32_t X, int exact, const int ODT,
                        const fmt_t *f) {
     if (ODT == DT_F64) {
@@ -535,9 +545,9 @@ static int decode_table(const fmt_t *f, uint32_t T[256], int32_t *elo_out, int32
 /* Output of dequantized fp32 bits v[0 .. n) (fast: every value is a normal fp32 number, zero, Inf or NaN)
  * at out[base ..] of dtype odt (fp32 outputs were written in place by the caller), or, for blocks that are
  * not fast, the exact decode of each code with its exponent xe[i] (fp64 outputs: exact in float64 even
- * beyond the fp32 range). */
+ * beyond the fp32 range); trunc16: bf16 values are exact (deqtab_t.exact16), their bits the high halves. */
 AINLINE void deq_store_run(void *out, int64_t base, int n, const int odt, const uint32_t *v, const uint32_t *cw,
-                           const int32_t *xe, int fast, const uint32_t *nanm, const fmt_t *f) {
+                           const int32_t *xe, int fast, int trunc16, const uint32_t *nanm, const fmt_t *f) {
     if (odt == DT_F64) {
         if (fast) {
 #pragma omp simd
@@ -551,7 +561,7 @@ AINLINE void deq_store_run(void *out, int64_t base, int n, const int odt, const 
     } else if (odt == DT_F32) {
         memcpy((uint32_t *)out + base, v, (size_t)n * 4);
     } else {
-        store_run(out, base, n, odt, v, 0);
+        store_run(out, base, n, odt, v, trunc16);
     }
 }
 
@@ -578,12 +588,125 @@ AINLINE void deq_values(uint32_t *dst, int n, const uint32_t *cw, const int32_t 
     }
 }
 
-typedef struct { uint32_t T[256]; int32_t elo, ehi; int arith; } deqtab_t;
+/* Dequantize tables of one call: T (fp32 bits at X = 0, decode_table), [elo, ehi], arith (decode_fast
+ * reproduces T), exact16: every value at X = 0 has a zero low half (at most 8 significant bits), so at any
+ * exponent that keeps it a normal fp32 number it is exact in bf16 (bf16 has fp32's exponent range) and
+ * its bf16 bits are the high half of its fp32 bits; T16: those halves for every code (word-table decode). */
+typedef struct { uint32_t T[256]; int32_t elo, ehi; int arith, exact16; uint16_t T16[256]; } deqtab_t;
+
+static void deq_setup(const fmt_t *f, deqtab_t *D) {
+    D->arith = decode_table(f, D->T, &D->elo, &D->ehi);
+    D->exact16 = 1;
+    for (uint32_t c = 0; c < (1u << f->bits); c++) D->exact16 &= (D->T[c] & 0xFFFFu) == 0;
+    for (uint32_t c = 0; c < 256; c++) D->T16[c] = (uint16_t)(D->T[c < (1u << f->bits) ? c : 0] >> 16);
+}
+
+#ifdef HAVE_X86_VARIANTS
+#include <immintrin.h>
+/* AVX-512 (F + BW) word-table decode of ngroups groups of 32 elements of `bits` (<= 6, or 8) bits, bf16 or fp32
+ * out: single-level blocks of k = 32 (micro NULL) or two-level blocks of k = 16 with k2 = 2, d2 = 1 (MX6 /
+ * MX4: micro is the byte-aligned microexponent stream of these blocks, 16 bits per group). Every block
+ * is safe (no value at X - s_j leaves fp32's normal range) or of the NaN scale, and the values are exact16.
+ * The 32 codes of a group are spread to 16-bit lanes (byte widening, a word permute to the two bytes
+ * holding each code, a per-lane shift), looked up in the bf16 table T16 (vpermt2w over 64 entries; 8-bit
+ * codes: four of them, blended on the codes' two top bits), and the
+ * scale 2^(X - s_j) is applied by adding X - s_j to the exponent field of the nonzero finite values (units
+ * of 128: the bf16 exponent field); a NaN scale gives the canonical NaN. fp32 out: the bf16 bits widened
+ * (exact). Bit-identical to decode_fast / shift_exp and the stores of deq_store_run. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")))
+static void deq32_w512(const uint8_t *codes, const uint8_t *scales, const uint8_t *micro, int ngroups, int bits,
+                       const uint16_t *T16, int32_t s_bias, int32_t s_nan, void *out, int out_f32) {
+    int16_t ia[32], ib[32], sh[32];
+    for (int i = 0; i < 32; i++) {
+        ia[i] = (int16_t)(bits * i / 8); ib[i] = (int16_t)(ia[i] + 1); sh[i] = (int16_t)(bits * i % 8);
+    }
+    const __m512i IA = _mm512_loadu_si512(ia), IB = _mm512_loadu_si512(ib), SH = _mm512_loadu_si512(sh);
+    const __m512i M = _mm512_set1_epi16((short)((1 << bits) - 1)), T0 = _mm512_loadu_si512(T16);
+    const __m512i T1 = _mm512_loadu_si512(T16 + 32), T2 = _mm512_loadu_si512(T16 + 64);
+    const __m512i T3 = _mm512_loadu_si512(T16 + 96), T4 = _mm512_loadu_si512(T16 + 128);
+    const __m512i T5 = _mm512_loadu_si512(T16 + 160), T6 = _mm512_loadu_si512(T16 + 192);
+    const __m512i T7 = _mm512_loadu_si512(T16 + 224), B6 = _mm512_set1_epi16(64), B7 = _mm512_set1_epi16(128), ABS = _mm512_set1_epi16(0x7FFF), ONE = _mm512_set1_epi16(1);
+    const __m512i FIN = _mm512_set1_epi16(0x7F7F), QNAN = _mm512_set1_epi16(0x7FC0), E1 = _mm512_set1_epi16(128);
+    const __mmask32 lm = bits == 8 ? 0xFFFFFFFFu : (__mmask32)((1ull << (4 * bits)) - 1u);
+    const int bytes = 4 * bits;
+    for (int g = 0; g < ngroups; g++) {
+        const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(lm, codes + (size_t)g * bytes));
+        __m512i c = w, t;
+        if (bits != 8) {
+            c = _mm512_permutexvar_epi16(IA, w);
+            if (8 % bits) c = _mm512_or_si512(c, _mm512_slli_epi16(_mm512_permutexvar_epi16(IB, w), 8));   /* codes across bytes */
+            c = _mm512_and_si512(_mm512_srlv_epi16(c, SH), M);
+            t = _mm512_permutex2var_epi16(T0, c, T1);
+        } else {
+            const __mmask32 h6 = _mm512_test_epi16_mask(c, B6), h7 = _mm512_test_epi16_mask(c, B7);
+            const __m512i lo = _mm512_mask_blend_epi16(h6, _mm512_permutex2var_epi16(T0, c, T1), _mm512_permutex2var_epi16(T2, c, T3));
+            const __m512i hi = _mm512_mask_blend_epi16(h6, _mm512_permutex2var_epi16(T4, c, T5), _mm512_permutex2var_epi16(T6, c, T7));
+            t = _mm512_mask_blend_epi16(h7, lo, hi);
+        }
+        const __mmask32 fin = _mm512_cmplt_epu16_mask(_mm512_sub_epi16(_mm512_and_si512(t, ABS), ONE), FIN);
+        __m512i xv;
+        __mmask32 nanm;
+        if (!micro) {
+            const int32_t sc = scales[g];
+            xv = _mm512_set1_epi16((short)((sc - s_bias) * 128));
+            nanm = sc == s_nan ? 0xFFFFFFFFu : 0u;
+        } else {
+            const int32_t s0 = scales[2 * g], s1 = scales[2 * g + 1];
+            xv = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16((short)((s0 - s_bias) * 128)),
+                                         _mm512_set1_epi16((short)((s1 - s_bias) * 128)));
+            nanm = (s0 == s_nan ? 0x0000FFFFu : 0u) | (s1 == s_nan ? 0xFFFF0000u : 0u);
+            const uint32_t m = (uint32_t)micro[2 * g] | ((uint32_t)micro[2 * g + 1] << 8);   /* s_j of lanes 2j, 2j+1 */
+            const __mmask32 sub = _pdep_u32(m, 0x55555555u) | _pdep_u32(m, 0xAAAAAAAAu);
+            xv = _mm512_mask_sub_epi16(xv, sub, xv, E1);
+        }
+        __m512i r = _mm512_mask_add_epi16(t, fin, t, xv);
+        r = _mm512_mask_mov_epi16(r, nanm, QNAN);
+        if (out_f32) {
+            uint32_t *o = (uint32_t *)out + (size_t)g * 32;
+            _mm512_storeu_si512(o, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r)), 16));
+            _mm512_storeu_si512(o + 16, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r, 1)), 16));
+        } else {
+            _mm512_storeu_si512((uint16_t *)out + (size_t)g * 32, r);
+        }
+    }
+}
+
+/* The same decode for one row of an axis-0 tile (deq_tiles): w <= 64 codes, one byte each (cw8), each with
+ * its own exponent in units of 128 (xw: (X - s_j) * 128) and NaN bit (nanbits), to bf16 or fp32; fp32
+ * rows of 64 whole 64-byte aligned lines may be written with streaming stores (stream). */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")))
+static void deq_row_w512(const uint8_t *cw8, const int16_t *xw, uint64_t nanbits, int w, int bits, const uint16_t *T16,
+                         void *out, int out_f32, int stream) {
+    const __m512i ABS = _mm512_set1_epi16(0x7FFF), ONE = _mm512_set1_epi16(1), FIN = _mm512_set1_epi16(0x7F7F);
+    const __m512i QNAN = _mm512_set1_epi16(0x7FC0), B6 = _mm512_set1_epi16(64), B7 = _mm512_set1_epi16(128);
+    for (int g = 0; g < w; g += 32) {
+        const __mmask32 vm = w - g >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << (w - g)) - 1u);
+        const __m512i c = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(vm, cw8 + g));
+        __m512i t = _mm512_permutex2var_epi16(_mm512_loadu_si512(T16), c, _mm512_loadu_si512(T16 + 32));
+        if (bits == 8) {
+            const __mmask32 h6 = _mm512_test_epi16_mask(c, B6), h7 = _mm512_test_epi16_mask(c, B7);
+            const __m512i q1 = _mm512_permutex2var_epi16(_mm512_loadu_si512(T16 + 64), c, _mm512_loadu_si512(T16 + 96));
+            const __m512i q2 = _mm512_permutex2var_epi16(_mm512_loadu_si512(T16 + 128), c, _mm512_loadu_si512(T16 + 160));
+            const __m512i q3 = _mm512_permutex2var_epi16(_mm512_loadu_si512(T16 + 192), c, _mm512_loadu_si512(T16 + 224));
+            t = _mm512_mask_blend_epi16(h7, _mm512_mask_blend_epi16(h6, t, q1), _mm512_mask_blend_epi16(h6, q2, q3));
+        }
+        const __mmask32 fin = _mm512_cmplt_epu16_mask(_mm512_sub_epi16(_mm512_and_si512(t, ABS), ONE), FIN);
+        __m512i r = _mm512_mask_add_epi16(t, fin, t, _mm512_maskz_loadu_epi16(vm, xw + g));
+        r = _mm512_mask_mov_epi16(r, (__mmask32)(nanbits >> g), QNAN);
+        if (!out_f32) { _mm512_mask_storeu_epi16((uint16_t *)out + g, vm, r); continue; }
+        const __m512i lo = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r)), 16);
+        const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r, 1)), 16);
+        uint32_t *o = (uint32_t *)out + g;
+        if (stream) { _mm512_stream_si512((void *)o, lo); _mm512_stream_si512((void *)(o + 16), hi); }
+        else { _mm512_mask_storeu_epi32(o, (__mmask16)vm, lo); _mm512_mask_storeu_epi32(o + 16, (__mmask16)(vm >> 16), hi); }
+    }
+}
+#endif
 
 /* Dequantize nblk whole blocks b .. b + nblk - 1, contiguous in the output from flat index base (as
  * quant_chunk: nv valid elements, the ragged last block of a row a chunk of one block). */
 AINLINE void deq_chunk(const job_t *J, const fmt_t *f, int64_t b, int64_t base, const int nblk, const int nv,
-                       const deqtab_t *D, const int DT, const int K1, const int K2, const int MICRO) {
+                       const deqtab_t *D, const int DT, const int K1, const int K2, const int MICRO, const int ISA) {
     const int k = K1 ? K1 : f->k;
     const int k2 = MICRO ? (K2 ? K2 : f->k2) : k, spb = MICRO ? k / k2 : 1, ne = nblk * k, ns = nblk * spb;
     const int32_t beta = MICRO ? f->beta : 0;
@@ -591,12 +714,6 @@ AINLINE void deq_chunk(const job_t *J, const fmt_t *f, int64_t b, int64_t base, 
     uint8_t cod[CHUNKMAX], ms[CHUNKMAX];
     int32_t xs[CHUNKMAX], xe[CHUNKMAX], Xb[CHUNKMAX];
     uint32_t cw[CHUNKMAX], ns_nan[CHUNKMAX], nanm[CHUNKMAX], vb[CHUNKMAX], nb_[CHUNKMAX], tmp[CHUNKMAX];
-    unpack_block(J->codes + b * (int64_t)(k * f->bits / 8), ne, f->bits, cod);
-    if (MICRO) {
-        const int64_t mbit = b * spb * (int64_t)f->d2;
-        if (mbit % 8 == 0 && ns % 8 == 0) unpack_block(J->micro + mbit / 8, ns, f->d2, ms);
-        else unpack_bits(J->micro, mbit, ns, f->d2, ms);
-    }
     int safe = 1;
     for (int bb = 0; bb < nblk; bb++) {
         uint32_t sc = J->scales[b + bb];
@@ -606,9 +723,38 @@ AINLINE void deq_chunk(const job_t *J, const fmt_t *f, int64_t b, int64_t base, 
         Xb[bb] = X;
         nb_[bb] = isnan ? ~0u : 0u;
     }
+    /* bf16 output of exact16 values: the high half of the fp32 bits (no rounding step) */
+    const int trunc16 = odt == DT_BF16 && safe && D->exact16;
+#ifdef HAVE_X86_VARIANTS
+    /* AVX-512 word-table decode (deq32_w512): single level with k = 32, or MX6 / MX4's k1 = 16, k2 = 2, d2 = 1 */
+    if (ISA == ISA_AVX512 && safe && D->exact16 && nv == ne && (f->bits <= 6 || f->bits == 8) && (odt == DT_BF16 || odt == DT_F32)
+        && (MICRO ? (K1 == 16 && K2 == 2 && f->d2 == 1 && nblk % 2 == 0) : K1 == 32)) {
+        deq32_w512(J->codes + b * (int64_t)(k * f->bits / 8), J->scales + b, MICRO ? J->micro + b : NULL, ne / 32,
+                   f->bits, D->T16, f->s_bias, f->s_nan, (char *)J->out + base * (odt == DT_F32 ? 4 : 2),
+                   odt == DT_F32);
+        return;
+    }
+#endif
+    unpack_block(J->codes + b * (int64_t)(k * f->bits / 8), ne, f->bits, cod);
+    if (MICRO) {
+        const int64_t mbit = b * spb * (int64_t)f->d2;
+        if (mbit % 8 == 0 && ns % 8 == 0) unpack_block(J->micro + mbit / 8, ns, f->d2, ms);
+        else unpack_bits(J->micro, mbit, ns, f->d2, ms);
+    }
 #pragma omp simd
     for (int i = 0; i < ne; i++) cw[i] = cod[i];
     uint32_t *dst = odt == DT_F32 && nv == ne ? (uint32_t *)J->out + base : vb;
+    if (!MICRO && K1 && D->arith && trunc16 && nv == ne) {   /* as below, bf16 bits straight to the output */
+        for (int bb = 0; bb < nblk; bb++) {
+            const uint32_t c1 = (uint32_t)(f->emin + Xb[bb] + 126) << 23, c2 = (uint32_t)(f->emin + Xb[bb] - f->mbits) << 23;
+            const uint32_t nm = nb_[bb];
+            const uint32_t *cb = cw + (size_t)bb * k;
+            uint16_t *db = (uint16_t *)J->out + base + (size_t)bb * k;
+#pragma omp simd
+            for (int t = 0; t < k; t++) db[t] = (uint16_t)(((decode_fast(cb[t], c1, c2, f) & ~nm) | (0x7FC00000u & nm)) >> 16);
+        }
+        return;
+    }
     if (!MICRO && K1 && safe && D->arith) {   /* single level, compile-time block size: per block */
         for (int bb = 0; bb < nblk; bb++) {
             const uint32_t c1 = (uint32_t)(f->emin + Xb[bb] + 126) << 23, c2 = (uint32_t)(f->emin + Xb[bb] - f->mbits) << 23;
@@ -643,90 +789,216 @@ AINLINE void deq_chunk(const job_t *J, const fmt_t *f, int64_t b, int64_t base, 
         }
         deq_values(dst, ne, cw, xe, nanm, safe, D->arith, D->T, f);
     }
-    if (dst == vb) deq_store_run(J->out, base, nv, odt, vb, cw, xe, safe, nanm, f);   /* (xe / nanm: only read when not safe) */
+    if (dst == vb) deq_store_run(J->out, base, nv, odt, vb, cw, xe, safe, trunc16, nanm, f);   /* (xe / nanm: only read when not safe) */
 }
 
 /* Blocks t0 .. t1 - 1 of rows (inner == 1), by chunks as quant_rows. */
 AINLINE void deq_rows(const job_t *J, int64_t t0, int64_t t1, const int DT, const int K1, const int K2,
-                      const int MICRO) {
+                      const int MICRO, const int ISA) {
     const fmt_t F = J->f, *f = &F;
     const int k = K1 ? K1 : f->k;
     const int64_t L = J->L, nb = J->nb, nfull = L / k;
     const int cb = k <= CHUNK ? CHUNK / k : 1;
     deqtab_t D;
-    D.arith = decode_table(f, D.T, &D.elo, &D.ehi);
+    deq_setup(f, &D);
     int64_t v = nb ? t0 / nb : 0, lb = t0 - v * nb;
     for (int64_t b = t0; b < t1;) {
         if (lb < nfull) {
             int64_t run = t1 - b;
             if (nfull < nb) run = run < nfull - lb ? run : nfull - lb;
             run = run < cb ? run : cb;
-            deq_chunk(J, f, b, v * L + lb * k, (int)run, (int)run * k, &D, DT, K1, K2, MICRO);
+            deq_chunk(J, f, b, v * L + lb * k, (int)run, (int)run * k, &D, DT, K1, K2, MICRO, ISA);
             b += run; lb += run;
         } else {
-            deq_chunk(J, f, b, v * L + lb * k, 1, (int)(L - lb * k), &D, DT, K1, K2, MICRO);
+            deq_chunk(J, f, b, v * L + lb * k, 1, (int)(L - lb * k), &D, DT, K1, K2, MICRO, ISA);
             b++; lb++;
         }
         while (lb >= nb) { lb -= nb; v++; }
     }
 }
 
-/* Tiles (inner > 1), as quant_tiles but in another order: item t = ((o * ntile) + it) * nb + lb, the blocks
- * of one column tile consecutive. A tile reads one block of codes per column, nb * bytes apart (a page or
- * more for 4096 rows); in quant_tiles' order the next tile moved on to the next columns, so every tile
- * touched TILE new pages and the codes' TLB misses dominated (axis-0 dequantize at 4-8x a copy); in this
- * order the next tile reads the next bytes of the same pages. */
-AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, const int MICRO) {
-    const fmt_t F = J->f, *f = &F;
-    const int k = f->k, k2 = MICRO ? f->k2 : k, d2 = f->d2, nsub = MICRO ? k / k2 : 1;
+/* 8 x 8 byte transpose: byte j of x[i] goes to byte i of x[j] (three rounds of block swaps). */
+AINLINE void transpose8x8(uint64_t x[8]) {
+    for (int i = 0; i < 4; i++) {
+        uint64_t t = ((x[i] >> 32) ^ x[i + 4]) & 0x00000000FFFFFFFFull;
+        x[i] ^= t << 32; x[i + 4] ^= t;
+    }
+    for (int i = 0; i < 8; i += (i & 1) ? 3 : 1) {   /* 0, 1, 4, 5 */
+        uint64_t t = ((x[i] >> 16) ^ x[i + 2]) & 0x0000FFFF0000FFFFull;
+        x[i] ^= t << 16; x[i + 2] ^= t;
+    }
+    for (int i = 0; i < 8; i += 2) {
+        uint64_t t = ((x[i] >> 8) ^ x[i + 1]) & 0x00FF00FF00FF00FFull;
+        x[i] ^= t << 8; x[i + 1] ^= t;
+    }
+}
+
+/* Dequantize tiles (inner > 1): rb block rows (rb * k <= 64 rows) x TILE columns, consecutive tiles moving
+ * across the columns of the same rows (item t = ((o * nbg) + lbg) * ntile + it), so that the output is
+ * written as rb * k rows that each advance sequentially (the hardware prefetchers follow them and their
+ * pages stay in the TLB). A tile reads rb consecutive blocks per column (contiguous: whole cache lines),
+ * columns nb * bytes apart. The codes of a tile are transposed to [row][column] bytes by 8 x 8 byte
+ * transposes (8 columns' blocks at a time), then decoded row by row, vectorized across columns (AVX-512:
+ * the word-table decode deq_row_w512). (In the former order a column tile of k rows walked down all block
+ * rows: every tile wrote k short row segments in k pages never revisited, 2-4x a copy.) */
+/* Block rows per axis-0 dequantize tile: a tile covers rb * k rows (up to 64) so that the per-column reads
+ * (codes, scale, microexponents: rb consecutive blocks of one column are contiguous) use whole cache lines. */
+#define DQ_RBMAX 8
+static inline int deq_tile_rb(const fmt_t *f) {
+    return f->k >= 64 ? 1 : (64 / f->k < DQ_RBMAX ? 64 / f->k : DQ_RBMAX);
+}
+
+/* One tile's decoded inputs (deq_tiles): codes transposed to [row][column], per block row r and column c
+ * the exponent X and NaN mask ([r * TILE + c]) and microexponents ([(r * nsub + g) * TILE + c]). */
+typedef struct {
+    uint8_t tc[TILE * MAXK > 65536 ? 65536 : TILE * MAXK];
+    uint8_t s[MAXK2 * TILE];
+    int32_t X[DQ_RBMAX * TILE];
+    uint32_t nanm[DQ_RBMAX * TILE];
+    int64_t base;
+    int w, n, safe;
+} dtile_t;
+
+/* Tile t's inputs: item t = ((o * nbg) + lbg) * ntile + it covers block rows [lbg * rb, lbg * rb + rb) and
+ * columns [it * TILE, ...) of outer slice o. */
+AINLINE void deq_tile_load(const job_t *J, const fmt_t *f, const deqtab_t *D, int64_t t, int rb, dtile_t *T,
+                           const int MICRO) {
+    const int k = f->k, d2 = f->d2, nsub = MICRO ? k / f->k2 : 1;
     const int32_t beta = MICRO ? f->beta : 0;
-    const int64_t L = J->L, nb = J->nb, inner = J->inner;
-    const int odt = DT >= 0 ? DT : J->odt;
+    const int64_t L = J->L, nb = J->nb, inner = J->inner, ntile = (inner + TILE - 1) / TILE, nbg = (nb + rb - 1) / rb;
     const int64_t bytes = (int64_t)k * f->bits / 8;
-    deqtab_t D;
-    D.arith = decode_table(f, D.T, &D.elo, &D.ehi);
-    const int64_t ntile = (inner + TILE - 1) / TILE;
-    uint8_t tc[TILE * MAXK > 65536 ? 65536 : TILE * MAXK], cod[MAXK];
-    int32_t s[MAXK2 * TILE];     /* [sub-block][column] */
-    int32_t X[TILE], xr[TILE];
-    uint32_t nanm[TILE], cw[TILE], vb[TILE];
-    const int es = odt == DT_F32 ? 4 : (odt == DT_F64 ? 8 : 2);
-    for (int64_t t = t0; t < t1; t++) {
-        int64_t lb = t % nb, ol = t / nb, it = ol % ntile, o = ol / ntile;   /* (deq_tiles order, above) */
-        int64_t i0 = it * TILE;
-        int w = (int)((inner - i0) < TILE ? (inner - i0) : TILE);
-        int n = (int)((L - lb * k) < k ? (L - lb * k) : k);
-        int64_t base = (o * L + lb * k) * inner + i0;
-        int safe = 1;
-        if (t + 1 < t1) {   /* the next tile's output rows (for writing) and code blocks: as prefetch_tile */
-            int64_t lb1 = (t + 1) % nb, ol1 = (t + 1) / nb, it1 = ol1 % ntile, o1 = ol1 / ntile, c0 = it1 * TILE;
-            int w1 = (int)((inner - c0) < TILE ? (inner - c0) : TILE);
-            int n1 = (int)((L - lb1 * k) < k ? (L - lb1 * k) : k);
-            const char *ob = (const char *)J->out + ((o1 * L + lb1 * k) * inner + c0) * es;
-            for (int j = 0; j < n1; j++)
-                for (int c = 0; c < w1 * es; c += 64) __builtin_prefetch(ob + (j * inner) * es + c, 1, 3);
-            for (int c = 0; c < w1; c++) __builtin_prefetch(J->codes + ((o1 * inner + c0 + c) * nb + lb1) * bytes, 0, 3);
-        }
+    const int64_t it = t % ntile, ol = t / ntile, lb0 = (ol % nbg) * rb, o = ol / nbg, i0 = it * TILE;
+    const int w = (int)((inner - i0) < TILE ? (inner - i0) : TILE);
+    const int nr = (int)(nb - lb0 < rb ? nb - lb0 : rb);
+    uint8_t cod[8 * (MAXK > 64 ? MAXK : 64)];
+    int safe = 1;
+    T->w = w; T->n = (int)((L - lb0 * k) < (int64_t)rb * k ? (L - lb0 * k) : (int64_t)rb * k);
+    T->base = (o * L + lb0 * k) * inner + i0;
+    for (int r = 0; r < nr; r++) {
+        const int64_t lb = lb0 + r;
+        int32_t *X = T->X + (size_t)r * TILE;
+        uint32_t *nanm = T->nanm + (size_t)r * TILE;
+        uint32_t mw[TILE];   /* a block's nsub microexponents as one word (nsub * d2 <= 32) */
         for (int c = 0; c < w; c++) {
             int64_t blk = (o * inner + i0 + c) * nb + lb;
             X[c] = (int32_t)J->scales[blk] - f->s_bias;
             nanm[c] = J->scales[blk] == f->s_nan ? ~0u : 0u;
-            safe &= nanm[c] || (X[c] - beta + D.elo >= 1 && X[c] + D.ehi <= 254);
-            unpack_block(J->codes + blk * bytes, k, f->bits, cod);
-            for (int j = 0; j < n; j++) tc[j * TILE + c] = cod[j];
-            if (MICRO) for (int g = 0; g < nsub; g++) s[g * TILE + c] = (int32_t)get_micro(J->micro, blk * nsub + g, d2);
+            safe &= nanm[c] || (X[c] - beta + D->elo >= 1 && X[c] + D->ehi <= 254);
+            if (MICRO && nsub * d2 <= 32) mw[c] = get_bits32(J->micro, blk * nsub * d2, nsub * d2);
+            else if (MICRO)
+                for (int g = 0; g < nsub; g++)
+                    T->s[((size_t)r * nsub + g) * TILE + c] = (uint8_t)get_micro(J->micro, blk * nsub + g, d2);
         }
-        for (int j = 0; j < n; j++) {
-            int64_t row = base + j * inner;
-            const int32_t *sg = s + (MICRO ? (size_t)(j / k2) * TILE : 0);
-            const uint8_t *tj = tc + (size_t)j * TILE;
+        if (MICRO && nsub * d2 <= 32)
+            for (int g = 0; g < nsub; g++) {   /* (vectorized across columns) */
+                uint8_t *sr = T->s + ((size_t)r * nsub + g) * TILE;
 #pragma omp simd
-            for (int c = 0; c < w; c++) { cw[c] = tj[c]; xr[c] = X[c] - (MICRO ? sg[c] : 0); }
-            uint32_t *dst = odt == DT_F32 ? (uint32_t *)J->out + row : vb;
-            deq_values(dst, w, cw, xr, nanm, safe, D.arith, D.T, f);
-            if (odt != DT_F32) deq_store_run(J->out, row, w, odt, vb, cw, xr, safe, nanm, f);
+                for (int c = 0; c < w; c++) sr[c] = (uint8_t)((mw[c] >> (g * d2)) & (uint32_t)beta);
+            }
+    }
+    T->safe = safe;
+    /* codes of 8 columns (a column's nr blocks are contiguous: one run of nr * k codes, rows in tile order),
+     * transposed into tc[row * TILE + column] */
+    const int nc = nr * k, n = T->n;
+    for (int c0 = 0; c0 < w; c0 += 8) {
+        const int wc = w - c0 < 8 ? w - c0 : 8;
+        for (int c = 0; c < wc; c++)
+            unpack_block(J->codes + ((o * inner + i0 + c0 + c) * nb + lb0) * bytes, nc, f->bits, cod + (size_t)c * nc);
+        if (wc == 8 && k % 8 == 0 && MX_LE) {
+            for (int j0 = 0; j0 < n; j0 += 8) {
+                uint64_t x[8];
+                for (int c = 0; c < 8; c++) memcpy(&x[c], cod + (size_t)c * nc + j0, 8);
+                transpose8x8(x);
+                for (int q = 0; q < 8; q++) memcpy(T->tc + (size_t)(j0 + q) * TILE + c0, &x[q], 8);
+            }
+        } else {
+            for (int c = 0; c < wc; c++)
+                for (int j = 0; j < n; j++) T->tc[(size_t)j * TILE + c0 + c] = cod[(size_t)c * nc + j];
         }
     }
+}
+
+AINLINE void deq_tiles(const job_t *J, int64_t t0, int64_t t1, const int DT, const int MICRO, const int ISA) {
+    const fmt_t F = J->f, *f = &F;
+    const int k = f->k, k2 = MICRO ? f->k2 : k, nsub = MICRO ? k / k2 : 1, rb = deq_tile_rb(f);
+    const int64_t nb = J->nb, inner = J->inner, ntile = (inner + TILE - 1) / TILE, nbg = (nb + rb - 1) / rb;
+    const int odt = DT >= 0 ? DT : J->odt;
+    const int64_t bytes = (int64_t)k * f->bits / 8;
+    deqtab_t D;
+    deq_setup(f, &D);
+    dtile_t TT[2];
+    int32_t xr[TILE];
+    uint32_t cw[TILE], vb[TILE];
+    /* AVX-512 word-table decode of safe tiles; outputs beyond the caches (> 16 MiB) whose row segments are
+     * whole 64-byte lines: streamed (the rows of a tile are that many output streams at once; streaming whole
+     * lines skips reading each line before it is overwritten) */
+    const int es = odt == DT_F32 ? 4 : (odt == DT_F64 ? 8 : 2);
+    const int nt_ok = ISA == ISA_AVX512 && odt == DT_F32 && J->outer * J->L * inner * es > ((int64_t)16 << 20)
+                      && (inner * es) % 64 == 0 && ((uintptr_t)J->out) % 64 == 0;
+    const int w512 = ISA == ISA_AVX512 && D.exact16 && (f->bits <= 6 || f->bits == 8) && (odt == DT_BF16 || odt == DT_F32);
+    int16_t xw[TILE];
+    int streamed = 0;
+    /* software pipeline: tile t is loaded (codes transposed into one buffer) while tile t - 1 is decoded
+     * from the other, so the transposed bytes' stores have retired before the vector loads read them (a
+     * load right after the 8-byte stores it spans cannot be forwarded and waits for them) */
+    for (int64_t t = t0; t <= t1; t++) {
+        if (t + 1 < t1) {   /* the per-column inputs of the tile after this one (far apart) */
+            int64_t it1 = (t + 1) % ntile, ol1 = (t + 1) / ntile, lb1 = (ol1 % nbg) * rb, o1 = ol1 / nbg, c0 = it1 * TILE;
+            int w1 = (int)((inner - c0) < TILE ? (inner - c0) : TILE);
+            for (int c = 0; c < w1; c++) {
+                const int64_t blk = (o1 * inner + c0 + c) * nb + lb1;
+                __builtin_prefetch(J->codes + blk * bytes, 0, 3);
+                __builtin_prefetch(J->codes + (blk + rb) * bytes - 1, 0, 3);
+                __builtin_prefetch(J->scales + blk, 0, 3);
+                if (MICRO) __builtin_prefetch(J->micro + blk * nsub * f->d2 / 8, 0, 3);
+            }
+        }
+        if (t < t1) deq_tile_load(J, f, &D, t, rb, &TT[t & 1], MICRO);
+        if (t == t0) continue;
+        const dtile_t *T = &TT[(t - 1) & 1];
+        const int w = T->w, safe = T->safe;
+#ifdef HAVE_X86_VARIANTS
+        if (w512 && safe) {   /* AVX-512 word-table decode of each row (deq_row_w512) */
+            uint64_t nanbits = 0;
+            const int stream = nt_ok && w == TILE;
+            for (int j = 0; j < T->n; j++) {
+                const int r = j / k, jr = j % k;
+                const int32_t *X = T->X + (size_t)r * TILE;
+                if (jr == 0) {
+                    const uint32_t *nanm = T->nanm + (size_t)r * TILE;
+                    nanbits = 0;
+                    for (int c = 0; c < w; c++) nanbits |= (uint64_t)(nanm[c] & 1u) << c;
+                }
+                if (jr == 0 || (MICRO && jr % k2 == 0)) {
+                    const uint8_t *sg = T->s + (MICRO ? ((size_t)r * nsub + jr / k2) * TILE : 0);
+#pragma omp simd
+                    for (int c = 0; c < w; c++) xw[c] = (int16_t)((X[c] - (MICRO ? (int32_t)sg[c] : 0)) * 128);
+                }
+                deq_row_w512(T->tc + (size_t)j * TILE, xw, nanbits, w, f->bits, D.T16,
+                             (char *)J->out + (T->base + j * inner) * es, odt == DT_F32, stream);
+            }
+            streamed |= stream;
+            continue;
+        }
+#endif
+        for (int j = 0; j < T->n; j++) {
+            const int r = j / k, jr = j % k;
+            int64_t row = T->base + j * inner;
+            const int32_t *X = T->X + (size_t)r * TILE;
+            const uint32_t *nanm = T->nanm + (size_t)r * TILE;
+            const uint8_t *sg = T->s + (MICRO ? ((size_t)r * nsub + jr / k2) * TILE : 0);
+            const uint8_t *tj = T->tc + (size_t)j * TILE;
+#pragma omp simd
+            for (int c = 0; c < w; c++) { cw[c] = tj[c]; xr[c] = X[c] - (MICRO ? (int32_t)sg[c] : 0); }
+            uint32_t *dst = odt == DT_F32 ? (uint32_t *)J->out + row : vb;
+            deq_values(dst, w, cw, xr, nanm, safe, D.arith, D.T, f);
+            if (odt != DT_F32) deq_store_run(J->out, row, w, odt, vb, cw, xr, safe, safe && D.exact16, nanm, f);
+        }
+    }
+#ifdef HAVE_X86_VARIANTS
+    if (ISA == ISA_AVX512 && streamed) _mm_sfence();
+#endif
+    (void)streamed;
 }
 
 /* ---- dispatch ----------------------------------------------------------------------------------------
@@ -758,14 +1030,14 @@ AINLINE void quant_dispatch(const job_t *J, int64_t a, int64_t b, const int MODE
 #undef Q_DT
 }
 
-AINLINE void deq_dispatch(const job_t *J, int64_t a, int64_t b) {
-#define D_ONE(DT) do { if (J->inner != 1) deq_tiles(J, a, b, DT, 0); \
-                       else if (J->f.k == 32) deq_rows(J, a, b, DT, 32, 0, 0); \
-                       else deq_rows(J, a, b, DT, 0, 0, 0); } while (0)
+AINLINE void deq_dispatch(const job_t *J, int64_t a, int64_t b, const int ISA) {
+#define D_ONE(DT) do { if (J->inner != 1) deq_tiles(J, a, b, DT, 0, ISA); \
+                       else if (J->f.k == 32) deq_rows(J, a, b, DT, 32, 0, 0, ISA); \
+                       else deq_rows(J, a, b, DT, 0, 0, 0, ISA); } while (0)
     if (J->f.k2) {
-        if (J->inner != 1) deq_tiles(J, a, b, DT_ANY, 1);
-        else if (J->f.k == 16 && J->f.k2 == 2) deq_rows(J, a, b, DT_ANY, 16, 2, 1);
-        else deq_rows(J, a, b, DT_ANY, 0, 0, 1);
+        if (J->inner != 1) deq_tiles(J, a, b, DT_ANY, 1, ISA);
+        else if (J->f.k == 16 && J->f.k2 == 2) deq_rows(J, a, b, DT_ANY, 16, 2, 1, ISA);
+        else deq_rows(J, a, b, DT_ANY, 0, 0, 1, ISA);
         return;
     }
     switch (J->odt) {
@@ -779,16 +1051,15 @@ AINLINE void deq_dispatch(const job_t *J, int64_t a, int64_t b) {
 
 typedef void (*worker_fn)(const job_t *, int64_t, int64_t);
 
-#define DEFINE_WORKERS(SFX, ATTR) \
+#define DEFINE_WORKERS(SFX, ATTR, ISA) \
     ATTR static void fq_##SFX(const job_t *J, int64_t a, int64_t b) { quant_dispatch(J, a, b, 0); } \
     ATTR static void qz_##SFX(const job_t *J, int64_t a, int64_t b) { quant_dispatch(J, a, b, 1); } \
-    ATTR static void dq_##SFX(const job_t *J, int64_t a, int64_t b) { deq_dispatch(J, a, b); }
+    ATTR static void dq_##SFX(const job_t *J, int64_t a, int64_t b) { deq_dispatch(J, a, b, ISA); }
 
-DEFINE_WORKERS(base, )
-#if defined(__x86_64__) && defined(__GNUC__)
-#define HAVE_X86_VARIANTS 1
-DEFINE_WORKERS(avx2, __attribute__((target("avx2,fma,f16c,bmi2"))))
-DEFINE_WORKERS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"))))
+DEFINE_WORKERS(base, , ISA_BASE)
+#ifdef HAVE_X86_VARIANTS
+DEFINE_WORKERS(avx2, __attribute__((target("avx2,fma,f16c,bmi2"))), ISA_AVX2)
+DEFINE_WORKERS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"))), ISA_AVX512)
 #endif
 
 static worker_fn W_FQ = fq_base, W_QZ = qz_base, W_DQ = dq_base;
@@ -841,5 +1112,6 @@ void mxloops_quantize(const job_t *J, int mode, int nt) {
 }
 
 void mxloops_dequantize(const job_t *J, int nt) {
-    run_parallel(W_DQ, J, n_items(J), nt);
+    const int64_t rb = deq_tile_rb(&J->f);   /* axis-0 tiles span rb block rows (deq_tiles) */
+    run_parallel(W_DQ, J, J->inner == 1 ? n_items(J) : J->outer * ((J->nb + rb - 1) / rb) * ((J->inner + TILE - 1) / TILE), nt);
 }

@@ -123,6 +123,15 @@ AINLINE uint32_t get_micro(const uint8_t *p, int64_t idx, int d2) {
     return (v >> sh) & ((1u << d2) - 1u);
 }
 
+/* The nbits (<= 32) bits of the little-endian stream p from bit offset bitoff; reads no byte past them. */
+AINLINE uint32_t get_bits32(const uint8_t *p, int64_t bitoff, int nbits) {
+    const uint8_t *q = p + (bitoff >> 3);
+    const int sh = (int)(bitoff & 7), nbytes = (sh + nbits + 7) >> 3;
+    uint64_t v = 0;
+    for (int i = 0; i < nbytes; i++) v |= (uint64_t)q[i] << (8 * i);
+    return (uint32_t)((v >> sh) & ((1ull << nbits) - 1u));
+}
+
 /* n d2-bit fields of the little-endian stream p from bit offset bitoff (packing.py), one per byte of dst. */
 AINLINE void unpack_bits(const uint8_t *p, int64_t bitoff, int n, int bits, uint8_t *dst) {
     int64_t by = bitoff >> 3;
