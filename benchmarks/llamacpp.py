@@ -37,7 +37,6 @@ import glob
 import json
 import os
 import sys
-import time
 
 #: Interpreter of a venv where ``pip install llama-cpp-python`` built (its ``llama_cpp/lib`` holds the libraries).
 DEFAULT_PYTHON = os.environ.get("LLAMACPP_PYTHON") or "/work/llvenv/bin/python"
@@ -321,19 +320,6 @@ def write_llama_gguf(model, path, weight_format: str = "mxfp4") -> dict:
 
 
 # ---- the GEMV / GEMM table ------------------------------------------------------------------------------
-def interleaved_best(fns: dict, repeat: int) -> dict:
-    """Best wall time of each callable, run round-robin ``repeat`` times after one warm-up each."""
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -365,6 +351,8 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
 
     import microscale as ms
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from packed_linear import interleaved_best   # the same round-robin best-of-N as packed_linear.py
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
