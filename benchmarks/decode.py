@@ -15,10 +15,17 @@ building it). Variants:
 - ``mxfp4-w/kernel``, ``mxfp8-w/kernel``: the same packed weights, every ``nn.Linear`` replaced by a small
   module that calls ``ms.packed_linear`` (the fused kernels) directly: a control for the library path
   above, whose packed weights reach the same kernels through the ``microscale::packed_linear`` op.
+- ``llama.cpp-mxfp4``: the same model written as a GGUF file of llama.cpp's ``llama`` architecture with the
+  same MXFP4 codes and scales in every Linear weight (``benchmarks/llamacpp.py`` ``write_llama_gguf``),
+  decoded greedily by llama.cpp (llama-cpp-python) with the same thread count in a worker process
+  (``benchmarks/llamacpp_worker.py``, run by ``--llamacpp-python``), round-robin with the others. Its
+  weights column is the GGUF tensor bytes, its RSS the worker's after loading. Where llama-cpp-python is
+  not installed the row is skipped with a line saying why.
 
     python benchmarks/decode.py                          # all variants, 64 tokens
     python benchmarks/decode.py --quick                  # 2 layers, 16 tokens
     python benchmarks/decode.py --variants fp32 mxfp4-w/kernel --tokens 32
+    python benchmarks/decode.py --variants fp32 mxfp4-w llama.cpp-mxfp4 --llamacpp-python /venv/bin/python
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
-VARIANTS = ["fp32", "bf16", "mxfp4-w", "mxfp8-w", "mxfp4-w/kernel", "mxfp8-w/kernel"]
+LLAMACPP = "llama.cpp-mxfp4"
+VARIANTS = ["fp32", "bf16", "mxfp4-w", "mxfp8-w", "mxfp4-w/kernel", "mxfp8-w/kernel", LLAMACPP]
 WEIGHT_FORMATS = {"mxfp4-w": "mxfp4_e2m1", "mxfp8-w": "mxfp8_e4m3"}
 
 
@@ -78,6 +87,49 @@ def _swap_linears_for_packed_linear(model, fmt: str) -> None:
             _swap_linears_for_packed_linear(child, fmt)
 
 
+class LlamaCppDecoder:
+    """llama.cpp's greedy decode of a transformers Llama, behind ``generate(prompt, max_new_tokens=N)``:
+    the model written as an MXFP4 GGUF file in ``tmpdir``, decoded by ``benchmarks/llamacpp_worker.py``
+    running under ``python`` (a venv with llama-cpp-python). Raises RuntimeError saying why when the
+    worker does not start."""
+
+    def __init__(self, model, python: str | None, threads: int, tmpdir: str):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from llamacpp import DEFAULT_PYTHON, write_llama_gguf
+        python = python or DEFAULT_PYTHON
+        if not os.path.exists(python):
+            raise RuntimeError(f"no interpreter {python} (pass --llamacpp-python of a venv with llama-cpp-python)")
+        path = os.path.join(tmpdir, "model.gguf")
+        self.weight_bytes = write_llama_gguf(model, path)["tensor_bytes"]
+        self._err = open(os.path.join(tmpdir, "worker.stderr"), "w+")
+        worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llamacpp_worker.py")
+        self.proc = subprocess.Popen([python, worker, "--model", path, "--threads", str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self._err.seek(0)
+            tail = self._err.read().strip().splitlines()[-3:]
+            raise RuntimeError(f"the llama.cpp worker exited ({self.proc.returncode}): {' / '.join(tail)}")
+        ready = json.loads(line)
+        self.rss_mb = ready["rss_mb"]
+        self.note = f"{LLAMACPP}: llama-cpp-python {ready['llama_cpp']}; {ready['system_info']}"
+
+    def generate(self, prompt, max_new_tokens: int, **_):
+        import torch
+        self.proc.stdin.write(json.dumps({"prompt": prompt[0].tolist(), "tokens": max_new_tokens}) + "\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline())
+        return torch.cat([prompt, torch.tensor([reply["tokens"]], dtype=prompt.dtype)], dim=1)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=60)
+        self._err.close()
+
+
 def build_variants(variants, layers: int, hidden: int, vocab: int, seed: int) -> dict:
     """Every variant converted from one random-weight model (deep copies): {name: (model, note)}."""
     import copy
@@ -93,6 +145,8 @@ def build_variants(variants, layers: int, hidden: int, vocab: int, seed: int) ->
     base = LlamaForCausalLM(cfg).eval()
     out = {}
     for variant in variants:
+        if variant == LLAMACPP:   # built in main(): it needs the thread count and a worker process
+            continue
         model, note = (base if variant == "fp32" else copy.deepcopy(base)), ""
         if variant == "bf16":
             model = model.bfloat16()
@@ -104,12 +158,17 @@ def build_variants(variants, layers: int, hidden: int, vocab: int, seed: int) ->
         elif variant.endswith("/kernel"):
             _swap_linears_for_packed_linear(model, WEIGHT_FORMATS[variant.split("/")[0]])
         out[variant] = (model, note)
+    if LLAMACPP in variants:
+        out["_base"] = (base, "")   # the fp32 model the llama.cpp GGUF is written from (popped in main)
     return out
 
 
 def model_bytes(model) -> int:
-    """Resident bytes of parameters and buffers, packed weights at their packed size, shared ones once."""
+    """Resident bytes of parameters and buffers, packed weights at their packed size, shared ones once
+    (for llama.cpp: the GGUF file's tensor bytes)."""
     import microscale as ms
+    if isinstance(model, LlamaCppDecoder):
+        return model.weight_bytes
     return ms.nn.resident_bytes(model)
 
 
@@ -128,6 +187,9 @@ def main(argv=None) -> None:
                          "milliseconds each on an oversubscribed machine")
     ap.add_argument("--quick", action="store_true", help="2 layers, 16 tokens")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-variant resident-memory subprocesses")
+    ap.add_argument("--llamacpp-python", default=None,
+                    help="python of a venv with llama-cpp-python, for the llama.cpp row (default: $LLAMACPP_PYTHON, "
+                         "else benchmarks/llamacpp.py's DEFAULT_PYTHON)")
     ap.add_argument("--out", default="results/bench/decode", help="write OUT.json and OUT.md ('' to skip)")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -148,6 +210,16 @@ def main(argv=None) -> None:
           f"tokens, {threads} threads, best of {args.repeat} interleaved; load average {load:.1f} on "
           f"{os.cpu_count()} CPUs", flush=True)
     models = build_variants(args.variants, args.layers, args.hidden, args.vocab, args.seed)
+    base, _ = models.pop("_base", (None, ""))
+    tmp = tempfile.TemporaryDirectory(prefix="decode_llamacpp_")
+    if LLAMACPP in args.variants:
+        try:
+            dec = LlamaCppDecoder(base, args.llamacpp_python, threads, tmp.name)
+            models[LLAMACPP] = (dec, dec.note)
+        except RuntimeError as e:
+            print(f"# {LLAMACPP}: llama.cpp not available: {e}", flush=True)
+    if "fp32" not in models:
+        del base
     prompt = torch.randint(0, args.vocab, (1, 8), generator=torch.Generator().manual_seed(args.seed + 1))
     kw = dict(do_sample=False, min_new_tokens=args.tokens, max_new_tokens=args.tokens, eos_token_id=None,
               pad_token_id=0)
@@ -167,13 +239,19 @@ def main(argv=None) -> None:
     for v, (m, note) in models.items():
         rec = {"variant": v, "tokens": args.tokens, "seconds": best[v], "tokens_per_s": args.tokens / best[v],
                "model_mb": model_bytes(m) / 2**20, "threads": threads, "note": note, "first_tokens": first[v]}
-        if not args.no_memory:
+        if isinstance(m, LlamaCppDecoder):
+            rec["rss_mb"] = m.rss_mb   # the worker's, after loading the GGUF file
+        elif not args.no_memory:
             cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--variants", v, "--layers",
                    str(args.layers), "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode == 0:
                 rec.update(json.loads(res.stdout.strip().splitlines()[-1]))
         results.append(rec)
+    for m, _ in models.values():
+        if isinstance(m, LlamaCppDecoder):
+            m.close()
+    tmp.cleanup()
     del models
     base = next((r["tokens_per_s"] for r in results if r["variant"] == "fp32"), None)
     lines = ["| variant | tokens/s | vs FP32 | weights MB | RSS MB (alone, after build) |", "|---|---|---|---|---|"]
