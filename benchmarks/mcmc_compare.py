@@ -36,7 +36,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/mcmc")
     ap.add_argument("--quick", action="store_true", help="tiny problem, 2 replicates, short chains (CI)")
-    ap.add_argument("--only", choices=("kl8", "kl32-channels"), help="run only this benchmark's phases")
+    ap.add_argument("--only", choices=("kl8", "kl32-channels", "kl8-transient"), help="run only this benchmark's phases")
     ap.add_argument("--summarize", action="store_true", help="only summarize the cached units")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
