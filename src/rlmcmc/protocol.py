@@ -637,7 +637,7 @@ def plot_summary(summaries: list[dict], path: str) -> None:
 def default_phases(quick: bool = False) -> list[tuple[Protocol, tuple]]:
     """(protocol, levels) phases of the measured comparison, in execution order: kl8 two-level rows,
     kl32-channels (two-level rows only), kl8 single-level rows, then kl8-transient (every row, reduced:
-    fine 32², 1000 draws per chain, 200 training iterations). ``quick``: the tiny steady and the tiny
+    fine 32², 800 draws per chain, 150 training iterations). ``quick``: the tiny steady and the tiny
     transient problem, every row, 2 replicates of short chains (for CI)."""
     if quick:
         tiny = dict(n_chains=2, n_samples=300, n_burn=100, n_replicates=2, targets=(0.1, 0.3), inflations=(1.0, 1.5),
@@ -652,10 +652,10 @@ def default_phases(quick: bool = False) -> list[tuple[Protocol, tuple]]:
     kl32 = Protocol(benchmark="kl32-channels", levels=(2,), n_chains=4, n_samples=2500, n_burn=500, n_replicates=5,
                     targets=(0.05, 0.1, 0.25), inflations=(1.0, 1.3), sweep_chains=2, sweep_samples=1000,
                     train_iters=200, aem_methods=("gpcn+aem", "marl-gpcn+aem"))
-    # kl8-transient, reduced so that every kl8 row fits the CPU budget: fine grid 32² instead of 40², 1000 + 250
-    # draws per chain instead of 3500 + 500, 800-draw sweeps, 200 MARL training iterations instead of 400.
-    transient = Protocol(benchmark="kl8-transient", n_chains=4, n_samples=1000, n_burn=250, n_replicates=5,
-                         targets=(0.05, 0.1, 0.2, 0.35), sweep_chains=2, sweep_samples=800, train_iters=200,
+    # kl8-transient, reduced so that every kl8 row fits the CPU budget: fine grid 32² instead of 40², 800 + 200
+    # draws per chain instead of 3500 + 500, 500-draw sweeps, 150 MARL training iterations instead of 400.
+    transient = Protocol(benchmark="kl8-transient", n_chains=4, n_samples=800, n_burn=200, n_replicates=5,
+                         targets=(0.05, 0.1, 0.2, 0.35), sweep_chains=2, sweep_samples=500, train_iters=150,
                          aem_methods=("gpcn+aem", "marl-gpcn+aem"))
     return [(kl8, (2,)), (kl32, (2,)), (kl8, (1,)), (transient, (2, 1))]
 
