@@ -2,19 +2,20 @@
 
 Rows (each single-level "-1" and two-level "-2"): pcn, rw-cov (pilot covariance), gpcn (generalized pCN
 with the pilot Gaussian), am (adaptive Metropolis, frozen after burn-in), indep (Gaussian independence
-proposal fitted on the RL training's coarse budget), marl (the multi-agent actor-critic); on kl8 also the
+proposal fitted on the RL training's coarse budget), marl (the multi-agent actor-critic); on every benchmark also the
 two-level rows with the enhanced-error coarse model (pilot pairs, full covariance; rlmcmc.aem): gpcn+aem and
 marl-gpcn+aem (the actor-critic on gpcn+aem's geometry). The tinyDA cross-check of pcn-2 is a separate
 script (benchmarks/mcmc_tinyda_check.py, own venv); its JSON is added to the summary when present. Every unit (setup, sweep, training, method x replicate) is cached
 as JSON under <out>/<benchmark>/units/, so rerunning the same command resumes. One process, one thread.
 
-Schedule (default): kl8 two-level rows -> kl32-channels (reduced: two-level rows only) -> kl8 single-level
-rows. After each phase it writes <out>/summary.json (kl8 at top level, every benchmark under
-"benchmarks"), <out>/summary.md and <out>/summary.png, and appends progress lines with an ETA to
+Schedule (default): kl8 two-level rows -> kl32-channels (two-level rows only) -> kl8 single-level rows ->
+kl8-transient (every row, reduced size); --only BENCHMARK runs one of them (one process per benchmark may
+run at the same time: each writes its own units). After each phase it writes <out>/summary.json (kl8 at top level, every benchmark under
+"benchmarks", from every benchmark's cached units), <out>/summary.md and <out>/summary.png, and appends progress lines with an ETA to
 <out>/progress.log.
 
-    nice -n 19 python benchmarks/mcmc_compare.py --out results/mcmc      # the measured run (~70 CPU-min)
-    python benchmarks/mcmc_compare.py --quick --out /tmp/mcmc_quick       # CI-sized, tiny problem (~1 min)
+    nice -n 19 python benchmarks/mcmc_compare.py --out results/mcmc      # the measured run (~3 CPU-h from scratch)
+    python benchmarks/mcmc_compare.py --quick --out /tmp/mcmc_quick       # CI-sized, tiny steady + transient (~1 CPU-min)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/mcmc")
     ap.add_argument("--quick", action="store_true", help="tiny problem, 2 replicates, short chains (CI)")
-    ap.add_argument("--only", choices=("kl8", "kl32-channels"), help="run only this benchmark's phases")
+    ap.add_argument("--only", choices=("kl8", "kl32-channels", "kl8-transient"), help="run only this benchmark's phases")
     ap.add_argument("--summarize", action="store_true", help="only summarize the cached units")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)

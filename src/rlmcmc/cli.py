@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("compare", help="tuned baselines vs multi-agent actor-critic (replicates, CIs)")
     p.add_argument("--out", default="results/mcmc", help="output folder (cached units, summary.json/md/png)")
     p.add_argument("--quick", action="store_true", help="tiny problem, 2 replicates, short chains (~1 min)")
-    p.add_argument("--only", choices=("kl8", "kl32-channels"), help="run only this benchmark")
+    p.add_argument("--only", choices=("kl8", "kl32-channels", "kl8-transient"), help="run only this benchmark")
     p.add_argument("--summarize", action="store_true", help="only summarize the cached units")
     p.set_defaults(func=cmd_compare)
     for name, func, helptext in (("train", cmd_train, "train the (PR 7) Gaussian multi-agent policy on the coarse posterior"),

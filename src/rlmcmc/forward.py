@@ -5,8 +5,9 @@ multiscale inversion problems* (Chung, Efendiev, Leung, Pun, Zhang): flow in a h
 the unit square Ω = (0, 1)², discretized by bilinear (Q1) finite elements on a uniform ``n x n`` grid.
 
 * steady:     -div(κ ∇u) = f in Ω,  u = 0 on ∂Ω;
-* transient:  u_t - div(κ ∇u) = f in Ω × (0, T],  u = 0 on ∂Ω,  u(·, 0) = 0,
-  backward Euler in time: (M + Δt A) uⁿ⁺¹ = M uⁿ + Δt F, with one sparse LU of (M + Δt A) per κ.
+* transient:  c u_t - div(κ ∇u) = f in Ω × (0, T],  u = 0 on ∂Ω,  u(·, 0) = 0, with a constant storage
+  coefficient c > 0 (parabolic Darcy flow; c = 1 by default), backward Euler in time:
+  (c M + Δt A) uⁿ⁺¹ = c M uⁿ + Δt Fⁿ⁺¹, with one sparse LU of (c M + Δt A) per κ.
 
 κ is piecewise constant on the fine cells (one value per element). Assembly is vectorized: every
 element matrix is ``κ_e K_ref`` (in 2-D the Q1 stiffness of a square does not depend on h), so the
@@ -157,9 +158,19 @@ def solve_steady(mesh: Q1Mesh, kappa: np.ndarray, load: np.ndarray) -> np.ndarra
     return u
 
 
+def check_storage(storage) -> float:
+    """The storage coefficient c of c u_t - div(κ∇u) = f as a float, raising if it is not finite and > 0."""
+    if isinstance(storage, bool) or not isinstance(storage, (int, float, np.integer, np.floating)):
+        raise TypeError(f"storage must be a positive number, got {type(storage).__name__} {storage!r}")
+    if not (np.isfinite(storage) and storage > 0):
+        raise ValueError(f"storage must be finite and positive, got {storage}")
+    return float(storage)
+
+
 def solve_transient(mesh: Q1Mesh, kappa: np.ndarray, load: np.ndarray, t_final: float, n_steps: int,
-                    save_steps=None) -> np.ndarray:
-    """Backward Euler for u_t - div(κ∇u) = f, u = 0 on ∂Ω, u(0) = 0; one LU of (M + Δt A) per κ.
+                    save_steps=None, storage: float = 1.0) -> np.ndarray:
+    """Backward Euler for c u_t - div(κ∇u) = f, u = 0 on ∂Ω, u(0) = 0 (c = ``storage``); one LU of
+    (c M + Δt A) per κ.
 
     ``load`` is the full nodal load vector, or a callable ``t -> load vector`` for a time-dependent f
     (evaluated at t_{n+1}, as backward Euler requires). Returns the nodal solutions at ``save_steps``
@@ -173,7 +184,7 @@ def solve_transient(mesh: Q1Mesh, kappa: np.ndarray, load: np.ndarray, t_final: 
     dt = t_final / n_steps
     inner = mesh.interior
     a = mesh.stiffness_assembler.matrix(kappa)[inner][:, inner]
-    m = mesh.mass[inner][:, inner]
+    m = check_storage(storage) * mesh.mass[inner][:, inner]
     lu = spla.splu((m + dt * a).tocsc())
     load_at = load if callable(load) else (lambda t: load)
     u = np.zeros(inner.size)
@@ -313,8 +324,9 @@ def observation_points(n_side: int, margin: float = 0.1) -> np.ndarray:
 class DarcyProblem:
     """A forward map θ -> observations on one fine mesh (steady or transient), source f = ``source``.
 
-    ``kind`` is "steady" or "transient"; the transient data are the solution at the observation points
-    at ``obs_steps`` (1-based backward-Euler steps), flattened time-major.
+    ``kind`` is "steady" or "transient"; the transient problem is c u_t - div(κ∇u) = f with c =
+    ``storage``, and its data are the solution at the observation points at ``obs_steps`` (1-based
+    backward-Euler steps), flattened time-major.
     """
 
     n: int
@@ -325,6 +337,7 @@ class DarcyProblem:
     t_final: float = 0.01
     n_steps: int = 20
     obs_steps: tuple = (5, 10, 20)
+    storage: float = 1.0
 
     def __post_init__(self):
         if self.kind not in ("steady", "transient"):
@@ -334,6 +347,7 @@ class DarcyProblem:
         self.load = self.mesh.load_vector(self.source)
         self.obs = self.mesh.observation_matrix(self.points)
         self.obs_steps = tuple(int(s) for s in self.obs_steps)
+        self.storage = check_storage(self.storage)
         if self.kind == "transient" and (min(self.obs_steps) < 1 or max(self.obs_steps) > self.n_steps):
             raise ValueError(f"obs_steps must lie in 1..{self.n_steps}, got {self.obs_steps}")
 
@@ -346,7 +360,8 @@ class DarcyProblem:
         kappa = self.fields.kappa(theta)
         if self.kind == "steady":
             return solve_steady(self.mesh, kappa, self.load)
-        return solve_transient(self.mesh, kappa, self.load, self.t_final, self.n_steps, self.obs_steps)
+        return solve_transient(self.mesh, kappa, self.load, self.t_final, self.n_steps, self.obs_steps,
+                               storage=self.storage)
 
     def observe(self, theta: np.ndarray) -> np.ndarray:
         """Predicted observations G(θ)."""

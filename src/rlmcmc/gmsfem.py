@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.linalg
+from scipy.linalg.lapack import dpotrs
 
 from .forward import MASS_REF, STIFF_REF, DarcyProblem, ScatterAssembler, check_positive_int
 
@@ -145,15 +146,18 @@ class GMsFEMProblem:
         if self.kind == "steady":
             return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a_h), self.load)
         dt = f.t_final / f.n_steps
-        # One Cholesky of (M_H + dt A_H), then each backward-Euler step is u <- P u + c (small matvecs).
-        factor = scipy.linalg.cho_factor(self.mass + dt * a_h)
-        step_ops = scipy.linalg.cho_solve(factor, np.column_stack([self.mass, dt * self.load]))
-        prop, shift = step_ops[:, :-1], step_ops[:, -1]
+        # One Cholesky of (c M_H + dt A_H), then each backward-Euler step is one pair of triangular solves
+        # (LAPACK potrs; cheaper than forming the step operator (c M_H + dt A_H)⁻¹ c M_H for 20 steps).
+        mass = f.storage * self.mass
+        factor, lower = scipy.linalg.cho_factor(mass + dt * a_h)
+        load = dt * self.load
         u = np.zeros(self.n_dof)
         out = []
         wanted = set(f.obs_steps)
         for step in range(1, f.n_steps + 1):
-            u = prop @ u + shift
+            u, info = dpotrs(factor, mass @ u + load, lower=lower)
+            if info != 0:
+                raise ValueError(f"LAPACK dpotrs failed with info={info}")
             if step in wanted:
                 out.append(u)
         return np.array(out)

@@ -29,6 +29,7 @@ class ProblemConfig:
     contrast: float = 1.0e3
     t_final: float = 0.01
     n_steps: int = 20
+    storage: float = 1.0  # c in c u_t - div(κ∇u) = f (transient only)
     seed: int = 1
     geometry: bool = False  # channel shifts as extra unknowns (see PermeabilityModel.geometry)
 
@@ -80,7 +81,7 @@ def make_problem(config: ProblemConfig = ProblemConfig()) -> InverseProblem:
     rng = np.random.default_rng(config.seed)
     field = PermeabilityModel(dim=config.dim, contrast=config.contrast, geometry=config.geometry)
     points = observation_points(config.n_obs_side)
-    physics = dict(kind=config.kind, t_final=config.t_final, n_steps=config.n_steps,
+    physics = dict(kind=config.kind, t_final=config.t_final, n_steps=config.n_steps, storage=config.storage,
                    obs_steps=tuple(sorted({max(1, config.n_steps // 4), max(1, config.n_steps // 2), config.n_steps})))
     truth_model = DarcyProblem(config.n_fine * config.data_refine, field, points, **physics)
     fine = DarcyProblem(config.n_fine, field, points, **physics)

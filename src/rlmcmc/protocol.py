@@ -53,8 +53,14 @@ BENCHMARKS = {
     # the harder one: 32 KL modes + 2 channel shifts (non-Gaussian), fine 64², GMsFEM 8² x 3
     "kl32-channels": ProblemConfig(n_fine=64, n_coarse=8, n_basis=3, dim=32, noise_level=0.02, seed=1,
                                    geometry=True),
+    # transient (parabolic) Darcy flow u_t - div(κ∇u) = f, T = 0.01, 20 backward-Euler steps, data at steps
+    # 5, 10, 20 (75 data); the kl8 field, fine 32² (kl8: 40²), GMsFEM 8² x 4
+    "kl8-transient": ProblemConfig(n_fine=32, n_coarse=8, n_basis=4, dim=8, noise_level=0.02, seed=1,
+                                   kind="transient", n_steps=20),
     # tiny, for tests and --quick
     "tiny": ProblemConfig(n_fine=16, n_coarse=4, n_basis=3, dim=4, noise_level=0.05, seed=2),
+    "tiny-transient": ProblemConfig(n_fine=16, n_coarse=4, n_basis=3, dim=4, noise_level=0.05, seed=2,
+                                    kind="transient", n_steps=8),
 }
 
 
@@ -261,10 +267,20 @@ class Runner:
             return self.p.overrelax_betas
         return self.p.inflations if name == "indep" else self.p.targets
 
+    def _load_sized(self, path: str, n_chains: int, n_samples: int) -> dict:
+        """A cached chain unit, refused when it was run with another chain count or length (units cached
+        before the size was recorded are taken as they are)."""
+        unit = _load(path)
+        size = unit.get("size")
+        if size is not None and list(size) != [n_chains, n_samples, self.p.n_burn]:
+            raise ValueError(f"cached unit {path} has chains x draws x burn-in {size}, the protocol asks for "
+                             f"{[n_chains, n_samples, self.p.n_burn]}: remove the stale units directory")
+        return unit
+
     def sweep_unit(self, method: str, setting: float) -> dict:
         path = self.unit_path("sweep", method, f"{setting:g}")
         if os.path.exists(path):
-            return _load(path)
+            return self._load_sized(path, self.p.sweep_chains, self.p.sweep_samples)
         name, level = method.rsplit("-", 1)
         res = self._run(name, int(level), setting, None, self.p.sweep_chains, self.p.sweep_samples, seed=50_000)
         res["setting"] = setting
@@ -361,13 +377,14 @@ class Runner:
         s["ess_per_cost"] = s["ess_min"] / self.cost(s["fine_solves"], s["coarse_solves"])
         s["tail_ess_per_cost"] = s["tail_ess_min"] / self.cost(s["fine_solves"], s["coarse_solves"])
         s["wall_cpu_s"] = time.process_time() - t0
+        s["size"] = [n_chains, n_samples, self.p.n_burn]
         s.pop("posterior_mean", None)
         return s
 
     def run_unit(self, method: str, rep: int) -> dict:
         path = self.unit_path("run", method, f"rep{rep}")
         if os.path.exists(path):
-            return _load(path)
+            return self._load_sized(path, self.p.n_chains, self.p.n_samples)
         name, level = method.rsplit("-", 1)
         best = self.best_setting(method) if not name.startswith("marl") else {"setting": float("nan"), "sweep": {}}
         res = self._run(name, int(level), best["setting"], rep, self.p.n_chains, self.p.n_samples, seed=100 * rep)
@@ -619,19 +636,28 @@ def plot_summary(summaries: list[dict], path: str) -> None:
 
 def default_phases(quick: bool = False) -> list[tuple[Protocol, tuple]]:
     """(protocol, levels) phases of the measured comparison, in execution order: kl8 two-level rows,
-    then the reduced kl32-channels run (two-level rows only), then kl8 single-level rows. ``quick``: one
-    tiny problem with 2 replicates of short chains (for CI)."""
+    kl32-channels (two-level rows only), kl8 single-level rows, then kl8-transient (every row, reduced:
+    fine 32², 800 draws per chain, 150 training iterations). ``quick``: the tiny steady and the tiny
+    transient problem, every row, 2 replicates of short chains (for CI)."""
     if quick:
-        tiny = Protocol(benchmark="tiny", n_chains=2, n_samples=300, n_burn=100, n_replicates=2, targets=(0.1, 0.3),
-                        inflations=(1.0, 1.5), sweep_chains=2, sweep_samples=200, pilot_steps=500, train_iters=30,
-                        train_envs=8, n_agents=2, aem_methods=("gpcn+aem", "marl-gpcn+aem"), aem_pairs=20)
-        return [(tiny, (2, 1))]
+        tiny = dict(n_chains=2, n_samples=300, n_burn=100, n_replicates=2, targets=(0.1, 0.3), inflations=(1.0, 1.5),
+                    sweep_chains=2, sweep_samples=200, pilot_steps=500, train_iters=30, train_envs=8, n_agents=2,
+                    aem_methods=("gpcn+aem", "marl-gpcn+aem"), aem_pairs=20)
+        return [(Protocol(benchmark=name, **tiny), (2, 1)) for name in ("tiny", "tiny-transient")]
     kl8 = Protocol(benchmark="kl8", n_chains=4, n_samples=3500, n_burn=500, n_replicates=5,
                    targets=(0.05, 0.1, 0.2, 0.35), sweep_chains=2, sweep_samples=1500, train_iters=400,
-                   aem_methods=("gpcn+aem", "marl-gpcn+aem", "gpcn-over+aem"))
-    kl32 = Protocol(benchmark="kl32-channels", levels=(2,), n_chains=4, n_samples=600, n_burn=200, n_replicates=3,
-                    targets=(0.1, 0.25), inflations=(1.0, 1.3), sweep_chains=2, sweep_samples=400, train_iters=200)
-    return [(kl8, (2,)), (kl32, (2,)), (kl8, (1,))]
+                   aem_methods=("gpcn+aem", "marl-gpcn+aem"))  # gpcn-over+aem: its β sweep failed, no replicates
+    # kl32-channels: two-level rows only (a single-level unit would take ~12,000 fine 64² solves, ~3 CPU-min,
+    # x 6 rows x 5 replicates: beyond the budget); 2500 draws per chain as on kl8's scale of R-hat.
+    kl32 = Protocol(benchmark="kl32-channels", levels=(2,), n_chains=4, n_samples=2500, n_burn=500, n_replicates=5,
+                    targets=(0.05, 0.1, 0.25), inflations=(1.0, 1.3), sweep_chains=2, sweep_samples=1000,
+                    train_iters=200, aem_methods=("gpcn+aem", "marl-gpcn+aem"))
+    # kl8-transient, reduced so that every kl8 row fits the CPU budget: fine grid 32² instead of 40², 800 + 200
+    # draws per chain instead of 3500 + 500, 500-draw sweeps, 150 MARL training iterations instead of 400.
+    transient = Protocol(benchmark="kl8-transient", n_chains=4, n_samples=800, n_burn=200, n_replicates=5,
+                         targets=(0.05, 0.1, 0.2, 0.35), sweep_chains=2, sweep_samples=500, train_iters=150,
+                         aem_methods=("gpcn+aem", "marl-gpcn+aem"))
+    return [(kl8, (2,)), (kl32, (2,)), (kl8, (1,)), (transient, (2, 1))]
 
 
 def tinyda_table(check: dict) -> str:
@@ -668,13 +694,32 @@ def write_outputs(out: str, summaries: dict) -> str:
     return md
 
 
+def cached_summary(protocol: Protocol, out: str) -> dict | None:
+    """The summary of a benchmark's cached units under ``out``/<benchmark> without running anything, or
+    None when its setup (or, with RL rows, the first training unit) is not cached yet."""
+    runner = Runner(protocol, os.path.join(out, protocol.benchmark), log=lambda line: None)
+    needed = [runner.unit_path("setup")]
+    if any(m in RL_METHODS or m == "indep" for m in protocol.methods):
+        needed.append(runner.unit_path("train", "rep0"))
+    if not all(os.path.exists(p) for p in needed):
+        return None
+    summary = runner.summary()
+    return summary if summary["rows"] else None
+
+
 def run_comparison(out: str, quick: bool = False, only: str | None = None, summarize_only: bool = False,
                    log=print) -> dict:
-    """Run (resuming from cached units) every phase of :func:`default_phases` under ``out``; writes the
-    outputs after each phase and returns {benchmark: summary}."""
+    """Run (resuming from cached units) every phase of :func:`default_phases` under ``out`` (only the
+    benchmark ``only`` when given); after each phase writes the outputs of every benchmark with cached
+    units (so runs of different benchmarks in separate processes do not drop each other's tables) and
+    returns {benchmark: summary}."""
     os.makedirs(out, exist_ok=True)
+    phases = default_phases(quick)
+    protocols = {}
+    for protocol, _ in phases:
+        protocols.setdefault(protocol.benchmark, protocol)
     summaries = {}
-    for protocol, levels in default_phases(quick):
+    for protocol, levels in phases:
         if only and protocol.benchmark != only:
             continue
         runner = Runner(protocol, os.path.join(out, protocol.benchmark), log=log)
@@ -683,5 +728,10 @@ def run_comparison(out: str, quick: bool = False, only: str | None = None, summa
         summary = runner.summary()
         if summary["rows"]:
             summaries[protocol.benchmark] = summary
-            log(write_outputs(out, summaries))
+            everything = {}
+            for name, proto in protocols.items():  # benchmark order of the phases
+                other = summaries.get(name) if name in summaries else cached_summary(proto, out)
+                if other is not None:
+                    everything[name] = other
+            log(write_outputs(out, everything))
     return summaries

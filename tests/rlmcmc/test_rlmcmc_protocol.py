@@ -148,6 +148,28 @@ def test_enhanced_error_rows_use_the_corrected_coarse_level_and_count_its_offlin
     assert all(a < b for a, b in zip(r["ess_per_cost_amortized"], r["ess_per_cost"]))
 
 
+def test_transient_benchmark_runs_two_level_rows_on_the_transient_problem(tmp_path):
+    proto = _tiny_protocol(benchmark="tiny-transient", methods=("rw-cov",), aem_methods=("gpcn+aem",),
+                           aem_pairs=10)
+    runner = Runner(proto, str(tmp_path / "tt"), log=lambda line: None)
+    assert runner.problem.fine.kind == "transient" and runner.problem.coarse.kind == "transient"
+    summary = runner.execute()
+    assert summary["complete"] and {r["method"] for r in summary["rows"]} == {"rw-cov-2", "gpcn+aem-2"}
+    assert all(c > 0 for r in summary["rows"] for c in r["ess_per_cost"])
+    assert summary["offline"]["common_fine_equiv"] > 0 and summary["protocol"]["benchmark"] == "tiny-transient"
+
+
+def test_cached_unit_of_another_chain_length_is_refused(tmp_path):
+    """Regression: the kl32-channels units of a 600-draw run would have been read as units of the longer run."""
+    Runner(_tiny_protocol(methods=("rw-cov",)), str(tmp_path / "t"), log=lambda line: None).execute()
+    longer = Runner(_tiny_protocol(methods=("rw-cov",), n_samples=200), str(tmp_path / "t"), log=lambda line: None)
+    with pytest.raises(ValueError, match="remove the stale units"):
+        longer.run_unit("rw-cov-2", 0)
+    with pytest.raises(ValueError, match="chains x draws"):
+        Runner(_tiny_protocol(methods=("rw-cov",), sweep_samples=120), str(tmp_path / "t"),
+               log=lambda line: None).sweep_unit("rw-cov-2", 0.2)
+
+
 @pytest.mark.slow
 def test_cli_compare_quick(tmp_path):
     from rlmcmc.cli import main
@@ -155,6 +177,12 @@ def test_cli_compare_quick(tmp_path):
     main(["compare", "--quick", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert len(saved["rows"]) == 14 and saved["replicates"] == 2  # 6 methods x 2 levels + 2 enhanced-error rows
+    # The transient benchmark runs in the same quick mode, with the same rows.
+    assert set(saved["benchmarks"]) == {"tiny", "tiny-transient"}
+    transient = saved["benchmarks"]["tiny-transient"]
+    assert transient["protocol"]["benchmark"] == "tiny-transient" and transient["replicates"] == 2
+    assert [r["method"] for r in transient["rows"]] == [r["method"] for r in saved["rows"]]
+    assert "tiny-transient" in (tmp_path / "summary.md").read_text()
 
 
 def test_summary_gives_zero_ess_to_a_chain_that_never_moved():
