@@ -84,6 +84,35 @@ def test_gemms_take_the_packed_custom_op(monkeypatch, route):
     assert torch.equal(F.linear(x, p, b), F.linear(x, d, b))
 
 
+def test_packed_modules_reach_the_kernel_without_dispatch_round_trips(monkeypatch):
+    """A packed Linear in an eager no-grad call goes straight to the weight's plan (nn.packed.eager_linear),
+    not through aten.t + aten.addmm on the wrapper (two __torch_dispatch__ calls, ~25 µs each time); the
+    result is the same bits as the F.linear route. eager_linear declines transposed views and tracing."""
+    from microscale.nn import packed as packed_module
+    torch.manual_seed(0)
+    m = mnn.quantize_model(nn.Sequential(nn.Linear(70, 48)), "mxfp4-w", inference=True)
+    p = m[0].weight
+    assert isinstance(p, PackedWeight)
+    x = torch.randn(3, 5, 70)
+    with torch.no_grad():
+        want = F.linear(x, p, m[0].bias)
+        dispatched = []
+        real = PackedWeight.__torch_dispatch__.__func__
+
+        def counting(cls, func, types, args=(), kwargs=None):
+            dispatched.append(func)
+            return real(cls, func, types, args, kwargs)
+
+        monkeypatch.setattr(PackedWeight, "__torch_dispatch__", classmethod(counting))
+        y = m(x)
+        assert dispatched == [] and torch.equal(y, want)
+        assert packed_module.eager_linear(x, p.t(), None) is None
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert packed_module.eager_linear(x, p, None) is None
+        dispatched.clear()
+        assert torch.equal(m(x), want) and dispatched   # the aten route, same bits
+
+
 def test_the_kernel_plan_is_made_once_and_remade_when_a_component_changes():
     """A packed weight's storage is checked once (its plan, shared by its views); each call then checks x.
     copy_ into it keeps the plan (same storage, new codes: new results); a component resized in place

@@ -24,7 +24,7 @@ from .. import backends
 from ..formats import QuantSpec
 from ..quantize import fake_quantize
 from ..options import draw_seed
-from .packed import PackedWeight
+from .packed import PackedWeight, eager_linear
 from .recipe import OperandSpec, Recipe, get_recipe
 
 __all__ = ["QuantState", "quantize_operand", "mx_linear", "packed_mx_linear", "mx_grouped_gemm", "mx_grouped_conv2d",
@@ -479,6 +479,9 @@ def packed_mx_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor |
     state = _as_state(recipe)
     r = state.recipe
     xq = quantize_operand(x, r.fwd_input, -1, state.seed(r.fwd_input))
+    y = eager_linear(xq, weight, bias)   # the fused kernel without the aten round trips, where it applies
+    if y is not None:
+        return _round_elementwise(y, r)
     if _folds_into_rows(xq):
         return _round_elementwise(_linear(xq, weight, bias), r)
     # An x of 3+ dims whose leading dims do not fold into rows without a copy (a sliced activation, e.g. the
