@@ -385,6 +385,24 @@ def test_two_level_every_microexponent_and_exponent():
             check_all(x, fmt, -1, rounding, scale_mode)
 
 
+def test_two_level_subnormal_and_zero_sub_blocks_in_ordinary_blocks():
+    """Sub-blocks whose maximum is an fp32 subnormal, zero or -0.0 inside blocks of ordinary exponents, every
+    block of the tensor ordinary (so that the kernels' fast path, with its shortcut microexponent, takes
+    every chunk): their microexponent clamps to the largest one, as in the reference; fp32 and bf16 inputs
+    (bf16 subnormals too)."""
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(64, 48, generator=g) * torch.exp2(torch.randint(-20, 20, (64, 1), generator=g).float())
+    x[:, 2:4] = torch.randn(64, 2, generator=g) * 1e-39       # fp32 subnormal sub-block
+    x[:, 6:8] = 0.0
+    x[::2, 8:10] = -0.0
+    x[1::3, 10] = 1e-45                                       # smallest subnormal beside a zero
+    x[1::3, 11] = 0.0
+    for fmt in ["mx9", "mx6", "mx4", bdr_format(3, 16, 8, 2, 2), bdr_format(5, 16, 8, 4, 3)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            check_all(x.to(dtype), fmt, -1, "even", "floor")
+            check_all(x.to(dtype), fmt, -1, "zero", "even")
+
+
 def test_two_level_element_ties():
     """Every magnitude code at every microexponent, the midpoints between neighbours and their fp32
     neighbours, with the block scale pinned to 2^0 by a maximal element in sub-block 0."""

@@ -72,6 +72,15 @@ AINLINE int32_t sub_shift(uint32_t sa, int32_t E, int32_t beta) {
     return sa ? s : beta;
 }
 
+/* sub_shift for a block on the fast path (quant_chunk: X >= xlo = 1 - emin - 127 + beta): a subnormal or
+ * zero sa then has E - e >= 1 + beta + emax - emin > beta (emax >= emin: the elements' largest exponent),
+ * so it clamps to beta like the biased exponent field 0 (e = -127) does, and the exponent is just the field.
+ * (A third of two-level bf16 fake-quantize went into the general form.) */
+AINLINE int32_t sub_shift_fast(uint32_t sa, int32_t E, int32_t beta) {
+    int32_t s = E + 127 - (int32_t)(sa >> 23);
+    return s < 0 ? 0 : (s > beta ? beta : s);
+}
+
 /* Pairwise max of neighbours (n even): a halving step of the sub-block / block amax. (size_t indices:
  * with -fwrapv, which Python's CFLAGS add, an int index 2 * h is not provably affine, and such loops
  * would use gathers / scatters.) */
@@ -145,7 +154,7 @@ AINLINE void quant_chunk(const job_t *J, const fmt_t *f, int64_t b, int64_t base
     const int32_t beta = MICRO ? f->beta : 0, emin = f->emin;
     uint32_t buf[CHUNKMAX], me[CHUNKMAX], ve[CHUNKMAX], tmp[CHUNKMAX];
     int32_t xe[CHUNKMAX];
-    uint32_t bm[CHUNKMAX], Mb[CHUNKMAX], sa[CHUNKMAX], mg[CHUNKMAX];
+    uint32_t bm[CHUNKMAX], Mb[CHUNKMAX], sa[CHUNKMAX];
     int32_t Xb[CHUNKMAX], spc[CHUNKMAX], xs[CHUNKMAX], sg[CHUNKMAX];
     uint8_t cod[CHUNKMAX];
     /* compile-time sizes: plain loops over blocks and sub-blocks (unrolled); runtime powers of two: halving
@@ -222,39 +231,49 @@ AINLINE void quant_chunk(const job_t *J, const fmt_t *f, int64_t b, int64_t base
         spc[bb] = (int32_t)sp; Xb[bb] = X; Mb[bb] = nb + ((uint32_t)(f->pmaxbase + X) << 23);
     }
     const int fast = RND != R_STOCH && !(flags & 1), special = flags & 2;
-    /* per-element exponent xe (X - s_j) and largest value me, spread from blocks / sub-blocks; a
-     * single-level format of compile-time block size skips this and runs the element loop per block */
+    /* per-element exponent xe (X - s_j), spread from blocks / sub-blocks; a single-level format of
+     * compile-time block size skips this and runs the element loop per block */
     const int per_block = !MICRO && K1;
-    if (MICRO) {    /* microexponents s_j; xs: X - s_j; mg: largest value at X - s_j */
+    if (MICRO) {    /* microexponents s_j (sub_shift_fast on the fast path); xs: X - s_j */
         if (pow2) {
             expand_pow2((const uint32_t *)Xb, nblk, spb, (uint32_t *)xs, tmp);
-            expand_pow2(Mb, nblk, spb, mg, tmp);
+            if (fast) {
 #pragma omp simd
-            for (int g = 0; g < ns; g++) {
-                int32_t s = sub_shift(sa[g], xs[g] + f->emax, beta);
-                sg[g] = s; xs[g] -= s; mg[g] -= (uint32_t)s << 23;
+                for (int g = 0; g < ns; g++) {
+                    int32_t s = sub_shift_fast(sa[g], xs[g] + f->emax, beta);
+                    sg[g] = s; xs[g] -= s;
+                }
+            } else {
+#pragma omp simd
+                for (int g = 0; g < ns; g++) {
+                    int32_t s = sub_shift(sa[g], xs[g] + f->emax, beta);
+                    sg[g] = s; xs[g] -= s;
+                }
+            }
+        } else if (fast) {
+            for (int bb = 0; bb < nblk; bb++) {
+                const int32_t X = Xb[bb];
+                const size_t g0 = (size_t)bb * spb;
+                for (int t = 0; t < spb; t++) {
+                    int32_t s = sub_shift_fast(sa[g0 + t], X + f->emax, beta);
+                    sg[g0 + t] = s; xs[g0 + t] = X - s;
+                }
             }
         } else {
             for (int bb = 0; bb < nblk; bb++) {
                 const int32_t X = Xb[bb];
-                const uint32_t mb = Mb[bb];
                 const size_t g0 = (size_t)bb * spb;
                 for (int t = 0; t < spb; t++) {
                     int32_t s = sub_shift(sa[g0 + t], X + f->emax, beta);
-                    sg[g0 + t] = s; xs[g0 + t] = X - s; mg[g0 + t] = mb - ((uint32_t)s << 23);
+                    sg[g0 + t] = s; xs[g0 + t] = X - s;
                 }
             }
         }
     }
     if (!per_block) {
-        const uint32_t *xsrc = MICRO ? (const uint32_t *)xs : (const uint32_t *)Xb, *msrc = MICRO ? mg : Mb;
-        if (pow2) {
-            expand_pow2(xsrc, ns, k2, (uint32_t *)xe, tmp);
-            if (fast && MODE == 0) expand_pow2(msrc, ns, k2, me, tmp);
-        } else {
-            expand_any(xsrc, ns, k2, (uint32_t *)xe);
-            if (fast && MODE == 0) expand_any(msrc, ns, k2, me);
-        }
+        const uint32_t *xsrc = MICRO ? (const uint32_t *)xs : (const uint32_t *)Xb;
+        if (pow2) expand_pow2(xsrc, ns, k2, (uint32_t *)xe, tmp);
+        else expand_any(xsrc, ns, k2, (uint32_t *)xe);
     }
     /* values (MODE 0) or codes (MODE 1) into dst: values straight to a whole fp32 output (same index as
      * read: in place is fine), else through ve[] */
@@ -276,7 +295,10 @@ AINLINE void quant_chunk(const job_t *J, const fmt_t *f, int64_t b, int64_t base
 #pragma omp simd
         for (int i = 0; i < ne; i++) {
             uint32_t c, v;
-            quant_fast(a[i], xe[i] + emin + 127, MODE == 0 ? me[i] : 0u, f, &c, &v, MODE == 0, MODE == 1);
+            /* largest value at xe: nb + ((pmaxbase + xe) << 23) as for Mb (recomputed: cheaper than a load of a
+             * spread copy) */
+            quant_fast(a[i], xe[i] + emin + 127, MODE == 0 ? nb + ((uint32_t)(f->pmaxbase + xe[i]) << 23) : 0u, f,
+                       &c, &v, MODE == 0, MODE == 1);
             dst[i] = MODE == 0 ? v : c;
         }
     } else if (per_block) {
